@@ -1,0 +1,55 @@
+"""offsetkeeper: consume Kafka topics into sinks exactly once in effect."""
+
+from consumer._app import App, ColumnType, Table, load_app
+from consumer._backend import ClientBackend, RebalanceListener, StartPosition
+from consumer._checkpoint import (
+    CURRENT_FORMAT_VERSION,
+    Checkpoint,
+    decode_checkpoint,
+    encode_checkpoint,
+    from_avro,
+    to_avro,
+)
+from consumer._errors import (
+    CheckpointError,
+    CheckpointFormatError,
+    ConfigError,
+    DecodeError,
+    FencedError,
+    InvalidRecordError,
+    KafkaError,
+    OffsetkeeperError,
+    RecordError,
+    SinkError,
+)
+from consumer._records import RawRecord, Record, Row, TopicPartition
+
+__all__ = [
+    "CURRENT_FORMAT_VERSION",
+    "App",
+    "Checkpoint",
+    "CheckpointError",
+    "CheckpointFormatError",
+    "ClientBackend",
+    "ColumnType",
+    "ConfigError",
+    "DecodeError",
+    "FencedError",
+    "InvalidRecordError",
+    "KafkaError",
+    "OffsetkeeperError",
+    "RawRecord",
+    "RebalanceListener",
+    "Record",
+    "RecordError",
+    "Row",
+    "SinkError",
+    "StartPosition",
+    "Table",
+    "TopicPartition",
+    "decode_checkpoint",
+    "encode_checkpoint",
+    "from_avro",
+    "load_app",
+    "to_avro",
+]

@@ -1,0 +1,109 @@
+"""What a user writes: an `App` with declared output tables and a processor function."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Literal
+
+from consumer._errors import ConfigError
+from consumer._records import Record, Row
+
+ColumnType = Literal["text", "bigint", "integer", "double", "boolean", "bytes", "json"]
+COLUMN_TYPES: frozenset[str] = frozenset(
+    ("text", "bigint", "integer", "double", "boolean", "bytes", "json")
+)
+DecodeName = Literal["json", "bytes", "utf8"]
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+ProcessorResult = Row | Iterable[Row] | None
+Processor = Callable[[Record], ProcessorResult]
+
+
+def check_identifier(name: str, *, what: str) -> str:
+    """Table and column names are spliced into SQL, so only plain identifiers are allowed."""
+    if not _IDENTIFIER.match(name):
+        raise ConfigError(f"{what} must be a plain SQL identifier", name=name)
+    return name
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """An output table: columns with types, and the key columns that make a write idempotent."""
+
+    name: str
+    columns: Mapping[str, ColumnType]
+    key: tuple[str, ...]
+
+    def __post_init__(self) -> None:
+        check_identifier(self.name, what="table name")
+        if not self.columns:
+            raise ConfigError("a table needs at least one column", table=self.name)
+        for column, column_type in self.columns.items():
+            check_identifier(column, what="column name")
+            if column_type not in COLUMN_TYPES:
+                raise ConfigError(
+                    "unknown column type",
+                    table=self.name,
+                    column=column,
+                    type=column_type,
+                    known=sorted(COLUMN_TYPES),
+                )
+        if not self.key:
+            raise ConfigError("a table needs key columns for idempotent writes", table=self.name)
+        missing = [k for k in self.key if k not in self.columns]
+        if missing:
+            raise ConfigError("key columns are not declared columns", table=self.name, key=missing)
+
+
+@dataclass(slots=True)
+class App:
+    """A consumer application: how to decode values, what tables to write, how to map records.
+
+    The processor is a pure function of one record: it returns zero or more `Row`s. It must not
+    write anywhere itself; the engine writes its rows and the offsets in one sink transaction.
+    """
+
+    name: str
+    tables: tuple[Table, ...]
+    decode: DecodeName = "json"
+    processor: Processor | None = None
+    _tables_by_name: dict[str, Table] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._tables_by_name = {table.name: table for table in self.tables}
+        if len(self._tables_by_name) != len(self.tables):
+            raise ConfigError("table names must be unique", app=self.name)
+
+    def process(self, fn: Processor) -> Processor:
+        """Decorator that registers the processor function."""
+        self.processor = fn
+        return fn
+
+    def table(self, name: str) -> Table:
+        try:
+            return self._tables_by_name[name]
+        except KeyError:
+            raise ConfigError("row for an undeclared table", app=self.name, table=name) from None
+
+
+def load_app(reference: str) -> App:
+    """Import `module.path:attribute` and check that it is an `App` with a processor."""
+    module_name, sep, attribute = reference.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError("app reference must look like MODULE:ATTR", app=reference)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError("cannot import the app's module", app=reference) from exc
+    app = getattr(module, attribute, None)
+    if not isinstance(app, App):
+        raise ConfigError("app reference does not name an offsetkeeper App", app=reference)
+    if app.processor is None:
+        raise ConfigError(
+            "app has no processor (decorate a function with @app.process)", app=reference
+        )
+    return app

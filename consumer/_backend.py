@@ -1,0 +1,62 @@
+"""The `ClientBackend` contract: the one cut between the engine and a Kafka client library.
+
+Backends translate their library's exceptions into `KafkaError` at this boundary; the engine
+never sees a library's own exception or message types, only `RawRecord` and `TopicPartition`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Literal, Protocol
+
+from consumer._records import RawRecord, TopicPartition
+
+StartPosition = int | Literal["earliest", "latest"]
+
+
+class RebalanceListener(Protocol):
+    """Called by the backend, on the engine's thread, from inside `poll_batch`.
+
+    Ordering guarantees a backend must keep:
+
+    - `on_assigned` runs before any record of those partitions is returned; the backend starts
+      each partition at the position it returns.
+    - `on_revoked` runs before the partitions are released to another member, and after the last
+      `poll_batch` that returned their records; the engine settles their in-flight work here.
+    - `on_lost` replaces `on_revoked` when the partitions are already gone (session expired):
+      nothing may be committed for them any more.
+    """
+
+    def on_assigned(
+        self, partitions: Sequence[TopicPartition]
+    ) -> Mapping[TopicPartition, StartPosition]: ...
+
+    def on_revoked(self, partitions: Sequence[TopicPartition]) -> None: ...
+
+    def on_lost(self, partitions: Sequence[TopicPartition]) -> None: ...
+
+
+class ClientBackend(Protocol):
+    """A Kafka consumer-group client as the engine needs it."""
+
+    def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None: ...
+
+    def poll_batch(self, max_records: int, timeout_s: float) -> list[RawRecord]:
+        """Up to `max_records` records, in offset order per partition; [] after the timeout."""
+        ...
+
+    def pause(self, partitions: Sequence[TopicPartition]) -> None: ...
+
+    def resume(self, partitions: Sequence[TopicPartition]) -> None: ...
+
+    def commit_advisory(self, next_offsets: Mapping[TopicPartition, int]) -> None:
+        """Best-effort copy of committed progress to Kafka, for lag tools. Never authoritative."""
+        ...
+
+    def watermarks(self, partition: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
+        """(low, high) offsets of the partition's log, asked of the broker."""
+        ...
+
+    def close(self) -> None:
+        """Leave the group and release the client. Safe to call twice."""
+        ...

@@ -1,0 +1,127 @@
+"""Turning fetched records into per-partition work: decode, process, key the output rows.
+
+Pure logic, no I/O: the same rules serve every backend and every sink.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from consumer._app import App, Processor, Table
+from consumer._decode import Decoder
+from consumer._errors import InvalidRecordError, RecordError
+from consumer._records import RawRecord, Record, Row, TopicPartition
+
+KeyedRow = tuple[Table, tuple[Any, ...], Mapping[str, Any]]
+
+
+@dataclass(slots=True)
+class PartitionWork:
+    """What one batch did for one partition: rows in offset order, and where to resume."""
+
+    partition: TopicPartition
+    first_offset: int
+    next_offset: int
+    records: int = 0
+    rows: list[KeyedRow] = field(default_factory=list)
+    # Set when a record could not be handled: rows stop before it, next_offset points at it.
+    error: RecordError | None = None
+
+
+def group_by_partition(records: Iterable[RawRecord]) -> dict[TopicPartition, list[RawRecord]]:
+    """Records per partition, keeping each partition's fetch order (which is offset order)."""
+    grouped: dict[TopicPartition, list[RawRecord]] = {}
+    for record in records:
+        tp = TopicPartition(record.topic, record.partition)
+        bucket = grouped.get(tp)
+        if bucket is None:
+            grouped[tp] = [record]
+        else:
+            bucket.append(record)
+    return grouped
+
+
+def process_partition(
+    app: App, decode: Decoder, partition: TopicPartition, records: Sequence[RawRecord]
+) -> PartitionWork:
+    """Run the app over one partition's records in order, stopping at the first bad record."""
+    processor: Processor | None = app.processor
+    if processor is None:
+        raise InvalidRecordError("app has no processor", app=app.name)
+    work = PartitionWork(
+        partition=partition, first_offset=records[0].offset, next_offset=records[0].offset
+    )
+    for raw in records:
+        try:
+            produced = processor(
+                Record(
+                    topic=raw.topic,
+                    partition=raw.partition,
+                    offset=raw.offset,
+                    timestamp_ms=raw.timestamp_ms,
+                    key=raw.key,
+                    value=decode(raw.value),
+                    headers=raw.headers,
+                )
+            )
+            keyed = _keyed_rows(app, produced)
+        except RecordError as exc:
+            work.error = exc.located(topic=raw.topic, partition=raw.partition, offset=raw.offset)
+            return work
+        except Exception as exc:  # a processor bug must stop the partition, named, never vanish
+            error = RecordError(
+                f"processor raised {type(exc).__name__}: {exc}",
+                topic=raw.topic,
+                partition=raw.partition,
+                offset=raw.offset,
+            )
+            error.__cause__ = exc
+            work.error = error
+            return work
+        work.rows.extend(keyed)
+        work.records += 1
+        work.next_offset = raw.offset + 1
+    return work
+
+
+def _keyed_rows(app: App, produced: Row | Iterable[Row] | None) -> list[KeyedRow]:
+    if produced is None:
+        return []
+    rows = [produced] if isinstance(produced, Row) else list(produced)
+    keyed: list[KeyedRow] = []
+    for row in rows:
+        table = app.table(row.table)
+        values = row.values
+        unknown = values.keys() - table.columns.keys()
+        if unknown:
+            raise InvalidRecordError(
+                "row has columns the table does not declare",
+                table=table.name,
+                field=sorted(unknown)[0],
+            )
+        try:
+            key = tuple(values[column] for column in table.key)
+        except KeyError as exc:
+            raise InvalidRecordError(
+                "row lacks a key column", table=table.name, field=str(exc.args[0])
+            ) from None
+        keyed.append((table, key, values))
+    return keyed
+
+
+def merge_rows(works: Iterable[PartitionWork]) -> dict[str, tuple[Table, list[Mapping[str, Any]]]]:
+    """Rows per table with one row per key: the last one written in offset order wins."""
+    merged: dict[str, tuple[Table, dict[tuple[Any, ...], Mapping[str, Any]]]] = {}
+    for work in works:
+        for table, key, values in work.rows:
+            entry = merged.get(table.name)
+            if entry is None:
+                entry = (table, {})
+                merged[table.name] = entry
+            by_key = entry[1]
+            # Re-insert so the dict order follows the last write (stable for the sink).
+            by_key.pop(key, None)
+            by_key[key] = values
+    return {name: (table, list(by_key.values())) for name, (table, by_key) in merged.items()}

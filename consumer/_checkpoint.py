@@ -1,0 +1,148 @@
+"""The checkpoint model and its versioned codec.
+
+A checkpoint says, for one (group, topic, partition), the next offset to read. Sinks store it
+as a record of the *current* format (see `schemas/checkpoint/vN.avsc`) and read back records of
+*any released* format: `decode_checkpoint` runs the adapter chain to upgrade older formats in
+memory and refuses formats newer than this code knows, naming both versions.
+
+Adding format vN+1: ship `schemas/checkpoint/vN+1.avsc`, add one pure function
+`_vN_to_vN+1` to `_UPGRADES`, bump `CURRENT_FORMAT_VERSION`, extend `Checkpoint`.
+"""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from functools import cache
+from typing import Any
+
+import avro.io
+import avro.schema
+
+from consumer._errors import CheckpointError, CheckpointFormatError
+from consumer._records import TopicPartition
+from schemas import checkpoint_schema_text
+
+CURRENT_FORMAT_VERSION = 1
+
+CheckpointRecord = dict[str, Any]
+_Upgrade = Callable[[CheckpointRecord], CheckpointRecord]
+
+# _UPGRADES[n] turns a format-n record into a format-(n+1) record. Pure functions, no I/O.
+_UPGRADES: dict[int, _Upgrade] = {}
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    group: str
+    topic: str
+    partition: int
+    next_offset: int
+    updated_at: datetime
+
+    @property
+    def topic_partition(self) -> TopicPartition:
+        return TopicPartition(self.topic, self.partition)
+
+
+def encode_checkpoint(checkpoint: Checkpoint) -> CheckpointRecord:
+    """The record of the current format for `checkpoint` (field names as in the Avro schema)."""
+    return {
+        "format_version": CURRENT_FORMAT_VERSION,
+        "group": checkpoint.group,
+        "topic": checkpoint.topic,
+        "partition": checkpoint.partition,
+        "next_offset": checkpoint.next_offset,
+        "updated_at": checkpoint.updated_at,
+    }
+
+
+def upgrade_record(record: Mapping[str, Any]) -> CheckpointRecord:
+    """Upgrade a checkpoint record of any released format to the current format."""
+    version = record.get("format_version")
+    if not isinstance(version, int) or version < 1:
+        raise CheckpointFormatError(
+            "checkpoint has no valid format_version", format_version=version
+        )
+    if version > CURRENT_FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"checkpoint format v{version} is newer than this offsetkeeper knows "
+            f"(it reads up to v{CURRENT_FORMAT_VERSION}); "
+            "upgrade offsetkeeper, nothing was changed",
+            format_version=version,
+            supported_version=CURRENT_FORMAT_VERSION,
+            topic=record.get("topic"),
+            partition=record.get("partition"),
+        )
+    upgraded = dict(record)
+    while version < CURRENT_FORMAT_VERSION:
+        upgrade = _UPGRADES.get(version)
+        if upgrade is None:
+            raise CheckpointFormatError(
+                f"no adapter from checkpoint format v{version}", format_version=version
+            )
+        upgraded = upgrade(upgraded)
+        version += 1
+        upgraded["format_version"] = version
+    return upgraded
+
+
+def decode_checkpoint(record: Mapping[str, Any]) -> Checkpoint:
+    """A `Checkpoint` from a stored record of any released format."""
+    current = upgrade_record(record)
+    try:
+        updated_at = current["updated_at"]
+        if isinstance(updated_at, int):
+            updated_at = datetime.fromtimestamp(updated_at / 1000, tz=UTC)
+        return Checkpoint(
+            group=str(current["group"]),
+            topic=str(current["topic"]),
+            partition=int(current["partition"]),
+            next_offset=int(current["next_offset"]),
+            updated_at=updated_at,
+        )
+    except (KeyError, TypeError, ValueError) as exc:
+        raise CheckpointError(
+            "checkpoint record is missing a field or has a wrong type",
+            format_version=record.get("format_version"),
+            detail=str(exc),
+        ) from exc
+
+
+@cache
+def _parsed_schema(format_version: int) -> avro.schema.Schema:
+    try:
+        text = checkpoint_schema_text(format_version)
+    except FileNotFoundError:
+        raise CheckpointFormatError(
+            "no schema ships for checkpoint format", format_version=format_version
+        ) from None
+    return avro.schema.parse(text)
+
+
+def to_avro(checkpoint: Checkpoint) -> bytes:
+    """Avro binary encoding of `checkpoint` in the current format (for export and fixtures)."""
+    buffer = io.BytesIO()
+    writer = avro.io.DatumWriter(_parsed_schema(CURRENT_FORMAT_VERSION))
+    writer.write(encode_checkpoint(checkpoint), avro.io.BinaryEncoder(buffer))
+    return buffer.getvalue()
+
+
+def from_avro(data: bytes, *, format_version: int) -> Checkpoint:
+    """Decode Avro binary written with format `format_version`'s schema, upgrading as needed."""
+    if format_version > CURRENT_FORMAT_VERSION:
+        raise CheckpointFormatError(
+            f"checkpoint format v{format_version} is newer than this offsetkeeper knows "
+            f"(it reads up to v{CURRENT_FORMAT_VERSION})",
+            format_version=format_version,
+            supported_version=CURRENT_FORMAT_VERSION,
+        )
+    reader = avro.io.DatumReader(_parsed_schema(format_version))
+    record = reader.read(avro.io.BinaryDecoder(io.BytesIO(data)))
+    if not isinstance(record, dict):
+        raise CheckpointError(
+            "checkpoint Avro datum is not a record", format_version=format_version
+        )
+    return decode_checkpoint(record)

@@ -1,0 +1,110 @@
+"""The commit sequence, written once. Every batch, from every backend, goes through here.
+
+    1. Merge the batch's rows per table, one row per key (the last in offset order wins).
+    2. BEGIN a sink transaction.
+    3. Write the rows (upsert by key: writing the same batch twice changes nothing).
+    4. Save each partition's checkpoint (its next offset), conditional on the fencing epoch
+       taken at assignment; a stale epoch raises FencedError.
+    5. COMMIT. This is the only point where progress becomes durable: before it, a crash
+       leaves nothing of the batch; after it, rows and offsets are both there.
+    6. (Caller, after we return) copy the offsets to Kafka as an advisory commit.
+
+On any failure in 2-5 the transaction is rolled back, so a batch is never half-written.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from consumer._batch import PartitionWork, merge_rows
+from consumer._checkpoint import Checkpoint
+from consumer._records import TopicPartition
+from sinks import Sink
+
+# Fault injection for the crash tests: the engine reads it once at start-up, never at import.
+# Values: "after-rows" (outputs written, no COMMIT yet) or "after-commit" (COMMIT done, no
+# advisory Kafka commit yet). OFFSETKEEPER_TEST_CRASH_AFTER_BATCHES picks which batch (default 1).
+CRASH_POINT_ENV = "OFFSETKEEPER_TEST_CRASH_POINT"
+CRASH_AFTER_ENV = "OFFSETKEEPER_TEST_CRASH_AFTER_BATCHES"
+CRASH_POINTS = frozenset({"after-rows", "after-commit"})
+
+
+@dataclass(slots=True)
+class CrashInjector:
+    """Kills this process with SIGKILL at a named point of the commit sequence (tests only)."""
+
+    point: str | None = None
+    after_batches: int = 1
+    _batches: int = 0
+
+    @classmethod
+    def from_environment(cls) -> CrashInjector:
+        point = os.environ.get(CRASH_POINT_ENV) or None
+        if point is not None and point not in CRASH_POINTS:
+            point = None
+        return cls(point=point, after_batches=int(os.environ.get(CRASH_AFTER_ENV, "1")))
+
+    def at(self, point: str) -> None:
+        if self.point != point:
+            return
+        if point == "after-rows":
+            self._batches += 1
+        if self._batches >= self.after_batches:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+@dataclass(frozen=True, slots=True)
+class CommittedBatch:
+    next_offsets: Mapping[TopicPartition, int]
+    records: int
+    rows: int
+
+
+def commit_batch(
+    sink: Sink,
+    *,
+    group: str,
+    works: Sequence[PartitionWork],
+    epochs: Mapping[TopicPartition, int],
+    crash: CrashInjector,
+) -> CommittedBatch:
+    """Steps 1-5 above. Raises SinkError/FencedError after rolling back."""
+    merged = merge_rows(works)  # 1
+    now = datetime.now(tz=UTC)
+    checkpoints = [
+        Checkpoint(
+            group=group,
+            topic=work.partition.topic,
+            partition=work.partition.partition,
+            next_offset=work.next_offset,
+            updated_at=now,
+        )
+        for work in works
+        if work.next_offset > work.first_offset
+    ]
+    rows = 0
+    sink.begin()  # 2
+    try:
+        for table, table_rows in merged.values():  # 3
+            sink.write_rows(table, table_rows)
+            rows += len(table_rows)
+        crash.at("after-rows")
+        sink.save_checkpoints(  # 4
+            group,
+            checkpoints,
+            {cp.topic_partition: epochs[cp.topic_partition] for cp in checkpoints},
+        )
+        sink.commit()  # 5
+    except BaseException:
+        sink.rollback()
+        raise
+    crash.at("after-commit")
+    return CommittedBatch(
+        next_offsets={cp.topic_partition: cp.next_offset for cp in checkpoints},
+        records=sum(work.records for work in works),
+        rows=rows,
+    )

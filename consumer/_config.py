@@ -1,0 +1,124 @@
+"""Typed settings. Precedence, highest first: CLI flags, `OFFSETKEEPER_*` env vars, the config
+file (TOML, `--config` or `OFFSETKEEPER_CONFIG`), then the defaults below."""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal, TypeVar
+
+from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+from consumer._errors import ConfigError
+
+CONFIG_FILE_ENV = "OFFSETKEEPER_CONFIG"
+
+
+class CommonSettings(BaseSettings):
+    """Settings every command shares: where the broker and the sink are."""
+
+    model_config = SettingsConfigDict(env_prefix="OFFSETKEEPER_", extra="forbid")
+
+    bootstrap_servers: str = "127.0.0.1:9092"
+    sink: SecretStr = SecretStr("sqlite:///offsetkeeper.db")
+    # Raw librdkafka settings, passed through (e.g. {"session.timeout.ms": "10000"}).
+    kafka_config: dict[str, str] = Field(default_factory=dict)
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
+
+
+class RunSettings(CommonSettings):
+    """`offsetkeeper run`."""
+
+    app: str
+    group: str
+    topics: Annotated[list[str], NoDecode]
+    reset_policy: Literal["earliest", "latest", "error"] = "earliest"
+    batch_max_records: int = Field(default=2000, ge=1, le=1_000_000)
+    poll_timeout_s: float = Field(default=0.5, gt=0)
+    stop_when_idle_s: float | None = Field(default=None, gt=0)
+    sink_retry_deadline_s: float = Field(default=120.0, ge=0)
+
+    @field_validator("topics", mode="before")
+    @classmethod
+    def _split_topics(cls, value: Any) -> Any:
+        # Env and file may give "a,b"; CLI gives a list.
+        if isinstance(value, str):
+            return [topic.strip() for topic in value.split(",") if topic.strip()]
+        return value
+
+    @field_validator("topics")
+    @classmethod
+    def _at_least_one_topic(cls, value: list[str]) -> list[str]:
+        if not value:
+            raise ValueError("at least one topic is required")
+        return value
+
+
+class CheckpointSettings(CommonSettings):
+    """`offsetkeeper checkpoint ...`."""
+
+    group: str
+
+
+S = TypeVar("S", bound=CommonSettings)
+
+
+def load_settings(
+    settings_class: type[S], cli_values: dict[str, Any], config_file: Path | None = None
+) -> S:
+    """Build settings from CLI values (None means "not given"), env vars and the config file."""
+    given = {key: value for key, value in cli_values.items() if value is not None}
+    file_path = config_file or (
+        Path(os.environ[CONFIG_FILE_ENV]) if os.environ.get(CONFIG_FILE_ENV) else None
+    )
+    file_values = _read_config_file(file_path, settings_class) if file_path else {}
+
+    class _Layered(settings_class):  # type: ignore[valid-type,misc]
+        @classmethod
+        def settings_customise_sources(
+            cls,
+            settings_cls: type[BaseSettings],
+            init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource,
+            dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+        ) -> tuple[PydanticBaseSettingsSource, ...]:
+            return (init_settings, env_settings, InitSettingsSource(settings_cls, file_values))
+
+    try:
+        settings: S = _Layered(**given)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in error['loc']) or 'settings'}: {error['msg']}"
+            for error in exc.errors()
+        )
+        raise ConfigError(f"invalid settings: {problems}") from None
+    return settings
+
+
+_ALL_FIELDS = set(RunSettings.model_fields) | set(CheckpointSettings.model_fields)
+
+
+def _read_config_file(path: Path, settings_class: type[BaseSettings]) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            values = tomllib.load(handle)
+    except OSError as exc:
+        raise ConfigError("cannot read config file", path=str(path), reason=str(exc)) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(
+            "config file is not valid TOML", path=str(path), reason=str(exc)
+        ) from None
+    unknown = sorted(set(values) - _ALL_FIELDS)
+    if unknown:
+        raise ConfigError("unknown keys in config file", path=str(path), keys=unknown)
+    return {key: value for key, value in values.items() if key in settings_class.model_fields}

@@ -1,0 +1,220 @@
+"""The confluent-kafka (librdkafka) backend."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import confluent_kafka
+import structlog
+
+from consumer._backend import RebalanceListener, StartPosition
+from consumer._errors import KafkaError
+from consumer._records import RawRecord, TopicPartition
+
+log = structlog.get_logger("offsetkeeper.kafka")
+
+_START = {"earliest": confluent_kafka.OFFSET_BEGINNING, "latest": confluent_kafka.OFFSET_END}
+
+
+def translate(exc: BaseException, message: str, **context: Any) -> KafkaError:
+    """Map a confluent-kafka exception to our `KafkaError`, keeping the broker's error code."""
+    retriable = False
+    if isinstance(exc, confluent_kafka.KafkaException) and exc.args:
+        error = exc.args[0]
+        if isinstance(error, confluent_kafka.KafkaError):
+            retriable = bool(error.retriable())
+            context.setdefault("code", error.name())
+            context.setdefault("reason", error.str())
+    return KafkaError(message, retriable=retriable, **context)
+
+
+class ConfluentBackend:
+    """`ClientBackend` over confluent_kafka.Consumer. Offsets are never auto-committed."""
+
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str,
+        group: str,
+        client_config: Mapping[str, str] | None = None,
+    ) -> None:
+        config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap_servers,
+            "group.id": group,
+            # The sink holds the real offsets; Kafka's copy is written by us, after the sink.
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "partition.assignment.strategy": "cooperative-sticky",
+            "auto.offset.reset": "earliest",
+            "error_cb": self._on_client_error,
+        }
+        config.update(client_config or {})
+        self._group = group
+        # librdkafka's cooperative protocols hand out increments; eager ones whole assignments.
+        self._cooperative = (
+            "cooperative" in str(config["partition.assignment.strategy"])
+            or str(config.get("group.protocol", "classic")) == "consumer"
+        )
+        self._listener: RebalanceListener | None = None
+        self._closed = False
+        try:
+            self._consumer = confluent_kafka.Consumer(config)
+        except confluent_kafka.KafkaException as exc:
+            raise translate(exc, "cannot create Kafka consumer", group=group) from exc
+
+    @staticmethod
+    def _on_client_error(error: confluent_kafka.KafkaError) -> None:
+        # librdkafka retries transport errors itself; only fatal ones end the consumer.
+        log.warning(
+            "kafka_client_error", code=error.name(), reason=error.str(), fatal=error.fatal()
+        )
+
+    def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
+        self._listener = listener
+        try:
+            self._consumer.subscribe(
+                list(topics),
+                on_assign=self._on_assign,
+                on_revoke=self._on_revoke,
+                on_lost=self._on_lost,
+            )
+        except confluent_kafka.KafkaException as exc:
+            raise translate(exc, "cannot subscribe", topics=list(topics)) from exc
+
+    def _require_listener(self) -> RebalanceListener:
+        if self._listener is None:
+            raise KafkaError("rebalance callback before subscribe()", group=self._group)
+        return self._listener
+
+    def _on_assign(self, consumer: Any, partitions: list[confluent_kafka.TopicPartition]) -> None:
+        listener = self._require_listener()
+        tps = [TopicPartition(p.topic, p.partition) for p in partitions]
+        starts = listener.on_assigned(tps) if tps else {}
+        positioned = [
+            confluent_kafka.TopicPartition(tp.topic, tp.partition, _offset(starts[tp]))
+            for tp in tps
+        ]
+        if self._cooperative:
+            consumer.incremental_assign(positioned)
+        else:
+            consumer.assign(positioned)
+
+    def _on_revoke(self, consumer: Any, partitions: list[confluent_kafka.TopicPartition]) -> None:
+        listener = self._require_listener()
+        tps = [TopicPartition(p.topic, p.partition) for p in partitions]
+        if tps:
+            listener.on_revoked(tps)
+        if self._cooperative:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
+
+    def _on_lost(self, consumer: Any, partitions: list[confluent_kafka.TopicPartition]) -> None:
+        listener = self._require_listener()
+        tps = [TopicPartition(p.topic, p.partition) for p in partitions]
+        if tps:
+            listener.on_lost(tps)
+        if self._cooperative:
+            consumer.incremental_unassign(partitions)
+        else:
+            consumer.unassign()
+
+    def poll_batch(self, max_records: int, timeout_s: float) -> list[RawRecord]:
+        try:
+            messages = self._consumer.consume(num_messages=max_records, timeout=timeout_s)
+        except confluent_kafka.KafkaException as exc:
+            raise translate(exc, "poll failed", group=self._group) from exc
+        records: list[RawRecord] = []
+        for message in messages:
+            error = message.error()
+            if error is not None:
+                if error.code() == confluent_kafka.KafkaError._PARTITION_EOF:
+                    continue
+                if error.fatal():
+                    raise KafkaError(
+                        "fatal consumer error",
+                        code=error.name(),
+                        reason=error.str(),
+                        topic=message.topic(),
+                        partition=message.partition(),
+                    )
+                log.warning(
+                    "kafka_fetch_error",
+                    code=error.name(),
+                    reason=error.str(),
+                    topic=message.topic(),
+                    partition=message.partition(),
+                )
+                continue
+            records.append(_raw_record(message))
+        return records
+
+    def pause(self, partitions: Sequence[TopicPartition]) -> None:
+        if partitions:
+            self._consumer.pause(
+                [confluent_kafka.TopicPartition(p.topic, p.partition) for p in partitions]
+            )
+
+    def resume(self, partitions: Sequence[TopicPartition]) -> None:
+        if partitions:
+            self._consumer.resume(
+                [confluent_kafka.TopicPartition(p.topic, p.partition) for p in partitions]
+            )
+
+    def commit_advisory(self, next_offsets: Mapping[TopicPartition, int]) -> None:
+        if not next_offsets:
+            return
+        offsets = [
+            confluent_kafka.TopicPartition(tp.topic, tp.partition, offset)
+            for tp, offset in next_offsets.items()
+        ]
+        try:
+            self._consumer.commit(offsets=offsets, asynchronous=True)
+        except confluent_kafka.KafkaException as exc:
+            # Advisory only: the sink already holds the truth. Lag tools lag a little longer.
+            log.info("advisory_commit_failed", error=str(translate(exc, "commit failed")))
+
+    def watermarks(self, partition: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
+        try:
+            low, high = self._consumer.get_watermark_offsets(
+                confluent_kafka.TopicPartition(partition.topic, partition.partition),
+                timeout=timeout_s,
+                cached=False,
+            )
+        except confluent_kafka.KafkaException as exc:
+            raise translate(
+                exc, "cannot read watermarks", topic=partition.topic, partition=partition.partition
+            ) from exc
+        return int(low), int(high)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._consumer.close()
+        except (confluent_kafka.KafkaException, RuntimeError) as exc:
+            log.warning("kafka_close_failed", error=str(exc))
+
+
+def _raw_record(message: Any) -> RawRecord:
+    timestamp_type, timestamp = message.timestamp()
+    headers = message.headers() or ()
+    return RawRecord(
+        topic=message.topic(),
+        partition=message.partition(),
+        offset=message.offset(),
+        timestamp_ms=None
+        if timestamp_type == confluent_kafka.TIMESTAMP_NOT_AVAILABLE
+        else timestamp,
+        key=message.key(),
+        value=message.value(),
+        headers=tuple(headers),
+    )
+
+
+def _offset(position: StartPosition) -> int:
+    if isinstance(position, int):
+        return position
+    return int(_START[position])

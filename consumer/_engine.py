@@ -1,0 +1,299 @@
+"""The partition loop: poll a batch, process it per partition, commit it through the sink.
+
+The loop is single-threaded and commits each batch before it polls again, so when the backend
+reports a revocation (from inside `poll_batch`) no batch is in flight: every record already
+returned is either committed, or belongs to a partition stopped on a bad record. Revocation
+therefore only has to forget the partitions; it can never leave a half-written batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal, TypeVar
+
+import structlog
+
+from consumer._app import App
+from consumer._backend import ClientBackend, StartPosition
+from consumer._batch import PartitionWork, group_by_partition, process_partition
+from consumer._commit import CrashInjector, commit_batch
+from consumer._decode import decoder_for
+from consumer._errors import CheckpointError, FencedError, RecordError, SinkError
+from consumer._records import RawRecord, TopicPartition
+from sinks import Sink
+
+log = structlog.get_logger("offsetkeeper.engine")
+
+ResetPolicy = Literal["earliest", "latest", "error"]
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_PARTITIONS_STOPPED = 2
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    group: str
+    topics: tuple[str, ...]
+    reset_policy: ResetPolicy = "earliest"
+    batch_max_records: int = 2000
+    poll_timeout_s: float = 0.5
+    # Exit once no record arrived for this long and every partition is caught up (None: never).
+    stop_when_idle_s: float | None = None
+    # How long sink failures are retried (capped exponential backoff) before giving up.
+    sink_retry_deadline_s: float = 120.0
+    sink_retry_max_backoff_s: float = 5.0
+
+
+@dataclass(slots=True)
+class _Owned:
+    """A partition this consumer holds: its fencing epoch and the next offset to process."""
+
+    epoch: int
+    next_offset: int | None
+    stopped: RecordError | None = None
+
+
+class Engine:
+    """Runs one app in one consumer group until asked to stop. See the module docstring."""
+
+    def __init__(
+        self,
+        app: App,
+        settings: EngineSettings,
+        backend: ClientBackend,
+        sink: Sink,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+    ) -> None:
+        self._app = app
+        self._settings = settings
+        self._backend = backend
+        self._sink = sink
+        self._decode = decoder_for(app.decode)
+        self._clock = clock
+        self._sleep = sleep
+        self._owned: dict[TopicPartition, _Owned] = {}
+        self._stop_requested = False
+        self._crash = CrashInjector.from_environment()
+        self.records_committed = 0
+        self.batches_committed = 0
+
+    # -- control -----------------------------------------------------------------------------
+
+    def request_stop(self) -> None:
+        """Finish and commit the batch in hand, then leave the group. Safe from a signal handler."""
+        self._stop_requested = True
+
+    @property
+    def stopped_partitions(self) -> dict[TopicPartition, RecordError]:
+        return {tp: o.stopped for tp, o in self._owned.items() if o.stopped is not None}
+
+    def run(self) -> int:
+        """Consume until stopped; returns the process exit code."""
+        self._sink.open(self._app.tables)
+        log.info(
+            "consumer_starting",
+            app=self._app.name,
+            group=self._settings.group,
+            topics=list(self._settings.topics),
+            sink=self._sink.description,
+        )
+        self._backend.subscribe(self._settings.topics, self)
+        idle_since = self._clock()
+        try:
+            while not self._stop_requested:
+                records = self._backend.poll_batch(
+                    self._settings.batch_max_records, self._settings.poll_timeout_s
+                )
+                if records:
+                    self._handle(records)
+                    idle_since = self._clock()
+                elif self._idle_long_enough(idle_since):
+                    log.info("consumer_idle_stop", idle_s=self._settings.stop_when_idle_s)
+                    break
+        finally:
+            stopped = self.stopped_partitions
+            self._backend.close()
+            self._sink.close()
+            log.info(
+                "consumer_stopped",
+                batches=self.batches_committed,
+                records=self.records_committed,
+                stopped_partitions=[str(tp) for tp in sorted(stopped)],
+            )
+        return EXIT_PARTITIONS_STOPPED if stopped else EXIT_OK
+
+    # -- the batch -----------------------------------------------------------------------------
+
+    def _handle(self, records: Sequence[RawRecord]) -> None:
+        works: list[PartitionWork] = []
+        for tp, fetched in group_by_partition(records).items():
+            owned = self._owned.get(tp)
+            if owned is None or owned.stopped is not None:
+                continue  # not ours (any more), or stopped on a bad record: never processed
+            position = owned.next_offset
+            # A record below the position was already committed (a fetch raced a seek).
+            fresh = fetched if position is None else [r for r in fetched if r.offset >= position]
+            if not fresh:
+                continue
+            work = process_partition(self._app, self._decode, tp, fresh)
+            works.append(work)
+        if works:
+            self._commit(works)
+
+    def _commit(self, works: list[PartitionWork]) -> None:
+        while works:
+            epochs = {work.partition: self._owned[work.partition].epoch for work in works}
+            try:
+                committed = self._with_sink_retry(
+                    "commit",
+                    functools.partial(
+                        commit_batch,
+                        self._sink,
+                        group=self._settings.group,
+                        works=works,
+                        epochs=epochs,
+                        crash=self._crash,
+                    ),
+                )
+            except FencedError as exc:
+                self._drop_fenced(exc)
+                works = [w for w in works if w.partition in self._owned]
+                continue
+            break
+        else:
+            return
+        for tp, next_offset in committed.next_offsets.items():
+            self._owned[tp].next_offset = next_offset
+        self.records_committed += committed.records
+        self.batches_committed += 1
+        log.debug(
+            "batch_committed",
+            records=committed.records,
+            rows=committed.rows,
+            offsets={
+                str(w.partition): (w.first_offset, w.next_offset - 1)
+                for w in works
+                if w.next_offset > w.first_offset
+            },
+        )
+        for work in works:
+            if work.error is not None:
+                self._stop_partition(work.partition, work.error)
+        self._backend.commit_advisory(committed.next_offsets)  # step 6: advisory only
+
+    def _stop_partition(self, tp: TopicPartition, error: RecordError) -> None:
+        self._owned[tp].stopped = error
+        self._backend.pause([tp])
+        log.error(
+            "partition_stopped",
+            topic=error.topic,
+            partition=error.partition,
+            offset=error.offset,
+            field=error.field,
+            error_type=type(error).__name__,
+            error=str(error),
+            committed_up_to=error.offset,
+        )
+
+    def _drop_fenced(self, exc: FencedError) -> None:
+        dropped = [TopicPartition(topic, partition) for topic, partition in exc.partitions]
+        for tp in dropped:
+            self._owned.pop(tp, None)
+        self._backend.pause(dropped)
+        log.warning(
+            "partitions_fenced",
+            partitions=[str(tp) for tp in sorted(dropped)],
+            reason="a newer owner took these partitions; this batch was rolled back for them",
+        )
+
+    def _with_sink_retry(self, what: str, action: Callable[[], T]) -> T:
+        """Run `action`, retrying SinkError (not FencedError) with capped backoff to a deadline."""
+        deadline = self._clock() + self._settings.sink_retry_deadline_s
+        backoff = 0.1
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                return action()
+            except FencedError:
+                raise
+            except SinkError as exc:
+                if self._clock() + backoff > deadline:
+                    log.error(  # noqa: TRY400 - the caller reports the error; no traceback twice
+                        "sink_gave_up", action=what, attempts=attempt, error=str(exc)
+                    )
+                    raise
+                log.warning(
+                    "sink_retry", action=what, attempt=attempt, backoff_s=backoff, error=str(exc)
+                )
+                self._sleep(backoff)
+                backoff = min(backoff * 2, self._settings.sink_retry_max_backoff_s)
+
+    # -- idleness ------------------------------------------------------------------------------
+
+    def _idle_long_enough(self, idle_since: float) -> bool:
+        limit = self._settings.stop_when_idle_s
+        if limit is None or self._clock() - idle_since < limit:
+            return False
+        for tp, owned in self._owned.items():
+            if owned.stopped is not None:
+                continue
+            _low, high = self._backend.watermarks(tp)
+            if owned.next_offset is None or owned.next_offset < high:
+                if owned.next_offset is None and high == _low:
+                    continue  # empty partition started from earliest: nothing to catch up on
+                return False
+        return True
+
+    # -- RebalanceListener ---------------------------------------------------------------------
+
+    def on_assigned(
+        self, partitions: Sequence[TopicPartition]
+    ) -> Mapping[TopicPartition, StartPosition]:
+        group = self._settings.group
+        epochs = self._with_sink_retry("acquire", lambda: self._sink.acquire(group, partitions))
+        stored = self._with_sink_retry(
+            "load_checkpoints", lambda: self._sink.load_checkpoints(group, partitions)
+        )
+        starts: dict[TopicPartition, StartPosition] = {}
+        for tp in partitions:
+            checkpoint = stored.get(tp)
+            if checkpoint is not None:
+                starts[tp] = checkpoint.next_offset
+            elif self._settings.reset_policy == "error":
+                raise CheckpointError(
+                    "no checkpoint stored for partition and reset policy is 'error'",
+                    group=group,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                )
+            else:
+                starts[tp] = self._settings.reset_policy
+            self._owned[tp] = _Owned(
+                epoch=epochs[tp],
+                next_offset=checkpoint.next_offset if checkpoint is not None else None,
+            )
+        log.info(
+            "partitions_assigned",
+            partitions={str(tp): starts[tp] for tp in partitions},
+            epochs={str(tp): epochs[tp] for tp in partitions},
+        )
+        return starts
+
+    def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
+        # Nothing is in flight here (see the module docstring): forgetting them is enough.
+        for tp in partitions:
+            self._owned.pop(tp, None)
+        log.info("partitions_revoked", partitions=[str(tp) for tp in partitions])
+
+    def on_lost(self, partitions: Sequence[TopicPartition]) -> None:
+        for tp in partitions:
+            self._owned.pop(tp, None)
+        log.warning("partitions_lost", partitions=[str(tp) for tp in partitions])

@@ -1,0 +1,73 @@
+"""The `Sink` contract: the only way the engine touches durable storage.
+
+Lifecycle and guarantees (the engine calls in this order, from one thread):
+
+    open(tables)                        once; creates or migrates the sink's own tables
+    acquire(group, partitions)          on assignment, in its own transaction: bumps and returns
+                                        each partition's fencing epoch
+    load_checkpoints(group, partitions) on assignment: the stored checkpoints (older formats are
+                                        upgraded in memory; a newer format raises)
+    begin()                             per batch
+      write_rows(table, rows)           zero or more times; rows are upserted by the table's key
+                                        (the engine already deduplicated keys within the batch)
+      save_checkpoints(group, checkpoints, epochs)
+                                        conditional on every epoch still being current; raises
+                                        `FencedError` naming the stale partitions otherwise
+    commit() | rollback()               commit makes rows and checkpoints durable together;
+                                        after any exception inside a batch the engine rolls back
+    close()                             once; nothing is called after it
+
+A sink never commits on its own, so a crash at any instant leaves either the whole batch (rows
+and checkpoints) or none of it. Exceptions are `SinkError` (or `FencedError`), chained with
+`raise ... from` the driver's exception.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Protocol
+
+from consumer._app import Table
+from consumer._checkpoint import Checkpoint
+from consumer._records import TopicPartition
+
+DEFAULT_CHECKPOINT_TABLE = "offsetkeeper_checkpoints"
+DEFAULT_LEASE_TABLE = "offsetkeeper_leases"
+
+
+class Sink(Protocol):
+    """A transactional store for output rows and the checkpoints that produced them."""
+
+    @property
+    def description(self) -> str:
+        """Where this sink writes, with any password masked (safe to log)."""
+        ...
+
+    def open(self, tables: Sequence[Table]) -> None: ...
+
+    def acquire(
+        self, group: str, partitions: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, int]: ...
+
+    def load_checkpoints(
+        self, group: str, partitions: Iterable[TopicPartition] | None = None
+    ) -> dict[TopicPartition, Checkpoint]:
+        """Stored checkpoints of `group` (all of its partitions when `partitions` is None)."""
+        ...
+
+    def begin(self) -> None: ...
+
+    def write_rows(self, table: Table, rows: Sequence[Mapping[str, Any]]) -> None: ...
+
+    def save_checkpoints(
+        self,
+        group: str,
+        checkpoints: Sequence[Checkpoint],
+        epochs: Mapping[TopicPartition, int],
+    ) -> None: ...
+
+    def commit(self) -> None: ...
+
+    def rollback(self) -> None: ...
+
+    def close(self) -> None: ...

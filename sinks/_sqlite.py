@@ -1,0 +1,278 @@
+"""SQLite sink: the embedded default. One file, WAL journal, one IMMEDIATE transaction per batch."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import sqlite3
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from consumer._app import Table, check_identifier
+from consumer._checkpoint import (
+    CURRENT_FORMAT_VERSION,
+    Checkpoint,
+    decode_checkpoint,
+    encode_checkpoint,
+)
+from consumer._errors import FencedError, SinkError
+from consumer._records import TopicPartition
+from sinks._contract import DEFAULT_CHECKPOINT_TABLE, DEFAULT_LEASE_TABLE
+
+_SQLITE_TYPES = {
+    "text": "TEXT",
+    "bigint": "INTEGER",
+    "integer": "INTEGER",
+    "double": "REAL",
+    "boolean": "INTEGER",
+    "bytes": "BLOB",
+    "json": "TEXT",
+}
+
+
+def _quote(identifier: str) -> str:
+    return f'"{identifier}"'
+
+
+class SqliteSink:
+    """Writes rows and checkpoints to one SQLite database file in a single transaction."""
+
+    def __init__(
+        self,
+        path: str | Path,
+        *,
+        checkpoint_table: str = DEFAULT_CHECKPOINT_TABLE,
+        lease_table: str = DEFAULT_LEASE_TABLE,
+        busy_timeout_s: float = 30.0,
+    ) -> None:
+        self._path = Path(path)
+        self._checkpoint_table = _quote(check_identifier(checkpoint_table, what="checkpoint table"))
+        self._lease_table = _quote(check_identifier(lease_table, what="lease table"))
+        self._busy_timeout_s = busy_timeout_s
+        self._connection: sqlite3.Connection | None = None
+        self._upsert_sql: dict[str, str] = {}
+        self._json_columns: dict[str, tuple[str, ...]] = {}
+
+    @property
+    def description(self) -> str:
+        return f"sqlite:///{self._path}"
+
+    @property
+    def _db(self) -> sqlite3.Connection:
+        if self._connection is None:
+            raise SinkError("sink is not open", sink=self.description)
+        return self._connection
+
+    def open(self, tables: Sequence[Table]) -> None:
+        try:
+            if self._path.parent != Path():
+                self._path.parent.mkdir(parents=True, exist_ok=True)
+            # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
+            self._connection = sqlite3.connect(
+                self._path, timeout=self._busy_timeout_s, isolation_level=None
+            )
+            self._db.execute("PRAGMA journal_mode=WAL")
+            # FULL: a commit is on disk before we tell Kafka (advisory) or move on.
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("BEGIN IMMEDIATE")
+            self._create_own_tables()
+            for table in tables:
+                self._create_table(table)
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback_quietly()
+            raise SinkError("cannot open SQLite sink", sink=self.description) from exc
+
+    def _create_own_tables(self) -> None:
+        self._db.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._checkpoint_table} ("
+            " group_id TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,"
+            " next_offset INTEGER NOT NULL, format_version INTEGER NOT NULL,"
+            " updated_at_ms INTEGER NOT NULL,"
+            " PRIMARY KEY (group_id, topic, partition))"
+        )
+        self._db.execute(
+            f"CREATE TABLE IF NOT EXISTS {self._lease_table} ("
+            " group_id TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,"
+            " epoch INTEGER NOT NULL, acquired_at_ms INTEGER NOT NULL,"
+            " PRIMARY KEY (group_id, topic, partition))"
+        )
+
+    def _create_table(self, table: Table) -> None:
+        name = _quote(table.name)
+        columns = ", ".join(
+            f"{_quote(column)} {_SQLITE_TYPES[column_type]}"
+            for column, column_type in table.columns.items()
+        )
+        key = ", ".join(_quote(column) for column in table.key)
+        self._db.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns}, PRIMARY KEY ({key}))")
+        existing = {row[1] for row in self._db.execute(f"PRAGMA table_info({name})")}
+        for column, column_type in table.columns.items():
+            if column not in existing:
+                self._db.execute(
+                    f"ALTER TABLE {name} ADD COLUMN {_quote(column)} {_SQLITE_TYPES[column_type]}"
+                )
+        column_list = list(table.columns)
+        updates = [c for c in column_list if c not in table.key]
+        conflict = (
+            "DO UPDATE SET " + ", ".join(f"{_quote(c)} = excluded.{_quote(c)}" for c in updates)
+            if updates
+            else "DO NOTHING"
+        )
+        self._upsert_sql[table.name] = (
+            f"INSERT INTO {name} ({', '.join(_quote(c) for c in column_list)}) "
+            f"VALUES ({', '.join('?' for _ in column_list)}) ON CONFLICT ({key}) {conflict}"
+        )
+        self._json_columns[table.name] = tuple(c for c, t in table.columns.items() if t == "json")
+
+    def acquire(
+        self, group: str, partitions: Iterable[TopicPartition]
+    ) -> dict[TopicPartition, int]:
+        now_ms = _now_ms()
+        epochs: dict[TopicPartition, int] = {}
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            for tp in partitions:
+                row = self._db.execute(
+                    f"INSERT INTO {self._lease_table}"
+                    " (group_id, topic, partition, epoch, acquired_at_ms) VALUES (?, ?, ?, 1, ?)"
+                    " ON CONFLICT (group_id, topic, partition)"
+                    " DO UPDATE SET epoch = epoch + 1, acquired_at_ms = excluded.acquired_at_ms"
+                    " RETURNING epoch",
+                    (group, tp.topic, tp.partition, now_ms),
+                ).fetchone()
+                epochs[tp] = int(row[0])
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback_quietly()
+            raise SinkError("cannot acquire partition epochs", sink=self.description) from exc
+        return epochs
+
+    def load_checkpoints(
+        self, group: str, partitions: Iterable[TopicPartition] | None = None
+    ) -> dict[TopicPartition, Checkpoint]:
+        wanted = None if partitions is None else set(partitions)
+        try:
+            rows = self._db.execute(
+                "SELECT group_id, topic, partition, next_offset, format_version, updated_at_ms"
+                f" FROM {self._checkpoint_table} WHERE group_id = ?",
+                (group,),
+            ).fetchall()
+        except sqlite3.Error as exc:
+            raise SinkError("cannot read checkpoints", sink=self.description) from exc
+        checkpoints: dict[TopicPartition, Checkpoint] = {}
+        for group_id, topic, partition, next_offset, format_version, updated_at_ms in rows:
+            tp = TopicPartition(topic, partition)
+            if wanted is not None and tp not in wanted:
+                continue
+            checkpoints[tp] = decode_checkpoint(
+                {
+                    "format_version": format_version,
+                    "group": group_id,
+                    "topic": topic,
+                    "partition": partition,
+                    "next_offset": next_offset,
+                    "updated_at": updated_at_ms,
+                }
+            )
+        return checkpoints
+
+    def begin(self) -> None:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+        except sqlite3.Error as exc:
+            raise SinkError("cannot begin a transaction", sink=self.description) from exc
+
+    def write_rows(self, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+        if not rows:
+            return
+        sql = self._upsert_sql[table.name]
+        columns = tuple(table.columns)
+        json_columns = self._json_columns[table.name]
+        try:
+            if json_columns:
+                params = [
+                    tuple(
+                        json.dumps(row.get(c)) if c in json_columns else row.get(c) for c in columns
+                    )
+                    for row in rows
+                ]
+            else:
+                params = [tuple(row.get(c) for c in columns) for row in rows]
+            self._db.executemany(sql, params)
+        except sqlite3.Error as exc:
+            raise SinkError("cannot write rows", sink=self.description, table=table.name) from exc
+
+    def save_checkpoints(
+        self,
+        group: str,
+        checkpoints: Sequence[Checkpoint],
+        epochs: Mapping[TopicPartition, int],
+    ) -> None:
+        try:
+            fenced = [
+                tp
+                for tp in {cp.topic_partition for cp in checkpoints}
+                if self._db.execute(
+                    f"SELECT 1 FROM {self._lease_table}"
+                    " WHERE group_id = ? AND topic = ? AND partition = ? AND epoch = ?",
+                    (group, tp.topic, tp.partition, epochs[tp]),
+                ).fetchone()
+                is None
+            ]
+            if fenced:
+                raise FencedError(
+                    "partitions were taken over by a newer owner; batch rolled back",
+                    partitions=[(tp.topic, tp.partition) for tp in fenced],
+                    group=group,
+                )
+            records = [encode_checkpoint(cp) for cp in checkpoints]
+            self._db.executemany(
+                f"INSERT INTO {self._checkpoint_table}"
+                " (group_id, topic, partition, next_offset, format_version, updated_at_ms)"
+                " VALUES (?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT (group_id, topic, partition) DO UPDATE SET"
+                " next_offset = excluded.next_offset, format_version = excluded.format_version,"
+                " updated_at_ms = excluded.updated_at_ms",
+                [
+                    (
+                        r["group"],
+                        r["topic"],
+                        r["partition"],
+                        r["next_offset"],
+                        CURRENT_FORMAT_VERSION,
+                        int(r["updated_at"].timestamp() * 1000),
+                    )
+                    for r in records
+                ],
+            )
+        except sqlite3.Error as exc:
+            raise SinkError("cannot save checkpoints", sink=self.description) from exc
+
+    def commit(self) -> None:
+        try:
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback_quietly()
+            raise SinkError("commit failed; batch rolled back", sink=self.description) from exc
+
+    def rollback(self) -> None:
+        self._rollback_quietly()
+
+    def _rollback_quietly(self) -> None:
+        if self._connection is not None and self._connection.in_transaction:
+            # The transaction may already be gone (the error that got us here ended it).
+            with contextlib.suppress(sqlite3.Error):
+                self._connection.execute("ROLLBACK")
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._rollback_quietly()
+            self._connection.close()
+            self._connection = None
+
+
+def _now_ms() -> int:
+    return int(datetime.now(tz=UTC).timestamp() * 1000)
