@@ -80,6 +80,7 @@ class Engine:
         self._sleep = sleep
         self._owned: dict[TopicPartition, _Owned] = {}
         self._stop_requested = False
+        self._ever_assigned = False
         self._crash = CrashInjector.from_environment()
         self.records_committed = 0
         self.batches_committed = 0
@@ -105,7 +106,7 @@ class Engine:
             sink=self._sink.description,
         )
         self._backend.subscribe(self._settings.topics, self)
-        idle_since = self._clock()
+        started = idle_since = self._clock()
         try:
             while not self._stop_requested:
                 records = self._backend.poll_batch(
@@ -121,10 +122,13 @@ class Engine:
             stopped = self.stopped_partitions
             self._backend.close()
             self._sink.close()
+            elapsed = max(self._clock() - started, 1e-9)
             log.info(
                 "consumer_stopped",
                 batches=self.batches_committed,
                 records=self.records_committed,
+                elapsed_s=round(elapsed, 3),
+                records_per_s=round(self.records_committed / elapsed, 1),
                 stopped_partitions=[str(tp) for tp in sorted(stopped)],
             )
         return EXIT_PARTITIONS_STOPPED if stopped else EXIT_OK
@@ -242,6 +246,8 @@ class Engine:
         limit = self._settings.stop_when_idle_s
         if limit is None or self._clock() - idle_since < limit:
             return False
+        if not self._ever_assigned:
+            return False  # still joining the group: idle is not done
         for tp, owned in self._owned.items():
             if owned.stopped is not None:
                 continue
@@ -258,6 +264,7 @@ class Engine:
         self, partitions: Sequence[TopicPartition]
     ) -> Mapping[TopicPartition, StartPosition]:
         group = self._settings.group
+        self._ever_assigned = True
         epochs = self._with_sink_retry("acquire", lambda: self._sink.acquire(group, partitions))
         stored = self._with_sink_retry(
             "load_checkpoints", lambda: self._sink.load_checkpoints(group, partitions)

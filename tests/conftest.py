@@ -1,0 +1,48 @@
+"""Session fixtures: a real Kafka broker and a real PostgreSQL, chosen as tests/fixtures/services.py says.
+
+Under CI=true a broker or database that cannot be had fails the run; it is never skipped.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.fixtures.services import Service, kafka_service, postgres_service
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def _announce(config: pytest.Config, text: str) -> None:
+    reporter = config.pluginmanager.get_plugin("terminalreporter")
+    if reporter is not None:
+        reporter.write_line(text)
+
+
+def _obtain(request: pytest.FixtureRequest, what: str, starter, work_dir: Path) -> Service:  # type: ignore[no-untyped-def]
+    try:
+        service: Service = starter(work_dir)
+    except Exception as exc:  # noqa: BLE001 - reported below, as failure in CI
+        message = f"no {what} for integration tests: {exc}"
+        if IN_CI:
+            pytest.fail(message, pytrace=False)
+        pytest.skip(message)
+    _announce(request.config, f"\n[offsetkeeper tests] {what}: {service.address} via {service.source}")
+    return service
+
+
+@pytest.fixture(scope="session")
+def kafka(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    service = _obtain(request, "Kafka broker", kafka_service, tmp_path_factory.mktemp("kafka-service"))
+    yield service
+    service.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
+    service = _obtain(request, "PostgreSQL", postgres_service, tmp_path_factory.mktemp("pg-service"))
+    yield service
+    service.stop()
