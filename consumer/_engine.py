@@ -107,14 +107,18 @@ class Engine:
         )
         self._backend.subscribe(self._settings.topics, self)
         started = idle_since = self._clock()
+        first_record_at: float | None = None
+        last_commit_at = started
         try:
             while not self._stop_requested:
                 records = self._backend.poll_batch(
                     self._settings.batch_max_records, self._settings.poll_timeout_s
                 )
                 if records:
+                    if first_record_at is None:
+                        first_record_at = self._clock()
                     self._handle(records)
-                    idle_since = self._clock()
+                    idle_since = last_commit_at = self._clock()
                 elif self._idle_long_enough(idle_since):
                     log.info("consumer_idle_stop", idle_s=self._settings.stop_when_idle_s)
                     break
@@ -122,13 +126,16 @@ class Engine:
             stopped = self.stopped_partitions
             self._backend.close()
             self._sink.close()
-            elapsed = max(self._clock() - started, 1e-9)
+            # The rate counts from the first record to the last commit: joining the group and
+            # idling at the end are not throughput.
+            busy = max(last_commit_at - (first_record_at or last_commit_at), 1e-9)
             log.info(
                 "consumer_stopped",
                 batches=self.batches_committed,
                 records=self.records_committed,
-                elapsed_s=round(elapsed, 3),
-                records_per_s=round(self.records_committed / elapsed, 1),
+                elapsed_s=round(self._clock() - started, 3),
+                busy_s=round(busy, 3),
+                records_per_s=round(self.records_committed / busy, 1) if first_record_at else 0.0,
                 stopped_partitions=[str(tp) for tp in sorted(stopped)],
             )
         return EXIT_PARTITIONS_STOPPED if stopped else EXIT_OK
