@@ -30,15 +30,45 @@ def check_identifier(name: str, *, what: str) -> str:
     return name
 
 
+TableMode = Literal["upsert", "append"]
+
+# Append tables are keyed by where each row came from, so a replayed record rewrites its rows.
+SOURCE_COLUMNS: Mapping[str, ColumnType] = {
+    "source_topic": "text",
+    "source_partition": "integer",
+    "source_offset": "bigint",
+    "source_row": "integer",
+}
+
+
 @dataclass(frozen=True, slots=True)
 class Table:
-    """An output table: columns with types, and the key columns that make a write idempotent."""
+    """An output table: columns with types, and the key that makes a write idempotent.
+
+    mode="upsert": rows are upserted by `key` (the last write of a key wins).
+    mode="append": one row per output; offsetkeeper adds the `SOURCE_COLUMNS` (topic,
+    partition, offset, row index within the record) and keys the table by them, so processing
+    a record again never adds a second copy of its rows.
+    """
 
     name: str
     columns: Mapping[str, ColumnType]
-    key: tuple[str, ...]
+    key: tuple[str, ...] = ()
+    mode: TableMode = "upsert"
 
     def __post_init__(self) -> None:
+        if self.mode == "append":
+            if self.key:
+                raise ConfigError("append tables are keyed by source; give no key", table=self.name)
+            clash = sorted(set(self.columns) & set(SOURCE_COLUMNS))
+            if clash:
+                raise ConfigError(
+                    "column names reserved for append tables", table=self.name, columns=clash
+                )
+            object.__setattr__(self, "columns", {**self.columns, **SOURCE_COLUMNS})
+            object.__setattr__(self, "key", tuple(SOURCE_COLUMNS))
+        elif self.mode != "upsert":
+            raise ConfigError("unknown table mode", table=self.name, mode=self.mode)
         check_identifier(self.name, what="table name")
         if not self.columns:
             raise ConfigError("a table needs at least one column", table=self.name)

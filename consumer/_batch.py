@@ -66,7 +66,7 @@ def process_partition(
                     headers=raw.headers,
                 )
             )
-            keyed = _keyed_rows(app, produced)
+            keyed = _keyed_rows(app, produced, raw)
         except RecordError as exc:
             work.error = exc.located(topic=raw.topic, partition=raw.partition, offset=raw.offset)
             return work
@@ -86,14 +86,22 @@ def process_partition(
     return work
 
 
-def _keyed_rows(app: App, produced: Row | Iterable[Row] | None) -> list[KeyedRow]:
+def _keyed_rows(app: App, produced: Row | Iterable[Row] | None, raw: RawRecord) -> list[KeyedRow]:
     if produced is None:
         return []
     rows = [produced] if isinstance(produced, Row) else list(produced)
     keyed: list[KeyedRow] = []
-    for row in rows:
+    for index, row in enumerate(rows):
         table = app.table(row.table)
         values = row.values
+        if table.mode == "append":
+            values = {
+                **values,
+                "source_topic": raw.topic,
+                "source_partition": raw.partition,
+                "source_offset": raw.offset,
+                "source_row": index,
+            }
         unknown = values.keys() - table.columns.keys()
         if unknown:
             raise InvalidRecordError(

@@ -62,7 +62,7 @@ def encode_checkpoint(checkpoint: Checkpoint) -> CheckpointRecord:
 def upgrade_record(record: Mapping[str, Any]) -> CheckpointRecord:
     """Upgrade a checkpoint record of any released format to the current format."""
     version = record.get("format_version")
-    if not isinstance(version, int) or version < 1:
+    if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointFormatError(
             "checkpoint has no valid format_version", format_version=version
         )

@@ -99,6 +99,10 @@ class ConfluentBackend:
             consumer.incremental_assign(positioned)
         else:
             consumer.assign(positioned)
+        if positioned:
+            # A partition we paused (fenced, or stopped on a bad record) and lost comes back
+            # fresh: it must fetch again.
+            consumer.resume(positioned)
 
     def _on_revoke(self, consumer: Any, partitions: list[confluent_kafka.TopicPartition]) -> None:
         listener = self._require_listener()

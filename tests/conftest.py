@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sinks import mask_url
 from tests.fixtures.services import Service, kafka_service, postgres_service
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
@@ -30,7 +31,7 @@ def _obtain(request: pytest.FixtureRequest, what: str, starter, work_dir: Path) 
         if IN_CI:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
-    _announce(request.config, f"\n[offsetkeeper tests] {what}: {service.address} via {service.source}")
+    _announce(request.config, f"\n[offsetkeeper tests] {what}: {mask_url(service.address)} via {service.source}")
     return service
 
 

@@ -1,0 +1,1 @@
+"""Apps used by the integration tests (imported by `offsetkeeper run --app tests.apps....`)."""

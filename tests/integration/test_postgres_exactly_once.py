@@ -1,0 +1,233 @@
+"""Exactly once into PostgreSQL under group chaos, zombies, database and broker restarts, and
+crashes at the two kill points that matter. Every check is row by row against the topic."""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import IN_CI
+from tests.fixtures.chaos import PacedProducer, verify_chaos_sink
+from tests.fixtures.kafka_tools import create_topic, end_offsets, produce, unique_name
+from tests.fixtures.pg import checkpoints, create_database, query
+from tests.fixtures.processes import FAST_GROUP_SETTINGS, ConsumerProcess, wait_until
+from tests.fixtures.services import Service
+
+pytestmark = [pytest.mark.integration, pytest.mark.fault]
+
+
+@pytest.fixture
+def pg_dsn(postgres: Service) -> Iterator[str]:
+    yield create_database(postgres.address)
+
+
+def _args(kafka: Service, group: str, topic: str, dsn: str, *extra: str) -> list[str]:
+    return [
+        "--app", "tests.apps.chaos:app",
+        "--bootstrap-servers", kafka.address,
+        "--group", group,
+        "--topic", topic,
+        "--sink", dsn,
+        "--batch-max-records", "500",
+        *FAST_GROUP_SETTINGS,
+        *extra,
+    ]
+
+
+def _owned_partitions(process: ConsumerProcess) -> set[int]:
+    """The partitions a member holds, replayed from its own log events."""
+    owned: set[str] = set()
+    for event in process.events():
+        name = event.get("event")
+        if name == "partitions_assigned":
+            owned |= set(event["partitions"])
+        elif name in ("partitions_revoked", "partitions_lost"):
+            owned -= set(event["partitions"])
+        elif name == "partitions_fenced":
+            owned -= set(event["partitions"])
+    return {int(tp.rsplit("[", 1)[1].rstrip("]")) for tp in owned}
+
+
+def _verify(kafka: Service, topic: str, partitions: int, dsn: str, group: str) -> dict[str, int]:
+    assert checkpoints(dsn, group) == end_offsets(kafka.address, topic, partitions)
+    return verify_chaos_sink(kafka.address, topic, partitions, lambda sql: query(dsn, sql))
+
+
+def _wait_caught_up(kafka: Service, topic: str, partitions: int, dsn: str, group: str, timeout: float) -> None:
+    ends = end_offsets(kafka.address, topic, partitions)
+    wait_until(lambda: checkpoints(dsn, group) == ends, timeout=timeout, what="checkpoints to reach the end offsets")
+
+
+def test_group_chaos_kill_join_and_leave(
+    kafka: Service, pg_dsn: str, tmp_path: Path, consumers: list[ConsumerProcess]
+) -> None:
+    partitions, total = 12, 200_000
+    topic, group = unique_name("chaos"), unique_name("chaos-group")
+    create_topic(kafka.address, topic, partitions)
+    producer = PacedProducer(kafka.address, topic, total=total, rate=8_000).start()
+    started = time.monotonic()
+
+    def member(name: str) -> ConsumerProcess:
+        process = ConsumerProcess(_args(kafka, group, topic, pg_dsn), tmp_path / f"{name}.log")
+        consumers.append(process)
+        return process
+
+    first, second, third = member("c1"), member("c2"), member("c3")
+    wait_until(lambda: all(_owned_partitions(p) for p in (first, second, third)), timeout=60, what="3 members assigned")
+    time.sleep(3)
+
+    # kill -9 one member, and measure how long its partitions stand still.
+    victim_partitions = _owned_partitions(first)
+    before = checkpoints(pg_dsn, group)
+    first.kill()
+    killed_at = time.monotonic()
+    wait_until(
+        lambda: any(checkpoints(pg_dsn, group).get(p, 0) > before.get(p, 0) for p in victim_partitions),
+        timeout=90,
+        interval=0.1,
+        what="a survivor to commit the killed member's partitions",
+    )
+    takeover_s = time.monotonic() - killed_at
+
+    fourth = member("c4")
+    time.sleep(4)
+    assert second.terminate() == 0, "SIGTERM must finish the batch, leave the group and exit 0"
+    producer.join(timeout=120)
+    _wait_caught_up(kafka, topic, partitions, pg_dsn, group, timeout=180)
+    caught_up_s = time.monotonic() - started
+    assert third.terminate() == 0
+    assert fourth.terminate() == 0
+    counts = _verify(kafka, topic, partitions, pg_dsn, group)
+    assert counts["records"] == total
+    busy = [e for p in (second, third, fourth) for e in p.events() if e.get("event") == "consumer_stopped"]
+    print(
+        f"group chaos: {total} records over {partitions} partitions caught up in {caught_up_s:.1f}s "
+        f"(producer paced at 8000/s); takeover after kill -9: {takeover_s:.1f}s; "
+        f"member rates: {[e['records_per_s'] for e in busy]} records/s; writers: {counts['writers']}"
+    )
+
+
+def _process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+def test_zombie_member_is_fenced_and_its_stale_batch_never_lands(
+    kafka: Service, pg_dsn: str, tmp_path: Path, consumers: list[ConsumerProcess]
+) -> None:
+    partitions = 3
+    topic, group = unique_name("zombie"), unique_name("zombie-group")
+    create_topic(kafka.address, topic, partitions)
+    from tests.fixtures.chaos import chaos_event  # noqa: PLC0415
+
+    produce(kafka.address, topic, (chaos_event(i, 500) for i in range(6_000)))
+    # The zombie stops itself while processing partition 0, offset 700: mid-batch, uncommitted.
+    zombie = ConsumerProcess(
+        _args(kafka, group, topic, pg_dsn, "--batch-max-records", "300"),
+        tmp_path / "zombie.log",
+        env={"CHAOS_SELF_STOP_AT": "0:700"},
+    )
+    consumers.append(zombie)
+    wait_until(lambda: _process_state(zombie.pid) == "T", timeout=60, what="the zombie to stop itself")
+    frozen = checkpoints(pg_dsn, group)
+    assert frozen.get(0, 0) <= 700, "offset 700 of partition 0 must not be committed yet"
+
+    successor = ConsumerProcess(_args(kafka, group, topic, pg_dsn), tmp_path / "successor.log")
+    consumers.append(successor)
+    _wait_caught_up(kafka, topic, partitions, pg_dsn, group, timeout=120)
+    settled = checkpoints(pg_dsn, group)
+
+    os.kill(zombie.pid, signal.SIGCONT)
+    wait_until(
+        lambda: any(e.get("event") == "partitions_fenced" for e in zombie.events()),
+        timeout=60,
+        what="the zombie's fencing log line",
+    )
+    fenced = next(e for e in zombie.events() if e.get("event") == "partitions_fenced")
+    assert f"{topic}[0]" in fenced["partitions"]
+    time.sleep(2)  # let anything the zombie might still do happen before we look
+    assert checkpoints(pg_dsn, group) == settled, "the zombie moved checkpoints"
+    zombie_writer_rows = query(
+        pg_dsn,
+        "SELECT count(*) FROM chaos_events WHERE source_partition = 0 AND source_offset >= %s"
+        " AND writer LIKE %s",
+        (frozen.get(0, 0), f"{zombie.pid}-%"),
+    )
+    assert zombie_writer_rows == [(0,)], "rows of the zombie's stale batch landed"
+    assert successor.terminate() == 0
+    zombie.terminate()
+    _verify(kafka, topic, partitions, pg_dsn, group)
+
+
+def _restart_or_fail(service: Service, what: str) -> None:
+    if service.restart is None:
+        message = f"{what} was given from outside ({service.source}); this test needs to restart it"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    service.restart()
+
+
+@pytest.mark.parametrize("outage", ["postgres", "kafka"])
+def test_restart_mid_run_loses_and_repeats_nothing(
+    outage: str,
+    kafka: Service,
+    postgres: Service,
+    pg_dsn: str,
+    tmp_path: Path,
+    consumers: list[ConsumerProcess],
+) -> None:
+    partitions, total = 6, 60_000
+    topic, group = unique_name(f"outage-{outage}"), unique_name("outage")
+    create_topic(kafka.address, topic, partitions)
+    producer = PacedProducer(kafka.address, topic, total=total, rate=5_000).start()
+    process = ConsumerProcess(_args(kafka, group, topic, pg_dsn), tmp_path / "consumer.log")
+    consumers.append(process)
+    wait_until(lambda: sum(checkpoints(pg_dsn, group).values()) > 5_000, timeout=60, what="progress")
+    service = postgres if outage == "postgres" else kafka
+    at_outage = sum(checkpoints(pg_dsn, group).values()) if outage == "kafka" else None
+    _restart_or_fail(service, outage)
+    assert process.alive(), "the consumer must ride out the outage"
+    producer.join(timeout=180)
+    _wait_caught_up(kafka, topic, partitions, pg_dsn, group, timeout=180)
+    assert process.terminate() == 0
+    _verify(kafka, topic, partitions, pg_dsn, group)
+    names = [e.get("event") for e in process.events()]
+    if outage == "postgres":
+        assert "sink_retry" in names, "the consumer should have retried the sink during the outage"
+    print(f"{outage} restart: progress at outage {at_outage}; events: {sorted(set(filter(None, names)))}")
+
+
+@pytest.mark.parametrize("point", ["after-rows", "after-commit"])
+def test_crash_at_kill_point_recovers_exactly_once(
+    point: str, kafka: Service, pg_dsn: str, tmp_path: Path, consumers: list[ConsumerProcess]
+) -> None:
+    partitions = 4
+    topic, group = unique_name(f"killpoint-{point}"), unique_name("killpoint")
+    create_topic(kafka.address, topic, partitions)
+    from tests.fixtures.chaos import chaos_event  # noqa: PLC0415
+
+    produce(kafka.address, topic, (chaos_event(i, 1_000) for i in range(8_000)))
+    crashing = ConsumerProcess(
+        _args(kafka, group, topic, pg_dsn, "--batch-max-records", "400"),
+        tmp_path / "crashing.log",
+        env={"OFFSETKEEPER_TEST_CRASH_POINT": point, "OFFSETKEEPER_TEST_CRASH_AFTER_BATCHES": "3"},
+    )
+    consumers.append(crashing)
+    assert crashing.wait(timeout=120) == -signal.SIGKILL
+    rows = query(pg_dsn, "SELECT count(*) FROM chaos_events")[0][0]
+    committed = sum(checkpoints(pg_dsn, group).values())
+    # Rows and checkpoints moved together: after-rows lost batch 3 whole, after-commit kept it.
+    assert rows == committed
+    assert committed == (800 if point == "after-rows" else 1200)
+
+    recovering = ConsumerProcess(_args(kafka, group, topic, pg_dsn), tmp_path / "recovering.log")
+    consumers.append(recovering)
+    _wait_caught_up(kafka, topic, partitions, pg_dsn, group, timeout=120)
+    assert recovering.terminate() == 0
+    counts = _verify(kafka, topic, partitions, pg_dsn, group)
+    assert counts["records"] == 8_000

@@ -1,0 +1,88 @@
+"""consumer._app: declared tables are checked up front; apps load by MODULE:ATTR reference."""
+
+from __future__ import annotations
+
+import pytest
+
+from consumer import App, ConfigError, Row, Table, load_app
+from tests.fixtures.apps import EVENTS
+
+
+def test_a_valid_table() -> None:
+    table = Table("t_1", columns={"a": "text", "b": "json"}, key=("a",))
+    assert table.key == ("a",)
+    with pytest.raises(AttributeError):
+        table.name = "other"  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "name", ["1abc", "a-b", "a b", 'x"; DROP TABLE t; --', "", "a" * 64, "é"]
+)
+def test_table_and_column_names_must_be_plain_identifiers(name: str) -> None:
+    with pytest.raises(ConfigError, match="table name must be a plain SQL identifier"):
+        Table(name, columns={"a": "text"}, key=("a",))
+    with pytest.raises(ConfigError, match="column name must be a plain SQL identifier"):
+        Table("t", columns={"a": "text", name: "text"}, key=("a",))
+
+
+def test_an_unknown_column_type_is_named() -> None:
+    with pytest.raises(ConfigError, match="unknown column type") as caught:
+        Table("t", columns={"a": "text", "b": "varchar"}, key=("a",))  # type: ignore[dict-item]
+    assert caught.value.context["column"] == "b"
+    assert caught.value.context["type"] == "varchar"
+
+
+def test_a_table_needs_columns_and_declared_key_columns() -> None:
+    with pytest.raises(ConfigError, match="at least one column"):
+        Table("t", columns={}, key=("a",))
+    with pytest.raises(ConfigError, match="needs key columns"):
+        Table("t", columns={"a": "text"}, key=())
+    with pytest.raises(ConfigError, match="key columns are not declared") as caught:
+        Table("t", columns={"a": "text"}, key=("a", "b", "c"))
+    assert caught.value.context["key"] == ["b", "c"]
+
+
+def test_app_table_names_are_unique_and_looked_up() -> None:
+    with pytest.raises(ConfigError, match="unique"):
+        App(name="dup", tables=(EVENTS, EVENTS))
+    app = App(name="one", tables=(EVENTS,))
+    assert app.table("events") is EVENTS
+    with pytest.raises(ConfigError, match="undeclared table") as caught:
+        app.table("other")
+    assert caught.value.context == {"app": "one", "table": "other"}
+
+
+def test_process_registers_the_processor_and_returns_it() -> None:
+    app = App(name="p", tables=(EVENTS,))
+
+    def fn(record: object) -> Row:
+        return Row("events", {"id": "x"})
+
+    assert app.process(fn) is fn
+    assert app.processor is fn
+
+
+@pytest.mark.parametrize(
+    ("reference", "message"),
+    [
+        ("consumer.examples.orders", "MODULE:ATTR"),
+        (":app", "MODULE:ATTR"),
+        ("consumer.examples.orders:", "MODULE:ATTR"),
+        ("no_such_module_xyz:app", "cannot import"),
+        ("consumer.examples.orders:ORDERS", "does not name an offsetkeeper App"),
+        ("consumer.examples.orders:missing", "does not name an offsetkeeper App"),
+        ("tests.fixtures.apps:events_app", "does not name an offsetkeeper App"),
+    ],
+)
+def test_bad_app_references_are_config_errors(reference: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        load_app(reference)
+    assert caught.value.context["app"] == reference
+
+
+def test_an_app_without_a_processor_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    import tests.fixtures.apps as module  # noqa: PLC0415 - the module gets a bare app below
+
+    monkeypatch.setattr(module, "BARE", App(name="bare", tables=(EVENTS,)), raising=False)
+    with pytest.raises(ConfigError, match="has no processor"):
+        load_app("tests.fixtures.apps:BARE")

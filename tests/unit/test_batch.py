@@ -1,0 +1,354 @@
+"""consumer._batch: grouping, per-partition processing, stopping at the first bad record, merging."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from consumer import (
+    App,
+    DecodeError,
+    InvalidRecordError,
+    RawRecord,
+    Record,
+    RecordError,
+    Row,
+    Table,
+    TopicPartition,
+)
+from consumer._batch import PartitionWork, group_by_partition, merge_rows, process_partition
+from consumer._decode import decoder_for
+from tests.fixtures.apps import EVENTS, event, events_app
+from tests.fixtures.fake_backend import raw
+
+TP0 = TopicPartition("events", 0)
+TP1 = TopicPartition("events", 1)
+JSON = decoder_for("json")
+
+
+def _records(tp: TopicPartition, values: list[Any], first_offset: int = 0) -> list[RawRecord]:
+    return [raw(tp.topic, tp.partition, first_offset + i, v) for i, v in enumerate(values)]
+
+
+def _rows(work: PartitionWork) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
+    return [(table.name, key, dict(values)) for table, key, values in work.rows]
+
+
+def _event_row(event_id: str, amount: int, partition: int, offset: int) -> dict[str, Any]:
+    return {
+        "id": event_id,
+        "amount": amount,
+        "source_partition": partition,
+        "source_offset": offset,
+    }
+
+
+# -- group_by_partition ------------------------------------------------------------------------
+
+
+def test_group_by_partition_keeps_each_partitions_fetch_order() -> None:
+    p0 = _records(TP0, [event("a", 1), event("b", 2), event("c", 3)], first_offset=10)
+    p1 = _records(TP1, [event("x", 1), event("y", 2)], first_offset=5)
+    other = _records(TopicPartition("other", 0), [event("z", 1)])
+    interleaved = [p1[0], p0[0], other[0], p0[1], p1[1], p0[2]]
+
+    grouped = group_by_partition(interleaved)
+
+    assert list(grouped) == [TP1, TP0, TopicPartition("other", 0)]
+    assert [r.offset for r in grouped[TP0]] == [10, 11, 12]
+    assert [r.offset for r in grouped[TP1]] == [5, 6]
+    assert grouped[TP0] == p0
+    assert grouped[TP1] == p1
+    assert grouped[TopicPartition("other", 0)] == other
+
+
+def test_group_by_partition_of_nothing_is_empty() -> None:
+    assert group_by_partition([]) == {}
+
+
+# -- process_partition: the good path ------------------------------------------------------------
+
+
+def test_process_partition_produces_rows_in_offset_order_and_the_resume_offset() -> None:
+    seen: list[tuple[int, int]] = []
+    records = _records(TP1, [event("a", 10), event("b", 20), event("c", 30)], first_offset=7)
+
+    work = process_partition(events_app(seen), JSON, TP1, records)
+
+    assert seen == [(1, 7), (1, 8), (1, 9)]
+    assert work.partition == TP1
+    assert work.first_offset == 7
+    assert work.next_offset == 10
+    assert work.records == 3
+    assert work.error is None
+    assert _rows(work) == [
+        ("events", ("a",), _event_row("a", 10, 1, 7)),
+        ("events", ("b",), _event_row("b", 20, 1, 8)),
+        ("events", ("c",), _event_row("c", 30, 1, 9)),
+    ]
+
+
+def test_processor_sees_the_decoded_record_with_its_metadata() -> None:
+    seen: list[Record] = []
+    app = App(name="meta", tables=(EVENTS,))
+
+    @app.process
+    def keep(record: Record) -> None:
+        seen.append(record)
+
+    source = RawRecord(
+        topic="events",
+        partition=0,
+        offset=42,
+        timestamp_ms=123,
+        key=b"key",
+        value=b'{"id": "a", "n": [1, 2]}',
+        headers=(("h", b"v"),),
+    )
+    work = process_partition(app, JSON, TP0, [source])
+
+    assert seen == [
+        Record(
+            topic="events",
+            partition=0,
+            offset=42,
+            timestamp_ms=123,
+            key=b"key",
+            value={"id": "a", "n": [1, 2]},
+            headers=(("h", b"v"),),
+        )
+    ]
+    assert work.rows == []
+    assert work.records == 1
+    assert work.next_offset == 43
+
+
+def test_processor_may_return_none_one_row_or_many_rows() -> None:
+    counts = Table("counts", columns={"name": "text", "n": "bigint"}, key=("name",))
+    app = App(name="multi", tables=(EVENTS, counts))
+
+    @app.process
+    def fan_out(record: Record) -> Any:
+        n = record.value["n"]
+        if n == 0:
+            return None
+        if n == 1:
+            return Row("counts", {"name": "one", "n": 1})
+        return (Row("counts", {"name": f"r{i}", "n": i}) for i in range(n))
+
+    work = process_partition(app, JSON, TP0, _records(TP0, [{"n": 0}, {"n": 1}, {"n": 2}]))
+
+    assert work.error is None
+    assert work.records == 3
+    assert _rows(work) == [
+        ("counts", ("one",), {"name": "one", "n": 1}),
+        ("counts", ("r0",), {"name": "r0", "n": 0}),
+        ("counts", ("r1",), {"name": "r1", "n": 1}),
+    ]
+
+
+# -- process_partition: stopping at the first bad record ------------------------------------------
+
+
+def test_bad_json_stops_the_partition_with_a_located_decode_error() -> None:
+    seen: list[tuple[int, int]] = []
+    records = _records(TP0, [event("a", 1), event("b", 2)], first_offset=3)
+    records.append(raw("events", 0, 5, b'{"id": "c", "amount": '))  # truncated JSON
+    records.extend(_records(TP0, [event("d", 4)], first_offset=6))
+
+    work = process_partition(events_app(seen), JSON, TP0, records)
+
+    assert seen == [(0, 3), (0, 4)], "nothing after the bad record may be processed"
+    assert _rows(work) == [
+        ("events", ("a",), _event_row("a", 1, 0, 3)),
+        ("events", ("b",), _event_row("b", 2, 0, 4)),
+    ]
+    assert work.records == 2
+    assert work.next_offset == 5, "the partition resumes at the bad record"
+    error = work.error
+    assert isinstance(error, DecodeError)
+    assert (error.topic, error.partition, error.offset, error.field) == ("events", 0, 5, None)
+    assert "not valid JSON" in str(error)
+    assert "topic='events'" in str(error)
+    assert "partition=0" in str(error)
+    assert "offset=5" in str(error)
+    assert error.__cause__ is not None
+
+
+def test_non_utf8_bytes_are_a_decode_error_too() -> None:
+    work = process_partition(events_app(), JSON, TP0, [raw("events", 0, 0, b"\xff\xfe")])
+
+    assert isinstance(work.error, DecodeError)
+    assert work.error.offset == 0
+    assert work.records == 0
+    assert work.next_offset == 0
+
+
+def test_invalid_record_from_the_processor_names_topic_partition_offset_and_field() -> None:
+    records = _records(TP1, [event("a", 1), {"fail": "invalid"}, event("c", 3)], first_offset=20)
+
+    work = process_partition(events_app(), JSON, TP1, records)
+
+    assert _rows(work) == [("events", ("a",), _event_row("a", 1, 1, 20))]
+    assert work.next_offset == 21
+    error = work.error
+    assert isinstance(error, InvalidRecordError)
+    assert (error.topic, error.partition, error.offset, error.field) == ("events", 1, 21, "amount")
+    assert str(error) == (
+        "event field 'amount' is wrong (topic='events', partition=1, offset=21, field='amount')"
+    )
+
+
+def test_a_processor_bug_is_wrapped_as_a_located_record_error() -> None:
+    records = _records(TP0, [event("a", 1), {"fail": "crash"}, event("c", 3)])
+
+    work = process_partition(events_app(), JSON, TP0, records)
+
+    assert _rows(work) == [("events", ("a",), _event_row("a", 1, 0, 0))]
+    assert work.next_offset == 1
+    error = work.error
+    assert type(error) is RecordError
+    assert (error.topic, error.partition, error.offset) == ("events", 0, 1)
+    assert "processor raised ZeroDivisionError" in str(error)
+    assert isinstance(error.__cause__, ZeroDivisionError)
+
+
+def test_bad_first_record_leaves_no_progress() -> None:
+    work = process_partition(
+        events_app(), JSON, TP0, _records(TP0, [{"fail": "invalid"}, event("b", 2)], 9)
+    )
+
+    assert work.rows == []
+    assert work.records == 0
+    assert work.first_offset == work.next_offset == 9
+    assert work.error is not None
+    assert work.error.offset == 9
+
+
+def test_a_row_for_an_undeclared_table_is_an_error_naming_the_table() -> None:
+    app = App(name="t", tables=(EVENTS,))
+    app.process(lambda record: Row("nope", {"id": "a"}))
+
+    work = process_partition(app, JSON, TP0, _records(TP0, [event("a", 1)], first_offset=4))
+
+    assert work.rows == []
+    assert isinstance(work.error, RecordError)
+    assert (work.error.topic, work.error.partition, work.error.offset) == ("events", 0, 4)
+    assert "undeclared table" in str(work.error)
+    assert "'nope'" in str(work.error)
+
+
+def test_an_undeclared_column_is_an_error_naming_the_column() -> None:
+    app = App(name="t", tables=(EVENTS,))
+    app.process(lambda record: Row("events", {"id": "a", "amount": 1, "colour": "red"}))
+
+    work = process_partition(app, JSON, TP0, _records(TP0, [event("a", 1)], first_offset=2))
+
+    error = work.error
+    assert isinstance(error, InvalidRecordError)
+    assert error.field == "colour"
+    assert error.offset == 2
+    assert error.context["table"] == "events"
+    assert "field='colour'" in str(error)
+
+
+def test_a_missing_key_column_is_an_error_naming_the_key_column() -> None:
+    app = App(name="t", tables=(EVENTS,))
+    app.process(lambda record: Row("events", {"amount": 1}))
+
+    work = process_partition(app, JSON, TP0, _records(TP0, [event("a", 1)]))
+
+    error = work.error
+    assert isinstance(error, InvalidRecordError)
+    assert error.field == "id"
+    assert error.context["table"] == "events"
+    assert "lacks a key column" in str(error)
+
+
+def test_one_bad_row_among_many_from_one_record_drops_all_of_that_records_rows() -> None:
+    app = App(name="t", tables=(EVENTS,))
+    app.process(lambda record: [Row("events", {"id": "ok"}), Row("events", {"amount": 1})])
+
+    work = process_partition(app, JSON, TP0, _records(TP0, [event("a", 1)]))
+
+    assert work.rows == [], "a record's rows are all or nothing"
+    assert work.error is not None
+    assert work.error.field == "id"
+
+
+# -- merge_rows ------------------------------------------------------------------------------
+
+
+def test_merge_rows_keeps_the_last_row_per_key_in_offset_order() -> None:
+    app = events_app()
+    work = process_partition(
+        app,
+        JSON,
+        TP0,
+        _records(TP0, [event("a", 1), event("b", 2), event("a", 3), event("c", 4), event("b", 5)]),
+    )
+
+    merged = merge_rows([work])
+
+    assert list(merged) == ["events"]
+    table, rows = merged["events"]
+    assert table is EVENTS
+    assert [dict(r) for r in rows] == [
+        _event_row("a", 3, 0, 2),
+        _event_row("c", 4, 0, 3),
+        _event_row("b", 5, 0, 4),
+    ]
+
+
+def test_merge_rows_across_partitions_and_tables() -> None:
+    counts = Table("counts", columns={"name": "text", "n": "bigint"}, key=("name",))
+    app = App(name="two", tables=(EVENTS, counts))
+
+    @app.process
+    def both(record: Record) -> list[Row]:
+        value = record.value
+        return [
+            Row("events", {"id": value["id"], "amount": value["amount"]}),
+            Row("counts", {"name": "total", "n": record.offset}),
+        ]
+
+    w0 = process_partition(app, JSON, TP0, _records(TP0, [event("a", 1), event("b", 2)]))
+    w1 = process_partition(app, JSON, TP1, _records(TP1, [event("x", 9), event("a", 7)], 10))
+
+    merged = merge_rows([w0, w1])
+
+    assert set(merged) == {"events", "counts"}
+    assert [dict(r) for r in merged["events"][1]] == [
+        {"id": "b", "amount": 2},
+        {"id": "x", "amount": 9},
+        {"id": "a", "amount": 7},
+    ]
+    assert [dict(r) for r in merged["counts"][1]] == [{"name": "total", "n": 11}]
+
+
+def test_merge_rows_with_composite_keys() -> None:
+    table = Table("pairs", columns={"a": "text", "b": "integer", "v": "text"}, key=("a", "b"))
+    app = App(name="pairs", tables=(table,))
+    app.process(lambda record: Row("pairs", record.value))
+    values = [
+        {"a": "x", "b": 1, "v": "first"},
+        {"a": "x", "b": 2, "v": "other"},
+        {"a": "x", "b": 1, "v": "second"},
+    ]
+    work = process_partition(app, JSON, TP0, _records(TP0, values))
+
+    assert [dict(r) for r in merge_rows([work])["pairs"][1]] == [
+        {"a": "x", "b": 2, "v": "other"},
+        {"a": "x", "b": 1, "v": "second"},
+    ]
+
+
+def test_merge_rows_of_works_without_rows_is_empty() -> None:
+    work = PartitionWork(partition=TP0, first_offset=0, next_offset=3, records=3)
+    assert merge_rows([work]) == {}
+
+
+def test_process_partition_without_a_processor_is_refused() -> None:
+    with pytest.raises(InvalidRecordError, match="no processor"):
+        process_partition(App(name="empty", tables=(EVENTS,)), JSON, TP0, _records(TP0, [{}]))

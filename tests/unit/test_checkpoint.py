@@ -1,0 +1,231 @@
+"""consumer._checkpoint: the checkpoint model, its versioned codec, and the released schemas."""
+
+from __future__ import annotations
+
+import io
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import avro.io
+import avro.schema
+import pytest
+
+from consumer import (
+    CURRENT_FORMAT_VERSION,
+    Checkpoint,
+    CheckpointError,
+    CheckpointFormatError,
+    TopicPartition,
+    decode_checkpoint,
+    encode_checkpoint,
+    from_avro,
+    to_avro,
+)
+from consumer._checkpoint import upgrade_record
+from schemas import checkpoint_schema_text, released_checkpoint_versions
+
+GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"
+SCHEMA_DIR = Path(__file__).resolve().parents[2] / "schemas" / "checkpoint"
+
+CHECKPOINT = Checkpoint(
+    group="g",
+    topic="orders",
+    partition=3,
+    next_offset=2**40 + 5,
+    updated_at=datetime(2024, 5, 1, 12, 34, 56, 789000, tzinfo=UTC),
+)
+
+
+def _record(**overrides: Any) -> dict[str, Any]:
+    return {**encode_checkpoint(CHECKPOINT), **overrides}
+
+
+# -- the model and the in-memory codec -------------------------------------------------------------
+
+
+def test_encode_gives_the_current_format_record() -> None:
+    assert encode_checkpoint(CHECKPOINT) == {
+        "format_version": CURRENT_FORMAT_VERSION,
+        "group": "g",
+        "topic": "orders",
+        "partition": 3,
+        "next_offset": 2**40 + 5,
+        "updated_at": datetime(2024, 5, 1, 12, 34, 56, 789000, tzinfo=UTC),
+    }
+
+
+def test_encode_decode_round_trip() -> None:
+    assert decode_checkpoint(encode_checkpoint(CHECKPOINT)) == CHECKPOINT
+
+
+def test_decode_accepts_updated_at_as_epoch_millis() -> None:
+    millis = int(CHECKPOINT.updated_at.timestamp() * 1000)
+    assert decode_checkpoint(_record(updated_at=millis)) == CHECKPOINT
+
+
+def test_checkpoint_names_its_topic_partition_and_is_frozen() -> None:
+    assert CHECKPOINT.topic_partition == TopicPartition("orders", 3)
+    with pytest.raises(AttributeError):
+        CHECKPOINT.next_offset = 0  # type: ignore[misc]
+
+
+def test_avro_round_trip() -> None:
+    data = to_avro(CHECKPOINT)
+    assert isinstance(data, bytes)
+    assert from_avro(data, format_version=CURRENT_FORMAT_VERSION) == CHECKPOINT
+
+
+def test_avro_keeps_millisecond_precision_only() -> None:
+    precise = Checkpoint("g", "t", 0, 1, datetime(2024, 1, 1, 0, 0, 0, 123456, tzinfo=UTC))
+    decoded = from_avro(to_avro(precise), format_version=CURRENT_FORMAT_VERSION)
+    assert decoded.updated_at == datetime(2024, 1, 1, 0, 0, 0, 123000, tzinfo=UTC)
+    assert decoded.next_offset == 1
+
+
+# -- the golden fixture of format v1 (never regenerated: see tests/fixtures/checkpoints/README.md)
+
+
+def _golden_expected() -> dict[str, Any]:
+    expected: dict[str, Any] = json.loads((GOLDEN / "v1.json").read_text(encoding="utf-8"))
+    return expected
+
+
+def test_golden_v1_decodes_to_the_recorded_checkpoint() -> None:
+    expected = _golden_expected()
+    data = (GOLDEN / "v1.avro").read_bytes()
+
+    checkpoint = from_avro(data, format_version=1)
+
+    assert checkpoint == Checkpoint(
+        group=expected["group"],
+        topic=expected["topic"],
+        partition=expected["partition"],
+        next_offset=expected["next_offset"],
+        updated_at=datetime.fromisoformat(expected["updated_at"]),
+    )
+    assert int(checkpoint.updated_at.timestamp() * 1000) == expected["updated_at_ms"]
+    assert checkpoint.updated_at.tzinfo is not None
+
+
+def test_golden_v1_bytes_are_exactly_the_v1_schema_encoding_of_the_recorded_fields() -> None:
+    expected = _golden_expected()
+    schema = avro.schema.parse(checkpoint_schema_text(1))
+    data = (GOLDEN / "v1.avro").read_bytes()
+
+    raw_record = avro.io.DatumReader(schema).read(avro.io.BinaryDecoder(io.BytesIO(data)))
+    assert raw_record == {
+        "format_version": 1,
+        "group": expected["group"],
+        "topic": expected["topic"],
+        "partition": expected["partition"],
+        "next_offset": expected["next_offset"],
+        "updated_at": datetime.fromisoformat(expected["updated_at"]),
+    }
+
+    buffer = io.BytesIO()
+    avro.io.DatumWriter(schema).write(raw_record, avro.io.BinaryEncoder(buffer))
+    assert buffer.getvalue() == data
+
+
+# -- format versions: newer refused, invalid refused -------------------------------------------------
+
+
+def test_a_newer_format_is_refused_naming_both_versions() -> None:
+    newer = CURRENT_FORMAT_VERSION + 1
+
+    with pytest.raises(CheckpointFormatError) as caught:
+        decode_checkpoint(_record(format_version=newer, extra_field="from the future"))
+
+    message = str(caught.value)
+    assert f"v{newer}" in message
+    assert f"v{CURRENT_FORMAT_VERSION}" in message
+    assert caught.value.context["format_version"] == newer
+    assert caught.value.context["supported_version"] == CURRENT_FORMAT_VERSION
+    assert caught.value.context["topic"] == "orders"
+    assert caught.value.context["partition"] == 3
+
+
+def test_avro_of_a_newer_format_is_refused_naming_both_versions() -> None:
+    newer = CURRENT_FORMAT_VERSION + 1
+    with pytest.raises(CheckpointFormatError) as caught:
+        from_avro(to_avro(CHECKPOINT), format_version=newer)
+    assert f"v{newer}" in str(caught.value)
+    assert f"v{CURRENT_FORMAT_VERSION}" in str(caught.value)
+
+
+def test_a_newer_format_is_a_checkpoint_error() -> None:
+    assert issubclass(CheckpointFormatError, CheckpointError)
+
+
+@pytest.mark.parametrize("version", [None, 0, -1, "1", 1.0, True])
+def test_missing_or_invalid_format_version_is_refused(version: Any) -> None:
+    record = _record(format_version=version)
+    if version is None:
+        del record["format_version"]
+    with pytest.raises(CheckpointFormatError, match="no valid format_version"):
+        decode_checkpoint(record)
+
+
+def test_upgrade_of_a_current_record_changes_nothing() -> None:
+    record = _record()
+    assert upgrade_record(record) == record
+    assert upgrade_record(record) is not record, "the stored record is never modified in place"
+
+
+@pytest.mark.parametrize("missing", ["group", "topic", "partition", "next_offset", "updated_at"])
+def test_a_record_missing_a_field_is_a_checkpoint_error(missing: str) -> None:
+    record = _record()
+    del record[missing]
+    with pytest.raises(CheckpointError, match="missing a field") as caught:
+        decode_checkpoint(record)
+    assert caught.value.context["format_version"] == CURRENT_FORMAT_VERSION
+    assert missing in caught.value.context["detail"]
+
+
+def test_a_record_with_a_non_numeric_offset_is_a_checkpoint_error() -> None:
+    with pytest.raises(CheckpointError, match="wrong type"):
+        decode_checkpoint(_record(next_offset="ten"))
+
+
+def test_avro_for_a_format_with_no_schema_is_refused() -> None:
+    with pytest.raises(CheckpointFormatError, match="no schema ships"):
+        from_avro(b"", format_version=0)
+
+
+# -- the released schemas ----------------------------------------------------------------------
+
+
+def test_released_versions_are_every_schema_file_from_v1_to_current() -> None:
+    on_disk = sorted(int(path.stem[1:]) for path in SCHEMA_DIR.glob("v*.avsc"))
+    assert released_checkpoint_versions() == on_disk
+    assert on_disk == list(range(1, CURRENT_FORMAT_VERSION + 1))
+
+
+@pytest.mark.parametrize("version", released_checkpoint_versions())
+def test_every_released_schema_parses_as_a_checkpoint_record(version: int) -> None:
+    schema = avro.schema.parse(checkpoint_schema_text(version))
+    assert isinstance(schema, avro.schema.RecordSchema)
+    assert schema.name == "Checkpoint"
+    assert schema.namespace == f"io.offsetkeeper.checkpoint.v{version}"
+    assert schema.fields_dict["format_version"].type.type == "int"
+
+
+@pytest.mark.parametrize("version", released_checkpoint_versions())
+def test_every_released_format_has_a_golden_fixture(version: int) -> None:
+    assert (GOLDEN / f"v{version}.avro").is_file()
+    assert (GOLDEN / f"v{version}.json").is_file()
+
+
+def test_the_encoded_record_validates_against_the_current_schema() -> None:
+    schema = avro.schema.parse(checkpoint_schema_text(CURRENT_FORMAT_VERSION))
+    record = encode_checkpoint(CHECKPOINT)
+
+    assert avro.io.validate(schema, record, raise_on_error=True)
+    assert set(record) == set(schema.fields_dict)
+
+
+def test_a_record_with_a_wrong_type_does_not_validate() -> None:
+    schema = avro.schema.parse(checkpoint_schema_text(CURRENT_FORMAT_VERSION))
+    assert not avro.io.validate(schema, _record(partition="three"))

@@ -1,0 +1,716 @@
+"""consumer._engine with the in-memory FakeBackend and a real SqliteSink on tmp_path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumer import (
+    CheckpointError,
+    DecodeError,
+    FencedError,
+    InvalidRecordError,
+    SinkError,
+    Table,
+    TopicPartition,
+)
+from consumer._engine import EXIT_OK, EXIT_PARTITIONS_STOPPED, Engine, EngineSettings, ResetPolicy
+from sinks import SqliteSink
+from tests.fixtures.apps import EVENTS, event, events_app
+from tests.fixtures.fake_backend import (
+    Assign,
+    Call,
+    Deliver,
+    FakeBackend,
+    FakeClock,
+    Fetch,
+    Idle,
+    Lose,
+    Revoke,
+    Step,
+    raw,
+)
+from tests.fixtures.sqlite_db import checkpoints, epochs, table_rows
+
+GROUP = "test-group"
+TOPIC = "events"
+P0 = TopicPartition(TOPIC, 0)
+P1 = TopicPartition(TOPIC, 1)
+P2 = TopicPartition(TOPIC, 2)
+
+
+@dataclass
+class Harness:
+    """One engine over a fake backend and a real SQLite file, plus what it saw."""
+
+    db: Path
+    clock: FakeClock
+    backend: FakeBackend
+    sink: SqliteSink
+    engine: Engine
+    seen: list[tuple[int, int]] = field(default_factory=list)
+
+    def run(self) -> int:
+        return self.engine.run()
+
+    def rows(self) -> list[dict[str, Any]]:
+        return table_rows(self.db, "events", order_by="source_partition, source_offset")
+
+    def checkpoints(self) -> dict[int, int]:
+        return {p: offset for (t, p), offset in checkpoints(self.db, GROUP).items() if t == TOPIC}
+
+
+Make = Callable[..., Harness]
+
+
+@pytest.fixture
+def make(tmp_path: Path) -> Make:
+    """Build a Harness: `make(script, reset_policy=..., batch_max_records=..., ...)`."""
+
+    def build(
+        script: Sequence[Step] = (),
+        *,
+        reset_policy: ResetPolicy = "earliest",
+        batch_max_records: int = 100,
+        stop_when_idle_s: float | None = 1.0,
+        sink: SqliteSink | None = None,
+        on_commit_advisory: Callable[[Mapping[TopicPartition, int]], None] | None = None,
+        sink_retry_deadline_s: float = 120.0,
+    ) -> Harness:
+        db = tmp_path / "engine.db"
+        clock = FakeClock()
+        backend = FakeBackend(script, clock=clock, on_commit_advisory=on_commit_advisory)
+        seen: list[tuple[int, int]] = []
+        real_sink = sink or SqliteSink(db)
+        engine = Engine(
+            events_app(seen),
+            EngineSettings(
+                group=GROUP,
+                topics=(TOPIC,),
+                reset_policy=reset_policy,
+                batch_max_records=batch_max_records,
+                poll_timeout_s=0.5,
+                stop_when_idle_s=stop_when_idle_s,
+                sink_retry_deadline_s=sink_retry_deadline_s,
+            ),
+            backend,
+            real_sink,
+            clock=clock.now,
+            sleep=clock.sleep,
+        )
+        return Harness(db, clock, backend, real_sink, engine, seen)
+
+    return build
+
+
+def _row(event_id: str, amount: int, partition: int, offset: int) -> dict[str, Any]:
+    return {
+        "id": event_id,
+        "amount": amount,
+        "source_partition": partition,
+        "source_offset": offset,
+    }
+
+
+def _store_checkpoints(db: Path, next_offsets: Mapping[TopicPartition, int]) -> None:
+    """What an earlier run of the group left in the sink."""
+    from datetime import UTC, datetime  # noqa: PLC0415 - only this helper builds checkpoints
+
+    from consumer import Checkpoint  # noqa: PLC0415
+
+    earlier = SqliteSink(db)
+    earlier.open([EVENTS])
+    taken = earlier.acquire(GROUP, list(next_offsets))
+    earlier.begin()
+    earlier.save_checkpoints(
+        GROUP,
+        [
+            Checkpoint(GROUP, tp.topic, tp.partition, offset, datetime.now(tz=UTC))
+            for tp, offset in next_offsets.items()
+        ],
+        taken,
+    )
+    earlier.commit()
+    earlier.close()
+
+
+def _events(log_events: list[dict[str, Any]], name: str) -> list[dict[str, Any]]:
+    return [e for e in log_events if e["event"] == name]
+
+
+# -- start positions ------------------------------------------------------------------------------
+
+
+def test_fresh_partitions_start_by_the_reset_policy_and_everything_commits(make: Make) -> None:
+    h = make([Assign([P0, P1])])
+    h.backend.append(P0, event("a", 1), event("b", 2), event("c", 3))
+    h.backend.append(P1, event("x", 10), event("y", 20))
+
+    assert h.run() == EXIT_OK
+
+    assert h.backend.subscribed == [TOPIC]
+    assert h.backend.start_positions == [{P0: "earliest", P1: "earliest"}]
+    assert h.rows() == [
+        _row("a", 1, 0, 0),
+        _row("b", 2, 0, 1),
+        _row("c", 3, 0, 2),
+        _row("x", 10, 1, 0),
+        _row("y", 20, 1, 1),
+    ]
+    assert h.checkpoints() == {0: 3, 1: 2}
+    assert sorted(h.seen) == [(0, 0), (0, 1), (0, 2), (1, 0), (1, 1)], "each record once"
+    assert h.engine.records_committed == 5
+    assert h.backend.closed
+
+
+def test_partitions_start_at_the_stored_checkpoint(make: Make) -> None:
+    h = make([Assign([P0, P1])])
+    _store_checkpoints(h.db, {P0: 2})
+    h.backend.append(P0, *(event(f"p0-{i}", i) for i in range(5)))
+    h.backend.append(P1, event("p1-0", 0))
+
+    assert h.run() == EXIT_OK
+
+    assert h.backend.start_positions == [{P0: 2, P1: "earliest"}]
+    assert h.seen == [(0, 2), (0, 3), (0, 4), (1, 0)]
+    assert h.rows() == [
+        _row("p0-2", 2, 0, 2),
+        _row("p0-3", 3, 0, 3),
+        _row("p0-4", 4, 0, 4),
+        _row("p1-0", 0, 1, 0),
+    ]
+    assert h.checkpoints() == {0: 5, 1: 1}
+
+
+def test_reset_policy_latest_skips_what_was_there_before_assignment(make: Make) -> None:
+    h = make(
+        [
+            Assign([P0]),
+            Call(lambda: h.backend.append(P0, event("new-1", 1), event("new-2", 2))),
+        ],
+        reset_policy="latest",
+    )
+    h.backend.append(P0, event("old-1", 1), event("old-2", 2))
+
+    assert h.run() == EXIT_OK
+
+    assert h.backend.start_positions == [{P0: "latest"}]
+    assert h.rows() == [_row("new-1", 1, 0, 2), _row("new-2", 2, 0, 3)]
+    assert h.checkpoints() == {0: 4}
+
+
+def test_reset_policy_latest_with_nothing_new_still_stops_when_idle(make: Make) -> None:
+    # A partition started at the log end with no new record is caught up: run() must end.
+    h = make([Assign([P0])], reset_policy="latest")
+    h.backend.append(P0, event("old-1", 1), event("old-2", 2))
+
+    assert h.run() == EXIT_OK
+
+    assert h.rows() == []
+    assert h.checkpoints() == {}
+
+
+def test_reset_policy_error_refuses_a_partition_without_checkpoint(
+    make: Make, log_events: list[dict[str, Any]]
+) -> None:
+    h = make([Assign([P0, P1])], reset_policy="error")
+    _store_checkpoints(h.db, {P0: 1})
+    h.backend.append(P0, event("a", 1), event("b", 2))
+    h.backend.append(P1, event("x", 1))
+
+    with pytest.raises(CheckpointError) as caught:
+        h.run()
+
+    error = caught.value
+    assert error.context["topic"] == TOPIC
+    assert error.context["partition"] == 1
+    assert error.context["group"] == GROUP
+    assert "partition=1" in str(error)
+    assert "reset policy is 'error'" in str(error)
+    assert h.seen == [], "nothing may be processed"
+    assert h.rows() == []
+    assert h.checkpoints() == {0: 1}
+    assert h.backend.closed, "the backend is closed on the way out"
+    assert _events(log_events, "consumer_stopped"), "the stop is logged even on failure"
+
+
+def test_reset_policy_error_is_fine_when_every_partition_has_a_checkpoint(make: Make) -> None:
+    h = make([Assign([P0])], reset_policy="error")
+    _store_checkpoints(h.db, {P0: 1})
+    h.backend.append(P0, event("a", 1), event("b", 2))
+
+    assert h.run() == EXIT_OK
+    assert h.backend.start_positions == [{P0: 1}]
+    assert h.rows() == [_row("b", 2, 0, 1)]
+
+
+def test_assignment_bumps_the_partition_epochs(make: Make, log_events: list[dict[str, Any]]) -> None:
+    h = make([Assign([P0, P1])])
+    _store_checkpoints(h.db, {P0: 0})  # took epoch 1 of partition 0
+
+    assert h.run() == EXIT_OK
+
+    assert epochs(h.db, GROUP) == {(TOPIC, 0): 2, (TOPIC, 1): 1}
+    assigned = _events(log_events, "partitions_assigned")
+    assert assigned == [
+        {
+            "event": "partitions_assigned",
+            "log_level": "info",
+            "partitions": {"events[0]": 0, "events[1]": "earliest"},
+            "epochs": {"events[0]": 2, "events[1]": 1},
+        }
+    ]
+
+
+# -- batches and commits ----------------------------------------------------------------------
+
+
+def test_each_batch_commits_rows_and_checkpoints_before_the_advisory_commit(make: Make) -> None:
+    at_advisory: list[tuple[dict[TopicPartition, int], dict[int, int], int]] = []
+
+    def probe(next_offsets: Mapping[TopicPartition, int]) -> None:
+        # What any other reader of the sink sees when Kafka is told: it must already be durable.
+        at_advisory.append((dict(next_offsets), h.checkpoints(), len(h.rows())))
+
+    h = make([Assign([P0, P1])], batch_max_records=3, on_commit_advisory=probe)
+    h.backend.append(P0, *(event(f"a{i}", i) for i in range(4)))
+    h.backend.append(P1, *(event(f"b{i}", i) for i in range(3)))
+
+    assert h.run() == EXIT_OK
+
+    # Fetches interleave the partitions: (p0 0, p1 0, p0 1), (p0 2, p1 1, p0 3), (p1 2).
+    assert h.backend.advisory_commits == [{P0: 2, P1: 1}, {P0: 4, P1: 2}, {P1: 3}]
+    assert at_advisory == [
+        ({P0: 2, P1: 1}, {0: 2, 1: 1}, 3),
+        ({P0: 4, P1: 2}, {0: 4, 1: 2}, 6),
+        ({P1: 3}, {0: 4, 1: 3}, 7),
+    ]
+    assert h.engine.batches_committed == 3
+    assert h.engine.records_committed == 7
+    assert h.rows() == [
+        *(_row(f"a{i}", i, 0, i) for i in range(4)),
+        *(_row(f"b{i}", i, 1, i) for i in range(3)),
+    ]
+
+
+def test_the_last_row_per_key_in_a_batch_wins(make: Make) -> None:
+    h = make([Assign([P0])])
+    h.backend.append(P0, event("a", 1), event("b", 1), event("a", 2), event("a", 3))
+
+    assert h.run() == EXIT_OK
+
+    assert table_rows(h.db, "events", order_by="id") == [_row("a", 3, 0, 3), _row("b", 1, 0, 1)]
+    assert h.checkpoints() == {0: 4}
+
+
+def test_a_later_batch_overwrites_an_earlier_row_with_the_same_key(make: Make) -> None:
+    h = make([Assign([P0, P1])], batch_max_records=2)
+    h.backend.append(P0, event("k", 1), event("k", 2))
+    h.backend.append(P1, event("k", 100))
+
+    assert h.run() == EXIT_OK
+
+    # Batches: (p0 0, p1 0) then (p0 1): the row from p0 offset 1 is the last write of "k".
+    assert table_rows(h.db, "events", order_by="id") == [_row("k", 2, 0, 1)]
+    assert h.checkpoints() == {0: 2, 1: 1}
+
+
+def test_records_below_the_stored_position_are_never_processed_twice(make: Make) -> None:
+    h = make([Assign([P0])])
+    _store_checkpoints(h.db, {P0: 3})
+    records = h.backend.append(P0, *(event(f"e{i}", i) for i in range(6)))
+    # A fetch that raced the seek hands out the whole log from offset 0 ...
+    h.backend.then(Deliver(records))
+    # ... and afterwards the position-based fetch returns 3..5 again.
+
+    assert h.run() == EXIT_OK
+
+    assert h.seen == [(0, 3), (0, 4), (0, 5)]
+    assert h.rows() == [_row("e3", 3, 0, 3), _row("e4", 4, 0, 4), _row("e5", 5, 0, 5)]
+    assert h.checkpoints() == {0: 6}
+    assert h.engine.records_committed == 3
+
+
+def test_a_redelivered_batch_after_commit_is_ignored(make: Make) -> None:
+    records: list[Any] = []
+    h = make([Assign([P0]), Fetch(), Call(lambda: None), Deliver(records)])
+    records.extend(h.backend.append(P0, event("a", 1), event("b", 2)))
+
+    assert h.run() == EXIT_OK
+
+    assert h.seen == [(0, 0), (0, 1)]
+    assert h.engine.batches_committed == 1
+    assert h.backend.advisory_commits == [{P0: 2}]
+
+
+# -- bad records ------------------------------------------------------------------------------
+
+
+def test_a_bad_record_stops_only_its_partition(
+    make: Make, log_events: list[dict[str, Any]]
+) -> None:
+    h = make([Assign([P0, P1])], batch_max_records=4)
+    h.backend.append(P0, event("a", 1), event("b", 2))
+    h.backend.append(P0, b'{"id": "broken", ')  # offset 2: truncated JSON
+    late = h.backend.append(P0, event("c", 3))  # offset 3: after the bad record
+    h.backend.append(P1, *(event(f"x{i}", i) for i in range(6)))
+    # Even if a fetch hands out the stopped partition's later records, they are not processed.
+    h.backend.append(P1, event("x6", 6))
+    h.backend.then(Fetch(), Fetch(), Deliver([*late, *h.backend.records(P1)[4:]]))
+
+    assert h.run() == EXIT_PARTITIONS_STOPPED
+
+    assert h.rows() == [
+        _row("a", 1, 0, 0),
+        _row("b", 2, 0, 1),
+        *(_row(f"x{i}", i, 1, i) for i in range(7)),
+    ]
+    assert h.checkpoints() == {0: 2, 1: 7}, "partition 0 resumes at the bad record"
+    assert (0, 3) not in h.seen
+    assert [p for p, _o in h.seen].count(0) == 2
+    assert h.backend.pause_calls == [[P0]]
+    assert set(h.engine.stopped_partitions) == {P0}
+    assert isinstance(h.engine.stopped_partitions[P0], DecodeError)
+
+    stopped = _events(log_events, "partition_stopped")
+    assert len(stopped) == 1
+    assert stopped[0]["log_level"] == "error"
+    assert stopped[0]["topic"] == TOPIC
+    assert stopped[0]["partition"] == 0
+    assert stopped[0]["offset"] == 2
+    assert stopped[0]["committed_up_to"] == 2
+    assert stopped[0]["error_type"] == "DecodeError"
+    assert "not valid JSON" in stopped[0]["error"]
+    final = _events(log_events, "consumer_stopped")[-1]
+    assert final["stopped_partitions"] == ["events[0]"]
+
+
+def test_an_invalid_record_is_logged_with_its_field(
+    make: Make, log_events: list[dict[str, Any]]
+) -> None:
+    h = make([Assign([P0, P1])])
+    h.backend.append(P0, event("a", 1), {"fail": "invalid"}, event("c", 3))
+    h.backend.append(P1, event("x", 1))
+
+    assert h.run() == EXIT_PARTITIONS_STOPPED
+
+    assert h.rows() == [_row("a", 1, 0, 0), _row("x", 1, 1, 0)]
+    assert h.checkpoints() == {0: 1, 1: 1}
+    error = h.engine.stopped_partitions[P0]
+    assert isinstance(error, InvalidRecordError)
+    assert (error.topic, error.partition, error.offset, error.field) == (TOPIC, 0, 1, "amount")
+    [stopped] = _events(log_events, "partition_stopped")
+    assert stopped["field"] == "amount"
+    assert stopped["error_type"] == "InvalidRecordError"
+    assert stopped["offset"] == 1
+
+
+def test_a_processor_bug_stops_the_partition_as_a_record_error(
+    make: Make, log_events: list[dict[str, Any]]
+) -> None:
+    h = make([Assign([P0])])
+    h.backend.append(P0, event("a", 1), {"fail": "crash"})
+
+    assert h.run() == EXIT_PARTITIONS_STOPPED
+
+    assert h.rows() == [_row("a", 1, 0, 0)]
+    assert h.checkpoints() == {0: 1}
+    [stopped] = _events(log_events, "partition_stopped")
+    assert stopped["error_type"] == "RecordError"
+    assert "ZeroDivisionError" in stopped["error"]
+    assert stopped["offset"] == 1
+
+
+def test_a_bad_first_record_commits_nothing_for_its_partition(
+    make: Make, log_events: list[dict[str, Any]]
+) -> None:
+    h = make([Assign([P0, P1])])
+    h.backend.append(P0, b"not json", event("b", 2))
+    h.backend.append(P1, event("x", 1))
+
+    assert h.run() == EXIT_PARTITIONS_STOPPED
+
+    assert h.rows() == [_row("x", 1, 1, 0)]
+    assert h.checkpoints() == {1: 1}, "no checkpoint: a restart starts at the bad record again"
+    assert h.seen == [(1, 0)]
+    assert h.backend.advisory_commits == [{P1: 1}]
+    [stopped] = _events(log_events, "partition_stopped")
+    assert stopped["offset"] == 0
+
+
+def test_a_restart_after_a_bad_record_stops_at_it_again(make: Make) -> None:
+    first = make([Assign([P0])])
+    first.backend.append(P0, event("a", 1), b"{", event("c", 3))
+    assert first.run() == EXIT_PARTITIONS_STOPPED
+
+    again = make([Assign([P0])])
+    again.backend.append(P0, event("a", 1), b"{", event("c", 3))
+    assert again.run() == EXIT_PARTITIONS_STOPPED
+
+    assert again.backend.start_positions == [{P0: 1}]
+    assert again.seen == [], "the committed record is not processed again"
+    assert again.rows() == [_row("a", 1, 0, 0)]
+    assert again.checkpoints() == {0: 1}
+
+
+# -- rebalances -------------------------------------------------------------------------------
+
+
+def test_revoked_partitions_are_forgotten_and_their_later_records_ignored(
+    make: Make, log_events: list[dict[str, Any]]
+) -> None:
+    stale: list[Any] = []
+    h = make([Assign([P0, P1]), Fetch(per_partition=2), Revoke([P1]), Deliver(stale)])
+    h.backend.append(P0, *(event(f"a{i}", i) for i in range(4)))
+    h.backend.append(P1, *(event(f"b{i}", i) for i in range(4)))
+    # A stale fetch after the revocation still carries partition 1's next records.
+    stale.extend(h.backend.records(P1)[2:] + h.backend.records(P0)[2:3])
+
+    assert h.run() == EXIT_OK
+
+    assert h.rows() == [
+        *(_row(f"a{i}", i, 0, i) for i in range(4)),
+        _row("b0", 0, 1, 0),
+        _row("b1", 1, 1, 1),
+    ]
+    assert h.checkpoints() == {0: 4, 1: 2}
+    assert all(not (p == 1 and o >= 2) for p, o in h.seen)
+    assert all(P1 not in c for c in h.backend.advisory_commits[1:])
+    assert _events(log_events, "partitions_revoked")[0]["partitions"] == ["events[1]"]
+
+
+def test_a_reassigned_partition_resumes_at_its_checkpoint_with_a_new_epoch(make: Make) -> None:
+    h = make([Assign([P0]), Fetch(per_partition=2), Revoke([P0]), Idle(), Assign([P0])])
+    h.backend.append(P0, *(event(f"a{i}", i) for i in range(5)))
+
+    assert h.run() == EXIT_OK
+
+    assert h.backend.start_positions == [{P0: "earliest"}, {P0: 2}]
+    assert h.seen == [(0, i) for i in range(5)]
+    assert h.rows() == [_row(f"a{i}", i, 0, i) for i in range(5)]
+    assert epochs(h.db, GROUP) == {(TOPIC, 0): 2}
+
+
+def test_lost_partitions_are_dropped_without_commit(
+    make: Make, log_events: list[dict[str, Any]]
+) -> None:
+    stale: list[Any] = []
+    h = make([Assign([P0, P1]), Fetch(per_partition=1), Lose([P0]), Deliver(stale)])
+    h.backend.append(P0, event("a0", 0), event("a1", 1))
+    h.backend.append(P1, event("b0", 0), event("b1", 1))
+    stale.extend(h.backend.records(P0)[1:])
+
+    assert h.run() == EXIT_OK
+
+    assert h.rows() == [_row("a0", 0, 0, 0), _row("b0", 0, 1, 0), _row("b1", 1, 1, 1)]
+    assert h.checkpoints() == {0: 1, 1: 2}
+    assert _events(log_events, "partitions_lost")[0]["partitions"] == ["events[0]"]
+
+
+# -- fencing ----------------------------------------------------------------------------------
+
+
+def test_a_fenced_partition_is_dropped_while_the_others_commit(
+    make: Make, log_events: list[dict[str, Any]]
+) -> None:
+    def newer_owner_takes_p1() -> None:
+        rival = SqliteSink(h.db)
+        rival.open([EVENTS])
+        assert rival.acquire(GROUP, [P1]) == {P1: 2}
+        rival.close()
+
+    h = make(
+        [
+            Assign([P0, P1, P2]),
+            Fetch(per_partition=2),
+            Call(newer_owner_takes_p1),
+            Fetch(per_partition=2),
+        ]
+    )
+    for tp, prefix in ((P0, "a"), (P1, "b"), (P2, "c")):
+        h.backend.append(tp, *(event(f"{prefix}{i}", i) for i in range(5)))
+
+    assert h.run() == EXIT_OK
+
+    assert h.rows() == [
+        *(_row(f"a{i}", i, 0, i) for i in range(5)),
+        _row("b0", 0, 1, 0),
+        _row("b1", 1, 1, 1),
+        *(_row(f"c{i}", i, 2, i) for i in range(5)),
+    ]
+    assert h.checkpoints() == {0: 5, 1: 2, 2: 5}
+    assert epochs(h.db, GROUP) == {(TOPIC, 0): 1, (TOPIC, 1): 2, (TOPIC, 2): 1}
+    assert h.backend.pause_calls == [[P1]]
+    assert h.backend.advisory_commits == [
+        {P0: 2, P1: 2, P2: 2},
+        {P0: 4, P2: 4},
+        {P0: 5, P2: 5},
+    ]
+    fenced = _events(log_events, "partitions_fenced")
+    assert len(fenced) == 1
+    assert fenced[0]["partitions"] == ["events[1]"]
+    assert not _events(log_events, "sink_retry"), "fencing is final, never retried"
+    assert P1 not in h.engine.stopped_partitions
+
+
+def test_when_every_partition_of_a_batch_is_fenced_nothing_commits(make: Make) -> None:
+    def newer_owner_takes_all() -> None:
+        rival = SqliteSink(h.db)
+        rival.open([EVENTS])
+        rival.acquire(GROUP, [P0, P1])
+        rival.close()
+
+    h = make([Assign([P0, P1]), Call(newer_owner_takes_all), Fetch()])
+    h.backend.append(P0, event("a", 1))
+    h.backend.append(P1, event("b", 1))
+
+    assert h.run() == EXIT_OK
+
+    assert h.rows() == []
+    assert h.checkpoints() == {}
+    assert h.backend.advisory_commits == []
+    assert h.engine.batches_committed == 0
+    assert sorted(tp for call in h.backend.pause_calls for tp in call) == [P0, P1]
+
+
+# -- sink failures and the advisory commit ---------------------------------------------------------
+
+
+class FlakySink(SqliteSink):
+    """A SqliteSink whose first `failures` commits fail (nothing is committed on a failure)."""
+
+    def __init__(self, path: Path, failures: int) -> None:
+        super().__init__(path)
+        self.failures = failures
+        self.commit_attempts = 0
+
+    def commit(self) -> None:
+        self.commit_attempts += 1
+        if self.failures > 0:
+            self.failures -= 1
+            raise SinkError("disk full (injected)")
+        super().commit()
+
+
+def test_a_transient_sink_failure_is_retried_and_the_advisory_follows_the_commit(
+    make: Make, tmp_path: Path, log_events: list[dict[str, Any]]
+) -> None:
+    flaky = FlakySink(tmp_path / "engine.db", failures=2)
+    h = make([Assign([P0])], sink=flaky)
+    h.backend.append(P0, event("a", 1), event("b", 2))
+
+    assert h.run() == EXIT_OK
+
+    assert flaky.commit_attempts == 3
+    assert [e["attempt"] for e in _events(log_events, "sink_retry")] == [1, 2]
+    assert h.backend.advisory_commits == [{P0: 2}]
+    assert h.rows() == [_row("a", 1, 0, 0), _row("b", 2, 0, 1)]
+    assert h.checkpoints() == {0: 2}
+
+
+def test_a_sink_that_keeps_failing_ends_the_run_without_an_advisory_commit(
+    make: Make, tmp_path: Path, log_events: list[dict[str, Any]]
+) -> None:
+    flaky = FlakySink(tmp_path / "engine.db", failures=1000)
+    h = make([Assign([P0])], sink=flaky, sink_retry_deadline_s=3.0)
+    h.backend.append(P0, event("a", 1))
+
+    with pytest.raises(SinkError, match="disk full"):
+        h.run()
+
+    assert h.backend.advisory_commits == []
+    assert h.rows() == []
+    assert h.checkpoints() == {}
+    assert flaky.commit_attempts >= 2
+    assert _events(log_events, "sink_gave_up")[0]["attempts"] == flaky.commit_attempts
+    assert h.backend.closed
+
+
+def test_fenced_error_class_is_a_sink_error() -> None:
+    # The engine relies on FencedError being caught before the generic SinkError retry.
+    assert issubclass(FencedError, SinkError)
+
+
+# -- stopping ---------------------------------------------------------------------------------
+
+
+def test_stop_when_idle_waits_for_the_first_assignment(make: Make) -> None:
+    h = make([Idle(), Idle(), Idle(), Idle(), Idle(), Assign([P0])])
+    h.backend.append(P0, event("a", 1))
+
+    assert h.run() == EXIT_OK
+
+    assert h.rows() == [_row("a", 1, 0, 0)]
+
+
+def test_stop_when_idle_waits_while_a_partition_lags(make: Make) -> None:
+    h = make([Assign([P0]), Fetch(per_partition=1), *(Idle() for _ in range(6))])
+    h.backend.append(P0, event("a", 1), event("b", 2), event("c", 3))
+
+    assert h.run() == EXIT_OK
+
+    assert h.rows() == [_row("a", 1, 0, 0), _row("b", 2, 0, 1), _row("c", 3, 0, 2)]
+    assert h.checkpoints() == {0: 3}
+
+
+def test_stop_when_idle_ends_run_once_caught_up(
+    make: Make, log_events: list[dict[str, Any]]
+) -> None:
+    h = make([Assign([P0, P1])], stop_when_idle_s=2.0)
+    h.backend.append(P0, event("a", 1))
+    h.backend.set_log_start(P1, 40)  # an empty partition whose log starts later
+
+    started = h.clock.now()
+    assert h.run() == EXIT_OK
+
+    assert h.rows() == [_row("a", 1, 0, 0)]
+    assert 2.0 <= h.clock.now() - started <= 3.0, "stopped about stop_when_idle_s after the data"
+    [idle_stop] = _events(log_events, "consumer_idle_stop")
+    assert idle_stop["idle_s"] == 2.0
+    [stopped] = _events(log_events, "consumer_stopped")
+    assert stopped["records"] == 1
+    assert stopped["batches"] == 1
+    assert stopped["stopped_partitions"] == []
+
+
+def test_request_stop_finishes_the_batch_in_hand(make: Make) -> None:
+    h = make(
+        [Assign([P0]), Fetch(per_partition=1), Call(lambda: h.engine.request_stop()), Fetch(per_partition=1)],
+        stop_when_idle_s=None,
+    )
+    h.backend.append(P0, event("a", 1), event("b", 2), event("c", 3))
+
+    assert h.run() == EXIT_OK
+
+    assert h.rows() == [_row("a", 1, 0, 0), _row("b", 2, 0, 1)]
+    assert h.checkpoints() == {0: 2}
+    assert h.backend.closed
+
+
+def test_an_engine_with_a_json_column_table_writes_decoded_values(tmp_path: Path) -> None:
+    docs = Table("docs", columns={"id": "text", "body": "json"}, key=("id",))
+    from consumer import App, Row  # noqa: PLC0415 - this test's own app
+
+    app = App(name="docs", tables=(docs,))
+    app.process(lambda record: Row("docs", {"id": record.value["id"], "body": record.value}))
+    clock = FakeClock()
+    backend = FakeBackend([Assign([P0])], clock=clock)
+    backend.append(P0, {"id": "d1", "nested": {"x": [1, 2]}})
+    engine = Engine(
+        app,
+        EngineSettings(group=GROUP, topics=(TOPIC,), stop_when_idle_s=1.0),
+        backend,
+        SqliteSink(tmp_path / "docs.db"),
+        clock=clock.now,
+        sleep=clock.sleep,
+    )
+
+    assert engine.run() == EXIT_OK
+
+    assert table_rows(tmp_path / "docs.db", "docs", order_by="id") == [
+        {"id": "d1", "body": '{"id": "d1", "nested": {"x": [1, 2]}}'}
+    ]
