@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="give up after the sink failed this long (default 120)",
     )
+    run.add_argument(
+        "--broker-retry-deadline",
+        dest="broker_retry_deadline_s",
+        type=float,
+        metavar="SECONDS",
+        help="give up after no Kafka broker answered this long (default 300)",
+    )
 
     checkpoint = commands.add_parser("checkpoint", help="inspect stored checkpoints")
     checkpoint_commands = checkpoint.add_subparsers(dest="checkpoint_command", required=True)
@@ -130,7 +137,28 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_FAILED
 
 
+class _StopOnSignal:
+    """SIGTERM/SIGINT handling, installed before anything slow so no signal is ever lost:
+    the first asks the engine to commit its batch and leave; a second aborts at once."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self.engine: Engine | None = None
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
+        if self.requested:
+            # Second signal: abort now; the open transaction is rolled back on the way out.
+            raise SystemExit(128 + signum)
+        self.requested = True
+        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+        if self.engine is not None:
+            self.engine.request_stop()
+
+
 def _run(args: argparse.Namespace) -> int:
+    stop = _StopOnSignal()
     settings = load_settings(
         RunSettings,
         _cli_values(
@@ -145,6 +173,7 @@ def _run(args: argparse.Namespace) -> int:
                 "poll_timeout_s",
                 "stop_when_idle_s",
                 "sink_retry_deadline_s",
+                "broker_retry_deadline_s",
             ),
         ),
         args.config,
@@ -156,6 +185,7 @@ def _run(args: argparse.Namespace) -> int:
         bootstrap_servers=settings.bootstrap_servers,
         group=settings.group,
         client_config=settings.kafka_config,
+        unreachable_deadline_s=settings.broker_retry_deadline_s,
     )
     engine = Engine(
         app,
@@ -171,19 +201,9 @@ def _run(args: argparse.Namespace) -> int:
         backend,
         sink,
     )
-    signals_seen = 0
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        nonlocal signals_seen
-        signals_seen += 1
-        if signals_seen > 1:
-            # Second signal: abort now; the open transaction is rolled back on the way out.
-            raise SystemExit(128 + signum)
-        log.info("shutdown_requested", signal=signal.Signals(signum).name)
+    stop.engine = engine
+    if stop.requested:  # a signal that came before the engine existed
         engine.request_stop()
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
     return engine.run()
 
 

@@ -46,6 +46,7 @@ class RunSettings(CommonSettings):
     poll_timeout_s: float = Field(default=0.5, gt=0)
     stop_when_idle_s: float | None = Field(default=None, gt=0)
     sink_retry_deadline_s: float = Field(default=120.0, ge=0)
+    broker_retry_deadline_s: float = Field(default=300.0, ge=0)
 
     @field_validator("topics", mode="before")
     @classmethod

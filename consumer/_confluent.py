@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -14,6 +15,8 @@ from consumer._records import RawRecord, TopicPartition
 
 log = structlog.get_logger("offsetkeeper.kafka")
 
+_PROBE_INTERVAL_S = 2.0
+_PROBE_TIMEOUT_S = 1.0
 _START = {"earliest": confluent_kafka.OFFSET_BEGINNING, "latest": confluent_kafka.OFFSET_END}
 
 
@@ -38,6 +41,7 @@ class ConfluentBackend:
         bootstrap_servers: str,
         group: str,
         client_config: Mapping[str, str] | None = None,
+        unreachable_deadline_s: float = 300.0,
     ) -> None:
         config: dict[str, Any] = {
             "bootstrap.servers": bootstrap_servers,
@@ -47,6 +51,9 @@ class ConfluentBackend:
             "enable.auto.offset.store": False,
             "partition.assignment.strategy": "cooperative-sticky",
             "auto.offset.reset": "earliest",
+            # Bounded prefetch: while the sink is down we stop polling, and at most this much
+            # waits in memory per consumer (librdkafka's default is 64 MiB).
+            "queued.max.messages.kbytes": 32768,
             "error_cb": self._on_client_error,
         }
         config.update(client_config or {})
@@ -58,17 +65,49 @@ class ConfluentBackend:
         )
         self._listener: RebalanceListener | None = None
         self._closed = False
+        self._unreachable_deadline_s = unreachable_deadline_s
+        self._down_since: float | None = None
+        self._last_probe = 0.0
         try:
             self._consumer = confluent_kafka.Consumer(config)
         except confluent_kafka.KafkaException as exc:
             raise translate(exc, "cannot create Kafka consumer", group=group) from exc
 
-    @staticmethod
-    def _on_client_error(error: confluent_kafka.KafkaError) -> None:
-        # librdkafka retries transport errors itself; only fatal ones end the consumer.
+    def _on_client_error(self, error: confluent_kafka.KafkaError) -> None:
+        # librdkafka reconnects by itself; we only note since when no broker answers, so that
+        # poll_batch can give up after the deadline instead of waiting forever.
+        if (
+            error.code() == confluent_kafka.KafkaError._ALL_BROKERS_DOWN
+            and self._down_since is None
+        ):
+            self._down_since = time.monotonic()
         log.warning(
             "kafka_client_error", code=error.name(), reason=error.str(), fatal=error.fatal()
         )
+
+    def _check_reachable(self) -> None:
+        """While brokers are down: probe now and then; past the deadline, give up."""
+        if self._down_since is None:
+            return
+        now = time.monotonic()
+        if now - self._last_probe < _PROBE_INTERVAL_S:
+            return
+        self._last_probe = now
+        try:
+            self._consumer.list_topics(timeout=_PROBE_TIMEOUT_S)
+        except confluent_kafka.KafkaException:
+            down_for = now - self._down_since
+            if down_for > self._unreachable_deadline_s:
+                raise KafkaError(
+                    "no Kafka broker reachable within the deadline; giving up",
+                    retriable=False,
+                    group=self._group,
+                    down_for_s=round(down_for, 1),
+                    deadline_s=self._unreachable_deadline_s,
+                ) from None
+            return
+        log.info("kafka_reachable_again", down_for_s=round(now - self._down_since, 1))
+        self._down_since = None
 
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
         self._listener = listener
@@ -129,6 +168,10 @@ class ConfluentBackend:
             messages = self._consumer.consume(num_messages=max_records, timeout=timeout_s)
         except confluent_kafka.KafkaException as exc:
             raise translate(exc, "poll failed", group=self._group) from exc
+        if messages:
+            self._down_since = None
+        else:
+            self._check_reachable()
         records: list[RawRecord] = []
         for message in messages:
             error = message.error()

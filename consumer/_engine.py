@@ -21,7 +21,7 @@ from consumer._backend import ClientBackend, StartPosition
 from consumer._batch import PartitionWork, group_by_partition, process_partition
 from consumer._commit import CrashInjector, commit_batch
 from consumer._decode import decoder_for
-from consumer._errors import CheckpointError, FencedError, RecordError, SinkError
+from consumer._errors import CheckpointError, FencedError, KafkaError, RecordError, SinkError
 from consumer._records import RawRecord, TopicPartition
 from sinks import Sink
 
@@ -258,10 +258,11 @@ class Engine:
         for tp, owned in self._owned.items():
             if owned.stopped is not None:
                 continue
-            _low, high = self._backend.watermarks(tp)
+            try:
+                _low, high = self._backend.watermarks(tp)
+            except KafkaError:
+                return False  # cannot tell whether we are caught up: not idle
             if owned.next_offset is None or owned.next_offset < high:
-                if owned.next_offset is None and high == _low:
-                    continue  # empty partition started from earliest: nothing to catch up on
                 return False
         return True
 
@@ -289,10 +290,10 @@ class Engine:
                     partition=tp.partition,
                 )
             else:
-                starts[tp] = self._settings.reset_policy
+                starts[tp] = self._reset_position(tp, self._settings.reset_policy)
+            start = starts[tp]
             self._owned[tp] = _Owned(
-                epoch=epochs[tp],
-                next_offset=checkpoint.next_offset if checkpoint is not None else None,
+                epoch=epochs[tp], next_offset=start if isinstance(start, int) else None
             )
         log.info(
             "partitions_assigned",
@@ -300,6 +301,20 @@ class Engine:
             epochs={str(tp): epochs[tp] for tp in partitions},
         )
         return starts
+
+    def _reset_position(
+        self, tp: TopicPartition, policy: Literal["earliest", "latest"]
+    ) -> StartPosition:
+        """The numeric offset the reset policy means now, so the position is known exactly (and
+        logged); the policy name itself when the broker cannot say."""
+        try:
+            low, high = self._backend.watermarks(tp)
+        except KafkaError as exc:
+            log.warning(
+                "reset_position_unresolved", topic=tp.topic, partition=tp.partition, error=str(exc)
+            )
+            return policy
+        return low if policy == "earliest" else high
 
     def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
         # Nothing is in flight here (see the module docstring): forgetting them is enough.

@@ -1,4 +1,4 @@
-"""Session fixtures: a real Kafka broker and a real PostgreSQL, chosen as tests/fixtures/services.py says.
+"""Session fixtures: a real Kafka broker and a real PostgreSQL (see tests/fixtures/services.py).
 
 Under CI=true a broker or database that cannot be had fails the run; it is never skipped.
 """
@@ -26,24 +26,35 @@ def _announce(config: pytest.Config, text: str) -> None:
 def _obtain(request: pytest.FixtureRequest, what: str, starter, work_dir: Path) -> Service:  # type: ignore[no-untyped-def]
     try:
         service: Service = starter(work_dir)
-    except Exception as exc:  # noqa: BLE001 - reported below, as failure in CI
+    except Exception as exc:
         message = f"no {what} for integration tests: {exc}"
         if IN_CI:
             pytest.fail(message, pytrace=False)
         pytest.skip(message)
-    _announce(request.config, f"\n[offsetkeeper tests] {what}: {mask_url(service.address)} via {service.source}")
+    _announce(
+        request.config,
+        f"\n[offsetkeeper tests] {what}: {mask_url(service.address)} via {service.source}",
+    )
     return service
 
 
 @pytest.fixture(scope="session")
-def kafka(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = _obtain(request, "Kafka broker", kafka_service, tmp_path_factory.mktemp("kafka-service"))
+def kafka(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    service = _obtain(
+        request, "Kafka broker", kafka_service, tmp_path_factory.mktemp("kafka-service")
+    )
     yield service
     service.stop()
 
 
 @pytest.fixture(scope="session")
-def postgres(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Service]:
-    service = _obtain(request, "PostgreSQL", postgres_service, tmp_path_factory.mktemp("pg-service"))
+def postgres(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Service]:
+    service = _obtain(
+        request, "PostgreSQL", postgres_service, tmp_path_factory.mktemp("pg-service")
+    )
     yield service
     service.stop()

@@ -50,7 +50,7 @@ def chaos_rows(record: Record) -> list[Row]:
     event: Any = record.value
     if not isinstance(event, dict) or "key" not in event or "version" not in event:
         raise InvalidRecordError("chaos event needs key and version", field="key")
-    if _STOP_AT == (record.partition, record.offset) and not _stopped_once:
+    if (record.partition, record.offset) == _STOP_AT and not _stopped_once:
         _stopped_once.append(True)
         os.kill(os.getpid(), signal.SIGSTOP)  # a zombie in the middle of its batch
     return [
@@ -64,5 +64,8 @@ def chaos_rows(record: Record) -> list[Row]:
                 "version": event["version"],
             },
         ),
-        Row("chaos_latest", {"event_key": event["key"], "version": event["version"], "writer": WRITER}),
+        Row(
+            "chaos_latest",
+            {"event_key": event["key"], "version": event["version"], "writer": WRITER},
+        ),
     ]

@@ -11,7 +11,6 @@ import pytest
 from tests.fixtures.processes import ConsumerProcess
 
 
-
 @pytest.fixture
 def consumers() -> Iterator[list[ConsumerProcess]]:
     """Every consumer process a test starts goes here, so none outlives the test."""
@@ -36,7 +35,6 @@ def sqlite_rows(db: Path, query: str) -> list[tuple[object, ...]]:
 def sqlite_checkpoints(db: Path, group: str) -> dict[int, int]:
     rows = sqlite_rows(
         db,
-        "SELECT partition, next_offset FROM offsetkeeper_checkpoints"
-        f" WHERE group_id = '{group}'",
+        f"SELECT partition, next_offset FROM offsetkeeper_checkpoints WHERE group_id = '{group}'",
     )
     return {int(p): int(o) for p, o in rows}  # type: ignore[call-overload]

@@ -29,12 +29,18 @@ PARTITIONS = 6
 
 def _run_args(kafka: Service, group: str, topic: str, db: Path, *extra: str) -> list[str]:
     return [
-        "--app", "consumer.examples.orders:app",
-        "--bootstrap-servers", kafka.address,
-        "--group", group,
-        "--topic", topic,
-        "--sink", f"sqlite:///{db}",
-        "--batch-max-records", "500",
+        "--app",
+        "consumer.examples.orders:app",
+        "--bootstrap-servers",
+        kafka.address,
+        "--group",
+        group,
+        "--topic",
+        topic,
+        "--sink",
+        f"sqlite:///{db}",
+        "--batch-max-records",
+        "500",
         *FAST_GROUP_SETTINGS,
         *extra,
     ]
@@ -60,7 +66,10 @@ def _assert_sink_matches_checkpoints(
         if offset < checkpoints.get(partition, 0)
     }
     rows = sqlite_rows(db, "SELECT order_id, customer, amount_cents, status FROM orders")
-    actual = {r[0]: {"order_id": r[0], "customer": r[1], "amount_cents": r[2], "status": r[3]} for r in rows}
+    actual = {
+        r[0]: {"order_id": r[0], "customer": r[1], "amount_cents": r[2], "status": r[3]}
+        for r in rows
+    }
     assert len(rows) == len(actual), "an order_id appears twice"
     missing = expected.keys() - actual.keys()
     extra = actual.keys() - expected.keys()
@@ -102,13 +111,15 @@ def test_kill_9_at_three_random_moments_loses_and_duplicates_nothing(
         # ... and always after the restarted consumer made progress of its own.
         target = max(int(total * fraction), committed() + 1000)
         wait_until(
-            lambda: committed() >= target or not process.alive(),
+            lambda target=target, process=process: committed() >= target or not process.alive(),
             timeout=180,
             interval=0.02,
             what=f"progress to {target} before kill {kill_number}",
         )
         time.sleep(rng.uniform(0, 0.05))  # land at an arbitrary instant of the batch cycle
-        assert process.alive(), f"consumer exited early; log:\n{process.log_path.read_text()[-3000:]}"
+        assert process.alive(), (
+            f"consumer exited early; log:\n{process.log_path.read_text()[-3000:]}"
+        )
         process.kill()
         rows = _assert_sink_matches_checkpoints(db, group, produced)
         print(f"kill {kill_number}: at {committed()} committed records, {rows} rows, consistent")
@@ -124,7 +135,10 @@ def test_kill_9_at_three_random_moments_loses_and_duplicates_nothing(
     assert final.terminate() == 0
     stopped = [e for e in final.events() if e.get("event") == "consumer_stopped"]
     assert stopped, "no consumer_stopped event"
-    print(f"final consumer: {stopped[-1]['records']} records at {stopped[-1]['records_per_s']} records/s")
+    print(
+        f"final consumer: {stopped[-1]['records']} records "
+        f"at {stopped[-1]['records_per_s']} records/s"
+    )
     assert _assert_sink_matches_checkpoints(db, group, produced) == total
     assert sqlite_checkpoints(db, group) == ends
 
@@ -146,7 +160,12 @@ def test_sigterm_mid_stream_commits_and_restart_continues(
         [*_run_args(kafka, group, topic, db), "--batch-max-records", "100"], tmp_path / "first.log"
     )
     consumers.append(first)
-    wait_until(lambda: sum(sqlite_checkpoints(db, group).values()) >= total // 4, timeout=120, interval=0.02, what="progress")
+    wait_until(
+        lambda: sum(sqlite_checkpoints(db, group).values()) >= total // 4,
+        timeout=120,
+        interval=0.02,
+        what="progress",
+    )
     assert first.terminate() == 0, first.log_path.read_text()[-3000:]
     at_stop = sum(sqlite_checkpoints(db, group).values())
     assert at_stop < total, "the consumer finished before SIGTERM; the test proves nothing"

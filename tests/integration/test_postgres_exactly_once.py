@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -22,18 +22,24 @@ pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
 
 @pytest.fixture
-def pg_dsn(postgres: Service) -> Iterator[str]:
-    yield create_database(postgres.address)
+def pg_dsn(postgres: Service) -> str:
+    return create_database(postgres.address)
 
 
 def _args(kafka: Service, group: str, topic: str, dsn: str, *extra: str) -> list[str]:
     return [
-        "--app", "tests.apps.chaos:app",
-        "--bootstrap-servers", kafka.address,
-        "--group", group,
-        "--topic", topic,
-        "--sink", dsn,
-        "--batch-max-records", "500",
+        "--app",
+        "tests.apps.chaos:app",
+        "--bootstrap-servers",
+        kafka.address,
+        "--group",
+        group,
+        "--topic",
+        topic,
+        "--sink",
+        dsn,
+        "--batch-max-records",
+        "500",
         *FAST_GROUP_SETTINGS,
         *extra,
     ]
@@ -46,9 +52,7 @@ def _owned_partitions(process: ConsumerProcess) -> set[int]:
         name = event.get("event")
         if name == "partitions_assigned":
             owned |= set(event["partitions"])
-        elif name in ("partitions_revoked", "partitions_lost"):
-            owned -= set(event["partitions"])
-        elif name == "partitions_fenced":
+        elif name in ("partitions_revoked", "partitions_lost") or name == "partitions_fenced":
             owned -= set(event["partitions"])
     return {int(tp.rsplit("[", 1)[1].rstrip("]")) for tp in owned}
 
@@ -58,9 +62,15 @@ def _verify(kafka: Service, topic: str, partitions: int, dsn: str, group: str) -
     return verify_chaos_sink(kafka.address, topic, partitions, lambda sql: query(dsn, sql))
 
 
-def _wait_caught_up(kafka: Service, topic: str, partitions: int, dsn: str, group: str, timeout: float) -> None:
+def _wait_caught_up(
+    kafka: Service, topic: str, partitions: int, dsn: str, group: str, timeout: float
+) -> None:
     ends = end_offsets(kafka.address, topic, partitions)
-    wait_until(lambda: checkpoints(dsn, group) == ends, timeout=timeout, what="checkpoints to reach the end offsets")
+    wait_until(
+        lambda: checkpoints(dsn, group) == ends,
+        timeout=timeout,
+        what="checkpoints to reach the end offsets",
+    )
 
 
 def test_group_chaos_kill_join_and_leave(
@@ -78,7 +88,11 @@ def test_group_chaos_kill_join_and_leave(
         return process
 
     first, second, third = member("c1"), member("c2"), member("c3")
-    wait_until(lambda: all(_owned_partitions(p) for p in (first, second, third)), timeout=60, what="3 members assigned")
+    wait_until(
+        lambda: all(_owned_partitions(p) for p in (first, second, third)),
+        timeout=60,
+        what="3 members assigned",
+    )
     time.sleep(3)
 
     # kill -9 one member, and measure how long its partitions stand still.
@@ -87,7 +101,9 @@ def test_group_chaos_kill_join_and_leave(
     first.kill()
     killed_at = time.monotonic()
     wait_until(
-        lambda: any(checkpoints(pg_dsn, group).get(p, 0) > before.get(p, 0) for p in victim_partitions),
+        lambda: any(
+            checkpoints(pg_dsn, group).get(p, 0) > before.get(p, 0) for p in victim_partitions
+        ),
         timeout=90,
         interval=0.1,
         what="a survivor to commit the killed member's partitions",
@@ -104,11 +120,18 @@ def test_group_chaos_kill_join_and_leave(
     assert fourth.terminate() == 0
     counts = _verify(kafka, topic, partitions, pg_dsn, group)
     assert counts["records"] == total
-    busy = [e for p in (second, third, fourth) for e in p.events() if e.get("event") == "consumer_stopped"]
+    busy = [
+        e
+        for p in (second, third, fourth)
+        for e in p.events()
+        if e.get("event") == "consumer_stopped"
+    ]
     print(
-        f"group chaos: {total} records over {partitions} partitions caught up in {caught_up_s:.1f}s "
+        f"group chaos: {total} records over {partitions} partitions "
+        f"caught up in {caught_up_s:.1f}s "
         f"(producer paced at 8000/s); takeover after kill -9: {takeover_s:.1f}s; "
-        f"member rates: {[e['records_per_s'] for e in busy]} records/s; writers: {counts['writers']}"
+        f"member rates: {[e['records_per_s'] for e in busy]} records/s; "
+        f"writers: {counts['writers']}"
     )
 
 
@@ -132,7 +155,9 @@ def test_zombie_member_is_fenced_and_its_stale_batch_never_lands(
         env={"CHAOS_SELF_STOP_AT": "0:700"},
     )
     consumers.append(zombie)
-    wait_until(lambda: _process_state(zombie.pid) == "T", timeout=60, what="the zombie to stop itself")
+    wait_until(
+        lambda: _process_state(zombie.pid) == "T", timeout=60, what="the zombie to stop itself"
+    )
     frozen = checkpoints(pg_dsn, group)
     assert frozen.get(0, 0) <= 700, "offset 700 of partition 0 must not be committed yet"
 
@@ -163,13 +188,13 @@ def test_zombie_member_is_fenced_and_its_stale_batch_never_lands(
     _verify(kafka, topic, partitions, pg_dsn, group)
 
 
-def _restart_or_fail(service: Service, what: str) -> None:
-    if service.restart is None:
-        message = f"{what} was given from outside ({service.source}); this test needs to restart it"
+def _require_control(service: Service, what: str) -> tuple[Callable[[], None], Callable[[], None]]:
+    if service.halt is None or service.resume is None:
+        message = f"{what} was given from outside ({service.source}); this test must stop it"
         if IN_CI:
             pytest.fail(message)
         pytest.skip(message)
-    service.restart()
+    return service.halt, service.resume
 
 
 @pytest.mark.parametrize("outage", ["postgres", "kafka"])
@@ -187,10 +212,15 @@ def test_restart_mid_run_loses_and_repeats_nothing(
     producer = PacedProducer(kafka.address, topic, total=total, rate=5_000).start()
     process = ConsumerProcess(_args(kafka, group, topic, pg_dsn), tmp_path / "consumer.log")
     consumers.append(process)
-    wait_until(lambda: sum(checkpoints(pg_dsn, group).values()) > 5_000, timeout=60, what="progress")
+    wait_until(
+        lambda: sum(checkpoints(pg_dsn, group).values()) > 5_000, timeout=60, what="progress"
+    )
     service = postgres if outage == "postgres" else kafka
     at_outage = sum(checkpoints(pg_dsn, group).values()) if outage == "kafka" else None
-    _restart_or_fail(service, outage)
+    halt, resume = _require_control(service, outage)
+    halt()
+    time.sleep(3)
+    resume()
     assert process.alive(), "the consumer must ride out the outage"
     producer.join(timeout=180)
     _wait_caught_up(kafka, topic, partitions, pg_dsn, group, timeout=180)
@@ -199,7 +229,10 @@ def test_restart_mid_run_loses_and_repeats_nothing(
     names = [e.get("event") for e in process.events()]
     if outage == "postgres":
         assert "sink_retry" in names, "the consumer should have retried the sink during the outage"
-    print(f"{outage} restart: progress at outage {at_outage}; events: {sorted(set(filter(None, names)))}")
+    print(
+        f"{outage} restart: progress at outage {at_outage}; "
+        f"events: {sorted(set(filter(None, names)))}"
+    )
 
 
 @pytest.mark.parametrize("point", ["after-rows", "after-commit"])
@@ -231,3 +264,55 @@ def test_crash_at_kill_point_recovers_exactly_once(
     assert recovering.terminate() == 0
     counts = _verify(kafka, topic, partitions, pg_dsn, group)
     assert counts["records"] == 8_000
+
+
+@pytest.mark.parametrize("outage", ["postgres", "kafka"])
+def test_gives_up_after_the_deadline_with_a_clear_error(
+    outage: str,
+    kafka: Service,
+    postgres: Service,
+    pg_dsn: str,
+    tmp_path: Path,
+    consumers: list[ConsumerProcess],
+) -> None:
+    partitions = 2
+    topic, group = unique_name(f"giveup-{outage}"), unique_name("giveup")
+    create_topic(kafka.address, topic, partitions)
+    from tests.fixtures.chaos import chaos_event  # noqa: PLC0415
+
+    produce(kafka.address, topic, (chaos_event(i, 100) for i in range(1_000)))
+    process = ConsumerProcess(
+        _args(
+            kafka,
+            group,
+            topic,
+            pg_dsn,
+            "--sink-retry-deadline",
+            "4",
+            "--broker-retry-deadline",
+            "6",
+        ),
+        tmp_path / "consumer.log",
+    )
+    consumers.append(process)
+    _wait_caught_up(kafka, topic, partitions, pg_dsn, group, timeout=60)
+    halt, resume = _require_control(postgres if outage == "postgres" else kafka, outage)
+    halt()
+    try:
+        if outage == "postgres":
+            # Records arrive while the sink is down: their commit fails until the deadline.
+            produce(kafka.address, topic, (chaos_event(i, 100) for i in range(1_000, 1_200)))
+        code = process.wait(timeout=60)
+    finally:
+        resume()
+    assert code == 1
+    output = process.log_path.read_text()
+    expected = "sink_gave_up" if outage == "postgres" else "no Kafka broker reachable"
+    assert expected in output
+    assert "offsetkeeper: error:" in output, "a one-line error for the operator"
+    # Whatever happened, rows and checkpoints are consistent, and a restart finishes the job.
+    restarted = ConsumerProcess(_args(kafka, group, topic, pg_dsn), tmp_path / "restarted.log")
+    consumers.append(restarted)
+    _wait_caught_up(kafka, topic, partitions, pg_dsn, group, timeout=90)
+    assert restarted.terminate() == 0
+    _verify(kafka, topic, partitions, pg_dsn, group)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from typing import Any
 
 import pytest
@@ -12,7 +12,7 @@ from consumer._commit import CRASH_AFTER_ENV, CRASH_POINT_ENV
 
 
 @pytest.fixture
-def log_events() -> Iterator[list[dict[str, Any]]]:
+def log_events() -> Iterator[list[MutableMapping[str, Any]]]:
     """Every structlog event emitted during the test, as dicts (`event` is the event name)."""
     with structlog.testing.capture_logs() as captured:
         yield captured

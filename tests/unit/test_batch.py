@@ -1,4 +1,4 @@
-"""consumer._batch: grouping, per-partition processing, stopping at the first bad record, merging."""
+"""consumer._batch: grouping, per-partition processing, the first bad record stops, merging."""
 
 from __future__ import annotations
 

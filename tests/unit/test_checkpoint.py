@@ -129,7 +129,7 @@ def test_golden_v1_bytes_are_exactly_the_v1_schema_encoding_of_the_recorded_fiel
     assert buffer.getvalue() == data
 
 
-# -- format versions: newer refused, invalid refused -------------------------------------------------
+# -- format versions: newer refused, invalid refused -------------------------------------------
 
 
 def test_a_newer_format_is_refused_naming_both_versions() -> None:
@@ -220,6 +220,7 @@ def test_every_released_format_has_a_golden_fixture(version: int) -> None:
 
 def test_the_encoded_record_validates_against_the_current_schema() -> None:
     schema = avro.schema.parse(checkpoint_schema_text(CURRENT_FORMAT_VERSION))
+    assert isinstance(schema, avro.schema.RecordSchema)
     record = encode_checkpoint(CHECKPOINT)
 
     assert avro.io.validate(schema, record, raise_on_error=True)

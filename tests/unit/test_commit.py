@@ -2,16 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
 import os
 import signal
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from consumer import FencedError, SinkError, Table, TopicPartition
-from consumer import _commit
 from consumer._batch import PartitionWork, process_partition
 from consumer._commit import (
     CRASH_AFTER_ENV,
@@ -156,7 +155,7 @@ def test_crash_injector_kills_at_its_point_of_the_nth_batch(
     monkeypatch: pytest.MonkeyPatch, point: str
 ) -> None:
     kills: list[tuple[int, int]] = []
-    monkeypatch.setattr(_commit.os, "kill", lambda pid, sig: kills.append((pid, sig)))
+    monkeypatch.setattr(os, "kill", lambda pid, sig: kills.append((pid, sig)))
     injector = CrashInjector(point=point, after_batches=3)
 
     for batch in range(1, 4):
@@ -169,7 +168,7 @@ def test_crash_injector_kills_at_its_point_of_the_nth_batch(
 
 def test_crash_injector_switched_off_never_kills(monkeypatch: pytest.MonkeyPatch) -> None:
     kills: list[tuple[int, int]] = []
-    monkeypatch.setattr(_commit.os, "kill", lambda pid, sig: kills.append((pid, sig)))
+    monkeypatch.setattr(os, "kill", lambda pid, sig: kills.append((pid, sig)))
     injector = CrashInjector.from_environment()
 
     for _ in range(5):

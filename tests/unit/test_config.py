@@ -133,7 +133,7 @@ def test_cli_topics_replace_env_topics(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_no_topic_at_all_is_a_config_error(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("OFFSETKEEPER_TOPICS", " , ")
-    with pytest.raises(ConfigError, match="topics: .*at least one topic"):
+    with pytest.raises(ConfigError, match=r"topics: .*at least one topic"):
         load_settings(RunSettings, {"app": "x:y", "group": "g"})
 
 
@@ -227,7 +227,10 @@ def test_a_config_error_does_not_show_the_sink_password() -> None:
     ("url", "masked"),
     [
         ("postgresql://user:secret@host:5432/db", "postgresql://user:***@host:5432/db"),
-        ("postgres://user:p%40ss%2Fw@host/db?sslmode=require", "postgres://user:***@host/db?sslmode=require"),
+        (
+            "postgres://user:p%40ss%2Fw@host/db?sslmode=require",
+            "postgres://user:***@host/db?sslmode=require",
+        ),
         ("postgresql://:secret@host/db", "postgresql://:***@host/db"),
         ("postgresql://user@host/db", "postgresql://user@host/db"),
         ("postgresql://host:5432/db", "postgresql://host:5432/db"),

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from consumer import (
+    App,
+    Checkpoint,
     CheckpointError,
     DecodeError,
     FencedError,
     InvalidRecordError,
+    Row,
     SinkError,
     Table,
     TopicPartition,
@@ -32,7 +36,6 @@ from tests.fixtures.fake_backend import (
     Lose,
     Revoke,
     Step,
-    raw,
 )
 from tests.fixtures.sqlite_db import checkpoints, epochs, table_rows
 
@@ -118,10 +121,6 @@ def _row(event_id: str, amount: int, partition: int, offset: int) -> dict[str, A
 
 def _store_checkpoints(db: Path, next_offsets: Mapping[TopicPartition, int]) -> None:
     """What an earlier run of the group left in the sink."""
-    from datetime import UTC, datetime  # noqa: PLC0415 - only this helper builds checkpoints
-
-    from consumer import Checkpoint  # noqa: PLC0415
-
     earlier = SqliteSink(db)
     earlier.open([EVENTS])
     taken = earlier.acquire(GROUP, list(next_offsets))
@@ -153,7 +152,8 @@ def test_fresh_partitions_start_by_the_reset_policy_and_everything_commits(make:
     assert h.run() == EXIT_OK
 
     assert h.backend.subscribed == [TOPIC]
-    assert h.backend.start_positions == [{P0: "earliest", P1: "earliest"}]
+    # The policy is resolved to the exact offset (the log start) at assignment.
+    assert h.backend.start_positions == [{P0: 0, P1: 0}]
     assert h.rows() == [
         _row("a", 1, 0, 0),
         _row("b", 2, 0, 1),
@@ -175,7 +175,7 @@ def test_partitions_start_at_the_stored_checkpoint(make: Make) -> None:
 
     assert h.run() == EXIT_OK
 
-    assert h.backend.start_positions == [{P0: 2, P1: "earliest"}]
+    assert h.backend.start_positions == [{P0: 2, P1: 0}]
     assert h.seen == [(0, 2), (0, 3), (0, 4), (1, 0)]
     assert h.rows() == [
         _row("p0-2", 2, 0, 2),
@@ -198,7 +198,8 @@ def test_reset_policy_latest_skips_what_was_there_before_assignment(make: Make) 
 
     assert h.run() == EXIT_OK
 
-    assert h.backend.start_positions == [{P0: "latest"}]
+    # "latest" is resolved to the log end at assignment: 2 records were there before.
+    assert h.backend.start_positions == [{P0: 2}]
     assert h.rows() == [_row("new-1", 1, 0, 2), _row("new-2", 2, 0, 3)]
     assert h.checkpoints() == {0: 4}
 
@@ -248,7 +249,9 @@ def test_reset_policy_error_is_fine_when_every_partition_has_a_checkpoint(make: 
     assert h.rows() == [_row("b", 2, 0, 1)]
 
 
-def test_assignment_bumps_the_partition_epochs(make: Make, log_events: list[dict[str, Any]]) -> None:
+def test_assignment_bumps_the_partition_epochs(
+    make: Make, log_events: list[dict[str, Any]]
+) -> None:
     h = make([Assign([P0, P1])])
     _store_checkpoints(h.db, {P0: 0})  # took epoch 1 of partition 0
 
@@ -260,7 +263,7 @@ def test_assignment_bumps_the_partition_epochs(make: Make, log_events: list[dict
         {
             "event": "partitions_assigned",
             "log_level": "info",
-            "partitions": {"events[0]": 0, "events[1]": "earliest"},
+            "partitions": {"events[0]": 0, "events[1]": 0},
             "epochs": {"events[0]": 2, "events[1]": 1},
         }
     ]
@@ -336,9 +339,9 @@ def test_records_below_the_stored_position_are_never_processed_twice(make: Make)
 
 
 def test_a_redelivered_batch_after_commit_is_ignored(make: Make) -> None:
-    records: list[Any] = []
-    h = make([Assign([P0]), Fetch(), Call(lambda: None), Deliver(records)])
-    records.extend(h.backend.append(P0, event("a", 1), event("b", 2)))
+    h = make([Assign([P0]), Fetch()])
+    records = h.backend.append(P0, event("a", 1), event("b", 2))
+    h.backend.then(Deliver(records))
 
     assert h.run() == EXIT_OK
 
@@ -463,12 +466,11 @@ def test_a_restart_after_a_bad_record_stops_at_it_again(make: Make) -> None:
 def test_revoked_partitions_are_forgotten_and_their_later_records_ignored(
     make: Make, log_events: list[dict[str, Any]]
 ) -> None:
-    stale: list[Any] = []
-    h = make([Assign([P0, P1]), Fetch(per_partition=2), Revoke([P1]), Deliver(stale)])
+    h = make([Assign([P0, P1]), Fetch(per_partition=2), Revoke([P1])])
     h.backend.append(P0, *(event(f"a{i}", i) for i in range(4)))
     h.backend.append(P1, *(event(f"b{i}", i) for i in range(4)))
     # A stale fetch after the revocation still carries partition 1's next records.
-    stale.extend(h.backend.records(P1)[2:] + h.backend.records(P0)[2:3])
+    h.backend.then(Deliver(h.backend.records(P1)[2:] + h.backend.records(P0)[2:3]))
 
     assert h.run() == EXIT_OK
 
@@ -489,7 +491,7 @@ def test_a_reassigned_partition_resumes_at_its_checkpoint_with_a_new_epoch(make:
 
     assert h.run() == EXIT_OK
 
-    assert h.backend.start_positions == [{P0: "earliest"}, {P0: 2}]
+    assert h.backend.start_positions == [{P0: 0}, {P0: 2}]
     assert h.seen == [(0, i) for i in range(5)]
     assert h.rows() == [_row(f"a{i}", i, 0, i) for i in range(5)]
     assert epochs(h.db, GROUP) == {(TOPIC, 0): 2}
@@ -498,11 +500,10 @@ def test_a_reassigned_partition_resumes_at_its_checkpoint_with_a_new_epoch(make:
 def test_lost_partitions_are_dropped_without_commit(
     make: Make, log_events: list[dict[str, Any]]
 ) -> None:
-    stale: list[Any] = []
-    h = make([Assign([P0, P1]), Fetch(per_partition=1), Lose([P0]), Deliver(stale)])
+    h = make([Assign([P0, P1]), Fetch(per_partition=1), Lose([P0])])
     h.backend.append(P0, event("a0", 0), event("a1", 1))
     h.backend.append(P1, event("b0", 0), event("b1", 1))
-    stale.extend(h.backend.records(P0)[1:])
+    h.backend.then(Deliver(h.backend.records(P0)[1:]))
 
     assert h.run() == EXIT_OK
 
@@ -678,8 +679,11 @@ def test_stop_when_idle_ends_run_once_caught_up(
 
 
 def test_request_stop_finishes_the_batch_in_hand(make: Make) -> None:
+    def stop() -> None:
+        h.engine.request_stop()  # from inside a poll, as a signal handler would
+
     h = make(
-        [Assign([P0]), Fetch(per_partition=1), Call(lambda: h.engine.request_stop()), Fetch(per_partition=1)],
+        [Assign([P0]), Fetch(per_partition=1), Call(stop), Fetch(per_partition=1)],
         stop_when_idle_s=None,
     )
     h.backend.append(P0, event("a", 1), event("b", 2), event("c", 3))
@@ -693,8 +697,6 @@ def test_request_stop_finishes_the_batch_in_hand(make: Make) -> None:
 
 def test_an_engine_with_a_json_column_table_writes_decoded_values(tmp_path: Path) -> None:
     docs = Table("docs", columns={"id": "text", "body": "json"}, key=("id",))
-    from consumer import App, Row  # noqa: PLC0415 - this test's own app
-
     app = App(name="docs", tables=(docs,))
     app.process(lambda record: Row("docs", {"id": record.value["id"], "body": record.value}))
     clock = FakeClock()

@@ -60,9 +60,7 @@ def test_fenced_error_names_its_partitions_sorted() -> None:
     error = FencedError("taken over", partitions=[("b", 0), ("a", 2), ("a", 1)], group="g")
     assert error.partitions == frozenset({("a", 1), ("a", 2), ("b", 0)})
     assert error.context == {"partitions": [("a", 1), ("a", 2), ("b", 0)], "group": "g"}
-    assert str(error) == (
-        "taken over (partitions=[('a', 1), ('a', 2), ('b', 0)], group='g')"
-    )
+    assert str(error) == ("taken over (partitions=[('a', 1), ('a', 2), ('b', 0)], group='g')")
 
 
 def test_record_error_names_topic_partition_offset_and_field() -> None:
@@ -73,10 +71,8 @@ def test_record_error_names_topic_partition_offset_and_field() -> None:
 
 def test_located_copies_the_error_with_its_place_keeping_type_field_context_and_cause() -> None:
     cause = ValueError("inner")
-    try:
-        raise InvalidRecordError("bad field", field="status", table="orders") from cause
-    except InvalidRecordError as exc:
-        original = exc
+    original = InvalidRecordError("bad field", field="status", table="orders")
+    original.__cause__ = cause
 
     located = original.located(topic="orders", partition=4, offset=77)
 

@@ -9,7 +9,8 @@ import pytest
 from consumer import InvalidRecordError, Record, Row, load_app
 from consumer._batch import process_partition
 from consumer._decode import decoder_for
-from consumer.examples.orders import ORDERS, app, order_row
+from consumer.examples.orders import ORDERS, app
+from consumer.examples.orders import order_row as process
 from tests.fixtures.fake_backend import raw
 
 VALID = {"order_id": "o-1", "customer": "c-7", "amount_cents": 1250, "status": "paid"}
@@ -20,6 +21,13 @@ def _record(value: Any, offset: int = 0) -> Record:
     return Record(
         topic="orders", partition=0, offset=offset, timestamp_ms=None, key=None, value=value
     )
+
+
+def order_row(record: Record) -> Row:
+    """The example's processor, typed as what it returns: exactly one Row."""
+    row = process(record)
+    assert isinstance(row, Row)
+    return row
 
 
 def test_the_app_is_loadable_by_reference() -> None:

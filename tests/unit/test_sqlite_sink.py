@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -185,7 +186,7 @@ def test_rollback_without_a_transaction_is_harmless(sink: SqliteSink, db: Path) 
     assert _profiles(db) == [_stored("a")]
 
 
-# -- idempotent upserts -------------------------------------------------------------------------------
+# -- idempotent upserts ---------------------------------------------------------------------
 
 
 def test_upsert_by_key_last_write_wins(sink: SqliteSink, db: Path) -> None:
@@ -261,8 +262,6 @@ def test_json_columns_round_trip(sink: SqliteSink, db: Path) -> None:
         [_profile("a", attrs=attrs), _profile("b", attrs=[1, 2, 3]), _profile("c", attrs="s")],
     )
     sink.commit()
-
-    import json  # noqa: PLC0415 - only this test decodes the stored text
 
     stored = {pid: json.loads(text) for pid, text in query(db, "SELECT id, attrs FROM profiles")}
     assert stored == {"a": attrs, "b": [1, 2, 3], "c": "s"}
