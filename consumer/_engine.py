@@ -30,6 +30,8 @@ log = structlog.get_logger("offsetkeeper.engine")
 ResetPolicy = Literal["earliest", "latest", "error"]
 T = TypeVar("T")
 
+_MIN_RATE_WINDOW_S = 0.01  # below this a rate is noise
+
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_PARTITIONS_STOPPED = 2
@@ -135,7 +137,9 @@ class Engine:
                 records=self.records_committed,
                 elapsed_s=round(self._clock() - started, 3),
                 busy_s=round(busy, 3),
-                records_per_s=round(self.records_committed / busy, 1) if first_record_at else 0.0,
+                records_per_s=(
+                    round(self.records_committed / busy, 1) if busy >= _MIN_RATE_WINDOW_S else None
+                ),
                 stopped_partitions=[str(tp) for tp in sorted(stopped)],
             )
         return EXIT_PARTITIONS_STOPPED if stopped else EXIT_OK
