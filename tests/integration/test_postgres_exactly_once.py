@@ -73,8 +73,9 @@ def _wait_caught_up(
     )
 
 
+@pytest.mark.parametrize("assignor", ["cooperative-sticky", "range"])
 def test_group_chaos_kill_join_and_leave(
-    kafka: Service, pg_dsn: str, tmp_path: Path, consumers: list[ConsumerProcess]
+    assignor: str, kafka: Service, pg_dsn: str, tmp_path: Path, consumers: list[ConsumerProcess]
 ) -> None:
     partitions, total = 12, 200_000
     topic, group = unique_name("chaos"), unique_name("chaos-group")
@@ -83,7 +84,11 @@ def test_group_chaos_kill_join_and_leave(
     started = time.monotonic()
 
     def member(name: str) -> ConsumerProcess:
-        process = ConsumerProcess(_args(kafka, group, topic, pg_dsn), tmp_path / f"{name}.log")
+        # "range" is an eager assignor: every rebalance revokes everything first.
+        process = ConsumerProcess(
+            _args(kafka, group, topic, pg_dsn, "-X", f"partition.assignment.strategy={assignor}"),
+            tmp_path / f"{name}.log",
+        )
         consumers.append(process)
         return process
 
@@ -127,7 +132,7 @@ def test_group_chaos_kill_join_and_leave(
         if e.get("event") == "consumer_stopped"
     ]
     print(
-        f"group chaos: {total} records over {partitions} partitions "
+        f"group chaos ({assignor}): {total} records over {partitions} partitions "
         f"caught up in {caught_up_s:.1f}s "
         f"(producer paced at 8000/s); takeover after kill -9: {takeover_s:.1f}s; "
         f"member rates: {[e['records_per_s'] for e in busy]} records/s; "
