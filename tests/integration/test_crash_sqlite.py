@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 import time
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from tests.fixtures.kafka_tools import (
     produce,
     unique_name,
 )
-from tests.fixtures.processes import FAST_GROUP_SETTINGS, ConsumerProcess, wait_until
+from tests.fixtures.processes import FAST_GROUP_SETTINGS, OFFSETKEEPER, ConsumerProcess, wait_until
 from tests.fixtures.services import Service
 from tests.integration.conftest import sqlite_checkpoints, sqlite_rows
 
@@ -228,3 +229,47 @@ def test_bad_record_stops_its_partition_and_nothing_after_it_commits(
     consumers.append(again)
     assert again.wait(timeout=120) == 2
     assert sqlite_checkpoints(db, group) == {0: 10, 1: 12}
+
+    # `checkpoint show` reports where each partition stands and what is left behind it.
+    shown = subprocess.run(
+        [
+            OFFSETKEEPER,
+            "checkpoint",
+            "show",
+            "--bootstrap-servers",
+            kafka.address,
+            "--sink",
+            f"sqlite:///{db}",
+            "--group",
+            group,
+            "--format",
+            "json",
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    report = json.loads(shown.stdout)
+    lag = {
+        c["partition"]: (c["next_offset"], c["end_offset"], c["lag"]) for c in report["checkpoints"]
+    }
+    assert lag == {0: (10, 21, 11), 1: (12, 20, 8)}
+    table = subprocess.run(
+        [
+            OFFSETKEEPER,
+            "checkpoint",
+            "show",
+            "--bootstrap-servers",
+            kafka.address,
+            "--sink",
+            f"sqlite:///{db}",
+            "--group",
+            group,
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    assert f"{topic}  0          10           21          11" in table
