@@ -60,3 +60,39 @@ class ClientBackend(Protocol):
     def close(self) -> None:
         """Leave the group and release the client. Safe to call twice."""
         ...
+
+
+class PartitionReader(Protocol):
+    """Reads chosen partitions by manual assignment: no group membership, no commits to Kafka.
+
+    Used by replay and by the checkpoint tools, so that the live consumer group is never
+    disturbed. Errors are `KafkaError`; an unknown topic or partition is a `ConfigError`.
+    """
+
+    def partitions(self, topic: str) -> list[int]:
+        """The topic's partition numbers; ConfigError when the topic does not exist."""
+        ...
+
+    def watermarks(self, partition: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]: ...
+
+    def offsets_for_time(
+        self, partitions: Sequence[TopicPartition], timestamp_ms: int
+    ) -> dict[TopicPartition, int | None]:
+        """Per partition, the first offset whose timestamp is >= timestamp_ms (None: none is)."""
+        ...
+
+    def assign(self, positions: Mapping[TopicPartition, int]) -> None: ...
+
+    def poll_batch(self, max_records: int, timeout_s: float) -> list[RawRecord]: ...
+
+    def pause(self, partitions: Sequence[TopicPartition]) -> None: ...
+
+    def position(self, partition: TopicPartition) -> int | None:
+        """The next offset the reader will return for the partition (None: not known yet)."""
+        ...
+
+    def group_members(self, group: str) -> list[str]:
+        """Client ids of the consumer group's active members (empty when none)."""
+        ...
+
+    def close(self) -> None: ...

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import structlog
 
 from consumer._cli_checkpoint import add_checkpoint_parser
+from consumer._cli_replay import add_replay_parser
 from consumer._cli_run import add_run_parser
 from consumer._engine import EXIT_FAILED
 from consumer._errors import OffsetkeeperError
@@ -24,6 +25,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True)
     add_run_parser(commands)
     add_checkpoint_parser(commands)
+    add_replay_parser(commands)
     return parser
 
 

@@ -70,6 +70,17 @@ class CheckpointSettings(CommonSettings):
     group: str
 
 
+class ReplaySettings(CommonSettings):
+    """`offsetkeeper replay` (the range itself is given by flags, per invocation)."""
+
+    app: str
+    topic: str
+    partitions: list[int] | None = None
+    job_id: str | None = None
+    batch_max_records: int = Field(default=2000, ge=1, le=1_000_000)
+    poll_timeout_s: float = Field(default=0.5, gt=0)
+
+
 S = TypeVar("S", bound=CommonSettings)
 
 
@@ -106,7 +117,11 @@ def load_settings(
     return settings
 
 
-_ALL_FIELDS = set(RunSettings.model_fields) | set(CheckpointSettings.model_fields)
+_ALL_FIELDS = (
+    set(RunSettings.model_fields)
+    | set(CheckpointSettings.model_fields)
+    | set(ReplaySettings.model_fields)
+)
 
 
 def _read_config_file(path: Path, settings_class: type[BaseSettings]) -> dict[str, Any]:

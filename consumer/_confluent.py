@@ -7,10 +7,11 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import confluent_kafka
+import confluent_kafka.admin
 import structlog
 
 from consumer._backend import RebalanceListener, StartPosition
-from consumer._errors import KafkaError
+from consumer._errors import ConfigError, KafkaError
 from consumer._records import RawRecord, TopicPartition
 
 log = structlog.get_logger("offsetkeeper.kafka")
@@ -265,3 +266,148 @@ def _offset(position: StartPosition) -> int:
     if isinstance(position, int):
         return position
     return int(_START[position])
+
+
+class ConfluentReader:
+    """`PartitionReader` over confluent_kafka: manual assignment, never joins or commits."""
+
+    def __init__(
+        self,
+        *,
+        bootstrap_servers: str,
+        client_id: str,
+        client_config: Mapping[str, str] | None = None,
+    ) -> None:
+        config: dict[str, Any] = {
+            "bootstrap.servers": bootstrap_servers,
+            # librdkafka wants a group id; assign() without subscribe() never joins it and we
+            # never commit, so the name only shows up in broker logs.
+            "group.id": client_id,
+            "client.id": client_id,
+            "enable.auto.commit": False,
+            "enable.auto.offset.store": False,
+            "enable.partition.eof": False,
+            "queued.max.messages.kbytes": 32768,
+        }
+        config.update(client_config or {})
+        self._bootstrap = bootstrap_servers
+        self._client_config = dict(client_config or {})
+        self._closed = False
+        try:
+            self._consumer = confluent_kafka.Consumer(config)
+        except confluent_kafka.KafkaException as exc:
+            raise translate(exc, "cannot create Kafka reader") from exc
+
+    def partitions(self, topic: str) -> list[int]:
+        try:
+            metadata = self._consumer.list_topics(topic, timeout=15)
+        except confluent_kafka.KafkaException as exc:
+            raise translate(exc, "cannot read topic metadata", topic=topic) from exc
+        found = metadata.topics.get(topic)
+        if found is None or found.error is not None or not found.partitions:
+            raise ConfigError("unknown topic", topic=topic)
+        return sorted(found.partitions)
+
+    def watermarks(self, partition: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
+        try:
+            low, high = self._consumer.get_watermark_offsets(
+                confluent_kafka.TopicPartition(partition.topic, partition.partition),
+                timeout=timeout_s,
+                cached=False,
+            )
+        except confluent_kafka.KafkaException as exc:
+            raise translate(
+                exc, "cannot read watermarks", topic=partition.topic, partition=partition.partition
+            ) from exc
+        return int(low), int(high)
+
+    def offsets_for_time(
+        self, partitions: Sequence[TopicPartition], timestamp_ms: int
+    ) -> dict[TopicPartition, int | None]:
+        query = [
+            confluent_kafka.TopicPartition(p.topic, p.partition, timestamp_ms) for p in partitions
+        ]
+        try:
+            answers = self._consumer.offsets_for_times(query, timeout=15)
+        except confluent_kafka.KafkaException as exc:
+            raise translate(
+                exc, "cannot look up offsets by time", timestamp_ms=timestamp_ms
+            ) from exc
+        found: dict[TopicPartition, int | None] = {}
+        for answer in answers:
+            if answer.error is not None:
+                raise KafkaError(
+                    "offset lookup by time failed",
+                    topic=answer.topic,
+                    partition=answer.partition,
+                    reason=str(answer.error),
+                )
+            found[TopicPartition(answer.topic, answer.partition)] = (
+                int(answer.offset) if answer.offset >= 0 else None
+            )
+        return found
+
+    def assign(self, positions: Mapping[TopicPartition, int]) -> None:
+        try:
+            self._consumer.assign(
+                [
+                    confluent_kafka.TopicPartition(tp.topic, tp.partition, o)
+                    for tp, o in positions.items()
+                ]
+            )
+        except confluent_kafka.KafkaException as exc:
+            raise translate(exc, "cannot assign partitions") from exc
+
+    def poll_batch(self, max_records: int, timeout_s: float) -> list[RawRecord]:
+        try:
+            messages = self._consumer.consume(num_messages=max_records, timeout=timeout_s)
+        except confluent_kafka.KafkaException as exc:
+            raise translate(exc, "poll failed") from exc
+        records = []
+        for message in messages:
+            error = message.error()
+            if error is None:
+                records.append(_raw_record(message))
+            elif error.fatal():
+                raise KafkaError("fatal consumer error", code=error.name(), reason=error.str())
+            else:
+                log.warning(
+                    "kafka_fetch_error",
+                    code=error.name(),
+                    reason=error.str(),
+                    topic=message.topic(),
+                    partition=message.partition(),
+                )
+        return records
+
+    def pause(self, partitions: Sequence[TopicPartition]) -> None:
+        if partitions:
+            self._consumer.pause(
+                [confluent_kafka.TopicPartition(p.topic, p.partition) for p in partitions]
+            )
+
+    def position(self, partition: TopicPartition) -> int | None:
+        try:
+            (answer,) = self._consumer.position(
+                [confluent_kafka.TopicPartition(partition.topic, partition.partition)]
+            )
+        except confluent_kafka.KafkaException as exc:
+            raise translate(exc, "cannot read position", topic=partition.topic) from exc
+        return int(answer.offset) if answer.offset >= 0 else None
+
+    def group_members(self, group: str) -> list[str]:
+        admin = confluent_kafka.admin.AdminClient(
+            {"bootstrap.servers": self._bootstrap, **self._client_config}
+        )
+        try:
+            description = admin.describe_consumer_groups([group], request_timeout=15)[
+                group
+            ].result()
+        except confluent_kafka.KafkaException as exc:
+            raise translate(exc, "cannot describe consumer group", group=group) from exc
+        return [member.client_id for member in description.members]
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._consumer.close()

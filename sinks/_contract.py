@@ -17,6 +17,9 @@ Lifecycle and guarantees (the engine calls in this order, from one thread):
                                         after any exception inside a batch the engine rolls back
     close()                             once; nothing is called after it
 
+Replay jobs keep their plan in the sink (`create_job` / `load_job`, each its own transaction);
+the document is opaque JSON to the sink.
+
 A sink never commits on its own, so a crash at any instant leaves either the whole batch (rows
 and checkpoints) or none of it. Exceptions are `SinkError` (or `FencedError`), chained with
 `raise ... from` the driver's exception.
@@ -33,6 +36,7 @@ from consumer._records import TopicPartition
 
 DEFAULT_CHECKPOINT_TABLE = "offsetkeeper_checkpoints"
 DEFAULT_LEASE_TABLE = "offsetkeeper_leases"
+JOB_TABLE = "offsetkeeper_replay_jobs"
 
 
 class Sink(Protocol):
@@ -44,6 +48,11 @@ class Sink(Protocol):
         ...
 
     def open(self, tables: Sequence[Table]) -> None: ...
+
+    def open_existing(self) -> None:
+        """Connect without creating or changing anything, for read-only commands (dry runs,
+        inspection). Reads of tables that do not exist yet return nothing."""
+        ...
 
     def acquire(
         self, group: str, partitions: Iterable[TopicPartition]
@@ -69,5 +78,11 @@ class Sink(Protocol):
     def commit(self) -> None: ...
 
     def rollback(self) -> None: ...
+
+    def create_job(self, job_id: str, document: str) -> str:
+        """Store a job's document unless the job exists; return the stored document."""
+        ...
+
+    def load_job(self, job_id: str) -> str | None: ...
 
     def close(self) -> None: ...

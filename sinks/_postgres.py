@@ -19,7 +19,7 @@ from consumer._checkpoint import (
 )
 from consumer._errors import FencedError, SinkError
 from consumer._records import TopicPartition
-from sinks._contract import DEFAULT_CHECKPOINT_TABLE, DEFAULT_LEASE_TABLE
+from sinks._contract import DEFAULT_CHECKPOINT_TABLE, DEFAULT_LEASE_TABLE, JOB_TABLE
 
 _PG_TYPES = {
     "text": "TEXT",
@@ -113,11 +113,20 @@ class PostgresSink:
                         " PRIMARY KEY (group_id, topic, partition))"
                     ).format(self._leases)
                 )
+                cursor.execute(
+                    sql.SQL(
+                        "CREATE TABLE IF NOT EXISTS {} (job_id TEXT PRIMARY KEY,"
+                        " document TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+                    ).format(sql.Identifier(JOB_TABLE))
+                )
                 for table in tables:
                     self._create_table(cursor, table)
             db.commit()
         except psycopg.Error as exc:
             raise self._fail("cannot create sink tables", exc) from exc
+
+    def open_existing(self) -> None:
+        self._connect()
 
     def _create_table(self, cursor: psycopg.Cursor[Any], table: Table) -> None:
         columns = sql.SQL(", ").join(
@@ -191,6 +200,9 @@ class PostgresSink:
                 )
                 rows = cursor.fetchall()
             db.commit()
+        except psycopg.errors.UndefinedTable:
+            self._rollback_quietly()
+            return {}
         except psycopg.Error as exc:
             raise self._fail("cannot read checkpoints", exc) from exc
         checkpoints: dict[TopicPartition, Checkpoint] = {}
@@ -324,6 +336,48 @@ class PostgresSink:
             raise
         except psycopg.Error as exc:
             raise self._fail("cannot save checkpoints", exc) from exc
+
+    def create_job(self, job_id: str, document: str) -> str:
+        db = self._connect()
+        jobs = sql.Identifier(JOB_TABLE)
+        try:
+            with db.cursor() as cursor:
+                cursor.execute(
+                    sql.SQL(
+                        "INSERT INTO {} (job_id, document) VALUES (%s, %s)"
+                        " ON CONFLICT (job_id) DO NOTHING"
+                    ).format(jobs),
+                    (job_id, document),
+                )
+                cursor.execute(
+                    sql.SQL("SELECT document FROM {} WHERE job_id = %s").format(jobs), (job_id,)
+                )
+                row = cursor.fetchone()
+            db.commit()
+        except psycopg.Error as exc:
+            raise self._fail("cannot store replay job", exc, job=job_id) from exc
+        if row is None:
+            raise SinkError("replay job vanished after insert", job=job_id)
+        return str(row[0])
+
+    def load_job(self, job_id: str) -> str | None:
+        db = self._connect()
+        try:
+            with db.cursor() as cursor:
+                cursor.execute(
+                    sql.SQL("SELECT document FROM {} WHERE job_id = %s").format(
+                        sql.Identifier(JOB_TABLE)
+                    ),
+                    (job_id,),
+                )
+                row = cursor.fetchone()
+            db.commit()
+        except psycopg.errors.UndefinedTable:
+            self._rollback_quietly()
+            return None
+        except psycopg.Error as exc:
+            raise self._fail("cannot read replay job", exc, job=job_id) from exc
+        return None if row is None else str(row[0])
 
     def commit(self) -> None:
         try:

@@ -19,7 +19,7 @@ from consumer._checkpoint import (
 )
 from consumer._errors import FencedError, SinkError
 from consumer._records import TopicPartition
-from sinks._contract import DEFAULT_CHECKPOINT_TABLE, DEFAULT_LEASE_TABLE
+from sinks._contract import DEFAULT_CHECKPOINT_TABLE, DEFAULT_LEASE_TABLE, JOB_TABLE
 
 _SQLITE_TYPES = {
     "text": "TEXT",
@@ -85,6 +85,21 @@ class SqliteSink:
             self._rollback_quietly()
             raise SinkError("cannot open SQLite sink", sink=self.description) from exc
 
+    def open_existing(self) -> None:
+        try:
+            if self._path.exists():
+                self._connection = sqlite3.connect(
+                    f"file:{self._path}?mode=ro",
+                    uri=True,
+                    timeout=self._busy_timeout_s,
+                    isolation_level=None,
+                )
+            else:
+                # Nothing stored yet: an empty in-memory database answers every read with nothing.
+                self._connection = sqlite3.connect(":memory:", isolation_level=None)
+        except sqlite3.Error as exc:
+            raise SinkError("cannot open SQLite sink", sink=self.description) from exc
+
     def _create_own_tables(self) -> None:
         self._db.execute(
             f"CREATE TABLE IF NOT EXISTS {self._checkpoint_table} ("
@@ -92,6 +107,10 @@ class SqliteSink:
             " next_offset INTEGER NOT NULL, format_version INTEGER NOT NULL,"
             " updated_at_ms INTEGER NOT NULL,"
             " PRIMARY KEY (group_id, topic, partition))"
+        )
+        self._db.execute(
+            f"CREATE TABLE IF NOT EXISTS {JOB_TABLE} ("
+            " job_id TEXT PRIMARY KEY, document TEXT NOT NULL, created_at_ms INTEGER NOT NULL)"
         )
         self._db.execute(
             f"CREATE TABLE IF NOT EXISTS {self._lease_table} ("
@@ -161,6 +180,8 @@ class SqliteSink:
                 (group,),
             ).fetchall()
         except sqlite3.Error as exc:
+            if _no_such_table(exc):
+                return {}
             raise SinkError("cannot read checkpoints", sink=self.description) from exc
         checkpoints: dict[TopicPartition, Checkpoint] = {}
         for group_id, topic, partition, next_offset, format_version, updated_at_ms in rows:
@@ -251,6 +272,34 @@ class SqliteSink:
         except sqlite3.Error as exc:
             raise SinkError("cannot save checkpoints", sink=self.description) from exc
 
+    def create_job(self, job_id: str, document: str) -> str:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(
+                f"INSERT INTO {JOB_TABLE} (job_id, document, created_at_ms) VALUES (?, ?, ?)"
+                " ON CONFLICT (job_id) DO NOTHING",
+                (job_id, document, _now_ms()),
+            )
+            row = self._db.execute(
+                f"SELECT document FROM {JOB_TABLE} WHERE job_id = ?", (job_id,)
+            ).fetchone()
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback_quietly()
+            raise SinkError("cannot store replay job", sink=self.description, job=job_id) from exc
+        return str(row[0])
+
+    def load_job(self, job_id: str) -> str | None:
+        try:
+            row = self._db.execute(
+                f"SELECT document FROM {JOB_TABLE} WHERE job_id = ?", (job_id,)
+            ).fetchone()
+        except sqlite3.Error as exc:
+            if _no_such_table(exc):
+                return None
+            raise SinkError("cannot read replay job", sink=self.description, job=job_id) from exc
+        return None if row is None else str(row[0])
+
     def commit(self) -> None:
         try:
             self._db.execute("COMMIT")
@@ -276,3 +325,7 @@ class SqliteSink:
 
 def _now_ms() -> int:
     return int(datetime.now(tz=UTC).timestamp() * 1000)
+
+
+def _no_such_table(exc: sqlite3.Error) -> bool:
+    return isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc)
