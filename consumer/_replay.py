@@ -69,6 +69,9 @@ class RangeRequest:
             )
         if self.to_offset is not None and self.to_timestamp is not None:
             raise ConfigError("give at most one of --to-offset, --to-timestamp, --to-end")
+        for timestamp in (self.from_timestamp, self.to_timestamp):
+            if timestamp is not None:
+                parse_timestamp(timestamp)  # refuse a malformed time before anything is read
         if self.from_offset is not None and self.from_offset < 0:
             raise ConfigError("--from-offset must not be negative", offset=self.from_offset)
         if (
