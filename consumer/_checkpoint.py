@@ -6,11 +6,13 @@ as a record of the *current* format (see `schemas/checkpoint/vN.avsc`) and read 
 memory and refuses formats newer than this code knows, naming both versions.
 
 Adding format vN+1: ship `schemas/checkpoint/vN+1.avsc`, add one pure function
-`_vN_to_vN+1` to `_UPGRADES`, bump `CURRENT_FORMAT_VERSION`, extend `Checkpoint`.
+`_vN_to_vN+1` to `_UPGRADES`, bump `CURRENT_FORMAT_VERSION`, extend `Checkpoint` and
+`encode_checkpoint`. Released formats: v1 (0.1.0), v2 (0.2.0).
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import io
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -23,15 +25,38 @@ import avro.schema
 
 from consumer._errors import CheckpointError, CheckpointFormatError
 from consumer._records import TopicPartition
+from consumer._versioning import upgrade_chain
 from schemas import checkpoint_schema_text
 
-CURRENT_FORMAT_VERSION = 1
+CURRENT_FORMAT_VERSION = 2
 
 CheckpointRecord = dict[str, Any]
 _Upgrade = Callable[[CheckpointRecord], CheckpointRecord]
 
+
+def _v1_to_v2(record: CheckpointRecord) -> CheckpointRecord:
+    # v1 knew no epoch, leader epoch, writer version or state: say so rather than invent them.
+    return {
+        **record,
+        "format_version": 2,
+        "epoch": 0,
+        "leader_epoch": None,
+        "writer_version": "unknown",
+        "state": None,
+        "state_version": None,
+    }
+
+
 # _UPGRADES[n] turns a format-n record into a format-(n+1) record. Pure functions, no I/O.
-_UPGRADES: dict[int, _Upgrade] = {}
+_UPGRADES: dict[int, _Upgrade] = {1: _v1_to_v2}
+
+
+def writer_version() -> str:
+    """This offsetkeeper's version, recorded in every checkpoint it writes."""
+    try:
+        return importlib.metadata.version("offsetkeeper")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +66,11 @@ class Checkpoint:
     partition: int
     next_offset: int
     updated_at: datetime
+    epoch: int = 0
+    leader_epoch: int | None = None
+    writer_version: str = "unknown"
+    state: bytes | None = None
+    state_version: int | None = None
 
     @property
     def topic_partition(self) -> TopicPartition:
@@ -56,6 +86,11 @@ def encode_checkpoint(checkpoint: Checkpoint) -> CheckpointRecord:
         "partition": checkpoint.partition,
         "next_offset": checkpoint.next_offset,
         "updated_at": checkpoint.updated_at,
+        "epoch": checkpoint.epoch,
+        "leader_epoch": checkpoint.leader_epoch,
+        "writer_version": checkpoint.writer_version,
+        "state": checkpoint.state,
+        "state_version": checkpoint.state_version,
     }
 
 
@@ -66,26 +101,16 @@ def upgrade_record(record: Mapping[str, Any]) -> CheckpointRecord:
         raise CheckpointFormatError(
             "checkpoint has no valid format_version", format_version=version
         )
-    if version > CURRENT_FORMAT_VERSION:
-        raise CheckpointFormatError(
-            f"checkpoint format v{version} is newer than this offsetkeeper knows "
-            f"(it reads up to v{CURRENT_FORMAT_VERSION}); "
-            "upgrade offsetkeeper, nothing was changed",
-            format_version=version,
-            supported_version=CURRENT_FORMAT_VERSION,
-            topic=record.get("topic"),
-            partition=record.get("partition"),
-        )
-    upgraded = dict(record)
-    while version < CURRENT_FORMAT_VERSION:
-        upgrade = _UPGRADES.get(version)
-        if upgrade is None:
-            raise CheckpointFormatError(
-                f"no adapter from checkpoint format v{version}", format_version=version
-            )
-        upgraded = upgrade(upgraded)
-        version += 1
-        upgraded["format_version"] = version
+    upgraded = upgrade_chain(
+        dict(record),
+        from_version=version,
+        to_version=CURRENT_FORMAT_VERSION,
+        steps=_UPGRADES,
+        what="checkpoint format",
+        topic=record.get("topic"),
+        partition=record.get("partition"),
+    )
+    upgraded["format_version"] = CURRENT_FORMAT_VERSION
     return upgraded
 
 
@@ -102,6 +127,11 @@ def decode_checkpoint(record: Mapping[str, Any]) -> Checkpoint:
             partition=int(current["partition"]),
             next_offset=int(current["next_offset"]),
             updated_at=updated_at,
+            epoch=int(current["epoch"]),
+            leader_epoch=_optional_int(current["leader_epoch"]),
+            writer_version=str(current["writer_version"]),
+            state=None if current["state"] is None else bytes(current["state"]),
+            state_version=_optional_int(current["state_version"]),
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(
@@ -109,6 +139,10 @@ def decode_checkpoint(record: Mapping[str, Any]) -> Checkpoint:
             format_version=record.get("format_version"),
             detail=str(exc),
         ) from exc
+
+
+def _optional_int(value: Any) -> int | None:
+    return None if value is None else int(value)
 
 
 @cache

@@ -38,6 +38,10 @@ DEFAULT_CHECKPOINT_TABLE = "offsetkeeper_checkpoints"
 DEFAULT_LEASE_TABLE = "offsetkeeper_leases"
 JOB_TABLE = "offsetkeeper_replay_jobs"
 
+# Checkpoint columns after the v1 ones (group_id, topic, partition, next_offset,
+# format_version, updated_at): added by format v2. Sinks add them to a v1 table on open.
+CHECKPOINT_V2_COLUMNS = ("epoch", "leader_epoch", "writer_version", "state", "state_version")
+
 
 class Sink(Protocol):
     """A transactional store for output rows and the checkpoints that produced them."""

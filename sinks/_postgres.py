@@ -19,7 +19,20 @@ from consumer._checkpoint import (
 )
 from consumer._errors import FencedError, SinkError
 from consumer._records import TopicPartition
-from sinks._contract import DEFAULT_CHECKPOINT_TABLE, DEFAULT_LEASE_TABLE, JOB_TABLE
+from sinks._contract import (
+    CHECKPOINT_V2_COLUMNS,
+    DEFAULT_CHECKPOINT_TABLE,
+    DEFAULT_LEASE_TABLE,
+    JOB_TABLE,
+)
+
+_V2_TYPES = {
+    "epoch": "BIGINT NOT NULL DEFAULT 0",
+    "leader_epoch": "INTEGER",
+    "writer_version": "TEXT",
+    "state": "BYTEA",
+    "state_version": "INTEGER",
+}
 
 _PG_TYPES = {
     "text": "TEXT",
@@ -105,6 +118,14 @@ class PostgresSink:
                         " PRIMARY KEY (group_id, topic, partition))"
                     ).format(self._checkpoints)
                 )
+                # Format v2 columns; a table created by v1 code gets them here (its rows keep
+                # format_version 1 and are upgraded when read).
+                for column in CHECKPOINT_V2_COLUMNS:
+                    cursor.execute(
+                        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                            self._checkpoints, sql.Identifier(column), sql.SQL(_V2_TYPES[column])
+                        )
+                    )
                 cursor.execute(
                     sql.SQL(
                         "CREATE TABLE IF NOT EXISTS {} ("
@@ -193,7 +214,8 @@ class PostgresSink:
             with db.cursor() as cursor:
                 cursor.execute(
                     sql.SQL(
-                        "SELECT group_id, topic, partition, next_offset, format_version, updated_at"
+                        "SELECT group_id, topic, partition, next_offset, format_version,"
+                        " updated_at, epoch, leader_epoch, writer_version, state, state_version"
                         " FROM {} WHERE group_id = %s"
                     ).format(self._checkpoints),
                     (group,),
@@ -206,17 +228,18 @@ class PostgresSink:
         except psycopg.Error as exc:
             raise self._fail("cannot read checkpoints", exc) from exc
         checkpoints: dict[TopicPartition, Checkpoint] = {}
-        for group_id, topic, partition, next_offset, format_version, updated_at in rows:
-            tp = TopicPartition(topic, partition)
+        for row in rows:
+            tp = TopicPartition(row[1], row[2])
             if wanted is None or tp in wanted:
                 checkpoints[tp] = decode_checkpoint(
                     {
-                        "format_version": format_version,
-                        "group": group_id,
-                        "topic": topic,
-                        "partition": partition,
-                        "next_offset": next_offset,
-                        "updated_at": updated_at,
+                        "format_version": row[4],
+                        "group": row[0],
+                        "topic": row[1],
+                        "partition": row[2],
+                        "next_offset": row[3],
+                        "updated_at": row[5],
+                        **dict(zip(CHECKPOINT_V2_COLUMNS, row[6:], strict=True)),
                     }
                 )
         return checkpoints
@@ -312,12 +335,16 @@ class PostgresSink:
                 cursor.executemany(
                     sql.SQL(
                         "INSERT INTO {} AS c"
-                        " (group_id, topic, partition, next_offset, format_version, updated_at)"
-                        " VALUES (%s, %s, %s, %s, %s, %s)"
+                        " (group_id, topic, partition, next_offset, format_version, updated_at,"
+                        " epoch, leader_epoch, writer_version, state, state_version)"
+                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
                         " ON CONFLICT (group_id, topic, partition) DO UPDATE SET"
                         " next_offset = EXCLUDED.next_offset,"
                         " format_version = EXCLUDED.format_version,"
-                        " updated_at = EXCLUDED.updated_at"
+                        " updated_at = EXCLUDED.updated_at, epoch = EXCLUDED.epoch,"
+                        " leader_epoch = EXCLUDED.leader_epoch,"
+                        " writer_version = EXCLUDED.writer_version,"
+                        " state = EXCLUDED.state, state_version = EXCLUDED.state_version"
                     ).format(self._checkpoints),
                     [
                         (
@@ -327,6 +354,7 @@ class PostgresSink:
                             r["next_offset"],
                             CURRENT_FORMAT_VERSION,
                             r["updated_at"],
+                            *(r[column] for column in CHECKPOINT_V2_COLUMNS),
                         )
                         for r in records
                     ],

@@ -19,7 +19,20 @@ from consumer._checkpoint import (
 )
 from consumer._errors import FencedError, SinkError
 from consumer._records import TopicPartition
-from sinks._contract import DEFAULT_CHECKPOINT_TABLE, DEFAULT_LEASE_TABLE, JOB_TABLE
+from sinks._contract import (
+    CHECKPOINT_V2_COLUMNS,
+    DEFAULT_CHECKPOINT_TABLE,
+    DEFAULT_LEASE_TABLE,
+    JOB_TABLE,
+)
+
+_V2_TYPES = {
+    "epoch": "INTEGER NOT NULL DEFAULT 0",
+    "leader_epoch": "INTEGER",
+    "writer_version": "TEXT",
+    "state": "BLOB",
+    "state_version": "INTEGER",
+}
 
 _SQLITE_TYPES = {
     "text": "TEXT",
@@ -108,6 +121,16 @@ class SqliteSink:
             " updated_at_ms INTEGER NOT NULL,"
             " PRIMARY KEY (group_id, topic, partition))"
         )
+        # Format v2 columns; a table created by v1 code gets them here (its rows keep
+        # format_version 1 and are upgraded when read).
+        present = {
+            row[1] for row in self._db.execute(f"PRAGMA table_info({self._checkpoint_table})")
+        }
+        for column in CHECKPOINT_V2_COLUMNS:
+            if column not in present:
+                self._db.execute(
+                    f"ALTER TABLE {self._checkpoint_table} ADD COLUMN {column} {_V2_TYPES[column]}"
+                )
         self._db.execute(
             f"CREATE TABLE IF NOT EXISTS {JOB_TABLE} ("
             " job_id TEXT PRIMARY KEY, document TEXT NOT NULL, created_at_ms INTEGER NOT NULL)"
@@ -175,7 +198,8 @@ class SqliteSink:
         wanted = None if partitions is None else set(partitions)
         try:
             rows = self._db.execute(
-                "SELECT group_id, topic, partition, next_offset, format_version, updated_at_ms"
+                "SELECT group_id, topic, partition, next_offset, format_version, updated_at_ms,"
+                " epoch, leader_epoch, writer_version, state, state_version"
                 f" FROM {self._checkpoint_table} WHERE group_id = ?",
                 (group,),
             ).fetchall()
@@ -184,18 +208,19 @@ class SqliteSink:
                 return {}
             raise SinkError("cannot read checkpoints", sink=self.description) from exc
         checkpoints: dict[TopicPartition, Checkpoint] = {}
-        for group_id, topic, partition, next_offset, format_version, updated_at_ms in rows:
-            tp = TopicPartition(topic, partition)
+        for row in rows:
+            tp = TopicPartition(row[1], row[2])
             if wanted is not None and tp not in wanted:
                 continue
             checkpoints[tp] = decode_checkpoint(
                 {
-                    "format_version": format_version,
-                    "group": group_id,
-                    "topic": topic,
-                    "partition": partition,
-                    "next_offset": next_offset,
-                    "updated_at": updated_at_ms,
+                    "format_version": row[4],
+                    "group": row[0],
+                    "topic": row[1],
+                    "partition": row[2],
+                    "next_offset": row[3],
+                    "updated_at": row[5],
+                    **dict(zip(CHECKPOINT_V2_COLUMNS, row[6:], strict=True)),
                 }
             )
         return checkpoints
@@ -252,11 +277,14 @@ class SqliteSink:
             records = [encode_checkpoint(cp) for cp in checkpoints]
             self._db.executemany(
                 f"INSERT INTO {self._checkpoint_table}"
-                " (group_id, topic, partition, next_offset, format_version, updated_at_ms)"
-                " VALUES (?, ?, ?, ?, ?, ?)"
+                " (group_id, topic, partition, next_offset, format_version, updated_at_ms,"
+                " epoch, leader_epoch, writer_version, state, state_version)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
                 " ON CONFLICT (group_id, topic, partition) DO UPDATE SET"
                 " next_offset = excluded.next_offset, format_version = excluded.format_version,"
-                " updated_at_ms = excluded.updated_at_ms",
+                " updated_at_ms = excluded.updated_at_ms, epoch = excluded.epoch,"
+                " leader_epoch = excluded.leader_epoch, writer_version = excluded.writer_version,"
+                " state = excluded.state, state_version = excluded.state_version",
                 [
                     (
                         r["group"],
@@ -265,6 +293,7 @@ class SqliteSink:
                         r["next_offset"],
                         CURRENT_FORMAT_VERSION,
                         int(r["updated_at"].timestamp() * 1000),
+                        *(r[column] for column in CHECKPOINT_V2_COLUMNS),
                     )
                     for r in records
                 ],

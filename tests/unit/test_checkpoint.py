@@ -53,6 +53,11 @@ def test_encode_gives_the_current_format_record() -> None:
         "partition": 3,
         "next_offset": 2**40 + 5,
         "updated_at": datetime(2024, 5, 1, 12, 34, 56, 789000, tzinfo=UTC),
+        "epoch": 0,
+        "leader_epoch": None,
+        "writer_version": "unknown",
+        "state": None,
+        "state_version": None,
     }
 
 
@@ -109,6 +114,33 @@ def test_golden_v1_decodes_to_the_recorded_checkpoint() -> None:
     assert checkpoint.updated_at.tzinfo is not None
 
 
+def test_golden_v2_decodes_to_the_recorded_checkpoint() -> None:
+    expected = json.loads((GOLDEN / "v2.json").read_text(encoding="utf-8"))
+    checkpoint = from_avro((GOLDEN / "v2.avro").read_bytes(), format_version=2)
+    assert checkpoint == Checkpoint(
+        group=expected["group"],
+        topic=expected["topic"],
+        partition=expected["partition"],
+        next_offset=expected["next_offset"],
+        updated_at=datetime.fromisoformat(expected["updated_at"]),
+        epoch=expected["epoch"],
+        leader_epoch=expected["leader_epoch"],
+        writer_version=expected["writer_version"],
+        state=expected["state_utf8"].encode(),
+        state_version=expected["state_version"],
+    )
+
+
+def test_golden_v1_upgrades_to_v2_with_unknowns_stated() -> None:
+    checkpoint = from_avro((GOLDEN / "v1.avro").read_bytes(), format_version=1)
+    assert (checkpoint.epoch, checkpoint.leader_epoch, checkpoint.writer_version) == (
+        0,
+        None,
+        "unknown",
+    )
+    assert (checkpoint.state, checkpoint.state_version) == (None, None)
+
+
 def test_golden_v1_bytes_are_exactly_the_v1_schema_encoding_of_the_recorded_fields() -> None:
     expected = _golden_expected()
     schema = avro.schema.parse(checkpoint_schema_text(1))
@@ -141,7 +173,7 @@ def test_a_newer_format_is_refused_naming_both_versions() -> None:
     message = str(caught.value)
     assert f"v{newer}" in message
     assert f"v{CURRENT_FORMAT_VERSION}" in message
-    assert caught.value.context["format_version"] == newer
+    assert caught.value.context["stored_version"] == newer
     assert caught.value.context["supported_version"] == CURRENT_FORMAT_VERSION
     assert caught.value.context["topic"] == "orders"
     assert caught.value.context["partition"] == 3

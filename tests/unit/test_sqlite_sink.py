@@ -388,7 +388,8 @@ def test_reopening_the_sink_finds_the_checkpoints(db: Path) -> None:
 def test_a_checkpoint_of_a_newer_format_is_refused_on_load(sink: SqliteSink, db: Path) -> None:
     connection = sqlite3.connect(db)
     connection.execute(
-        "INSERT INTO offsetkeeper_checkpoints VALUES (?, ?, ?, ?, ?, ?)",
+        "INSERT INTO offsetkeeper_checkpoints (group_id, topic, partition, next_offset,"
+        " format_version, updated_at_ms) VALUES (?, ?, ?, ?, ?, ?)",
         (GROUP, "orders", 0, 10, CURRENT_FORMAT_VERSION + 1, 0),
     )
     connection.commit()
