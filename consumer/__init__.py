@@ -1,6 +1,6 @@
 """offsetkeeper: consume Kafka topics into sinks exactly once in effect."""
 
-from consumer._app import App, ColumnType, Table, load_app
+from consumer._app import SOURCE_COLUMNS, App, ColumnType, StateSchema, Table, TableMode, load_app
 from consumer._backend import ClientBackend, RebalanceListener, StartPosition
 from consumer._checkpoint import (
     CURRENT_FORMAT_VERSION,
@@ -26,6 +26,7 @@ from consumer._records import RawRecord, Record, Row, TopicPartition
 
 __all__ = [
     "CURRENT_FORMAT_VERSION",
+    "SOURCE_COLUMNS",
     "App",
     "Checkpoint",
     "CheckpointError",
@@ -45,7 +46,9 @@ __all__ = [
     "Row",
     "SinkError",
     "StartPosition",
+    "StateSchema",
     "Table",
+    "TableMode",
     "TopicPartition",
     "decode_checkpoint",
     "encode_checkpoint",

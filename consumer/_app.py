@@ -6,7 +6,7 @@ import importlib
 import re
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from consumer._errors import ConfigError
 from consumer._records import Record, Row
@@ -20,7 +20,10 @@ DecodeName = Literal["json", "bytes", "utf8"]
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
 ProcessorResult = Row | Iterable[Row] | None
-Processor = Callable[[Record], ProcessorResult]
+# A stateless processor takes the record; a stateful one (App.state set) also takes the
+# partition's state, which it may change in place.
+Processor = Callable[[Record], ProcessorResult] | Callable[[Record, Any], ProcessorResult]
+StateUpgrader = Callable[[Any], Any]
 
 
 def check_identifier(name: str, *, what: str) -> str:
@@ -89,18 +92,48 @@ class Table:
             raise ConfigError("key columns are not declared columns", table=self.name, key=missing)
 
 
+@dataclass(frozen=True, slots=True)
+class StateSchema:
+    """Per-partition processor state, versioned by the app.
+
+    The state is a JSON value (e.g. a dict of running totals) kept per partition. It is read
+    when the partition is assigned and written in the same sink transaction as the batch's
+    rows and offsets, so it is exactly as durable as they are. `version` is the app's own
+    schema version of it; `upgraders[n]` turns a version-n state into version n+1, and the
+    chain runs when an older state is read. A stored state newer than `version` is refused.
+    """
+
+    version: int = 1
+    upgraders: Mapping[int, StateUpgrader] = field(default_factory=dict)
+    initial: Callable[[], Any] = dict
+
+    def __post_init__(self) -> None:
+        if self.version < 1:
+            raise ConfigError("state version must be 1 or more", version=self.version)
+        missing = [n for n in range(1, self.version) if n not in self.upgraders]
+        if missing:
+            raise ConfigError(
+                "state upgraders must cover every older version",
+                version=self.version,
+                missing_from=missing,
+            )
+
+
 @dataclass(slots=True)
 class App:
     """A consumer application: how to decode values, what tables to write, how to map records.
 
     The processor is a pure function of one record: it returns zero or more `Row`s. It must not
     write anywhere itself; the engine writes its rows and the offsets in one sink transaction.
+    With `state`, it is called as `processor(record, state)` and may update the partition's
+    state in place (see `StateSchema`).
     """
 
     name: str
     tables: tuple[Table, ...]
     decode: DecodeName = "json"
     processor: Processor | None = None
+    state: StateSchema | None = None
     _tables_by_name: dict[str, Table] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:

@@ -9,10 +9,11 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from consumer._app import App, Processor, Table
+from consumer._app import App, Table
 from consumer._decode import Decoder
 from consumer._errors import InvalidRecordError, RecordError
 from consumer._records import RawRecord, Record, Row, TopicPartition
+from consumer._state import copy_state
 
 KeyedRow = tuple[Table, tuple[Any, ...], Mapping[str, Any]]
 
@@ -28,6 +29,10 @@ class PartitionWork:
     rows: list[KeyedRow] = field(default_factory=list)
     # Set when a record could not be handled: rows stop before it, next_offset points at it.
     error: RecordError | None = None
+    # Stateful apps: the partition's state after the last processed record.
+    state: Any = None
+    # Kafka leader epoch of the last processed record, where the client reported it.
+    leader_epoch: int | None = None
 
 
 def group_by_partition(records: Iterable[RawRecord]) -> dict[TopicPartition, list[RawRecord]]:
@@ -44,46 +49,71 @@ def group_by_partition(records: Iterable[RawRecord]) -> dict[TopicPartition, lis
 
 
 def process_partition(
-    app: App, decode: Decoder, partition: TopicPartition, records: Sequence[RawRecord]
+    app: App,
+    decode: Decoder,
+    partition: TopicPartition,
+    records: Sequence[RawRecord],
+    state: Any = None,
 ) -> PartitionWork:
-    """Run the app over one partition's records in order, stopping at the first bad record."""
-    processor: Processor | None = app.processor
+    """Run the app over one partition's records in order, stopping at the first bad record.
+
+    For a stateful app, `state` is the partition's state before these records; the processor
+    works on a copy, and `PartitionWork.state` is the state after the last good record.
+    """
+    processor: Any = app.processor
     if processor is None:
         raise InvalidRecordError("app has no processor", app=app.name)
     work = PartitionWork(
         partition=partition, first_offset=records[0].offset, next_offset=records[0].offset
     )
-    for raw in records:
+    stateful = app.state is not None
+    working = copy_state(state) if stateful else None
+    for index, raw in enumerate(records):
         try:
-            produced = processor(
-                Record(
-                    topic=raw.topic,
-                    partition=raw.partition,
-                    offset=raw.offset,
-                    timestamp_ms=raw.timestamp_ms,
-                    key=raw.key,
-                    value=decode(raw.value),
-                    headers=raw.headers,
-                )
-            )
+            record = _decoded(decode, raw)
+            produced = processor(record, working) if stateful else processor(record)
             keyed = _keyed_rows(app, produced, raw)
-        except RecordError as exc:
-            work.error = exc.located(topic=raw.topic, partition=raw.partition, offset=raw.offset)
-            return work
         except Exception as exc:  # a processor bug must stop the partition, named, never vanish
-            error = RecordError(
-                f"processor raised {type(exc).__name__}: {exc}",
-                topic=raw.topic,
-                partition=raw.partition,
-                offset=raw.offset,
-            )
-            error.__cause__ = exc
-            work.error = error
+            work.error = _located(exc, raw)
+            if stateful:
+                # The bad record may have half-changed the copy: rebuild the state of the good
+                # prefix from the untouched start (processors are deterministic).
+                working = copy_state(state)
+                for good in records[:index]:
+                    processor(_decoded(decode, good), working)
+                work.state = working
             return work
         work.rows.extend(keyed)
         work.records += 1
         work.next_offset = raw.offset + 1
+        work.leader_epoch = raw.leader_epoch
+    work.state = working
     return work
+
+
+def _decoded(decode: Decoder, raw: RawRecord) -> Record:
+    return Record(
+        topic=raw.topic,
+        partition=raw.partition,
+        offset=raw.offset,
+        timestamp_ms=raw.timestamp_ms,
+        key=raw.key,
+        value=decode(raw.value),
+        headers=raw.headers,
+    )
+
+
+def _located(exc: Exception, raw: RawRecord) -> RecordError:
+    if isinstance(exc, RecordError):
+        return exc.located(topic=raw.topic, partition=raw.partition, offset=raw.offset)
+    error = RecordError(
+        f"processor raised {type(exc).__name__}: {exc}",
+        topic=raw.topic,
+        partition=raw.partition,
+        offset=raw.offset,
+    )
+    error.__cause__ = exc
+    return error
 
 
 def _keyed_rows(app: App, produced: Row | Iterable[Row] | None, raw: RawRecord) -> list[KeyedRow]:

@@ -51,6 +51,7 @@ def _v1_to_v2(record: CheckpointRecord) -> CheckpointRecord:
 _UPGRADES: dict[int, _Upgrade] = {1: _v1_to_v2}
 
 
+@cache
 def writer_version() -> str:
     """This offsetkeeper's version, recorded in every checkpoint it writes."""
     try:

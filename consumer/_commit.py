@@ -21,8 +21,9 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from consumer._batch import PartitionWork, merge_rows
-from consumer._checkpoint import Checkpoint
+from consumer._checkpoint import Checkpoint, writer_version
 from consumer._records import TopicPartition
+from consumer._state import encode_state
 from sinks import Sink
 
 # Fault injection for the crash tests: the engine reads it once at start-up, never at import.
@@ -70,10 +71,16 @@ def commit_batch(
     works: Sequence[PartitionWork],
     epochs: Mapping[TopicPartition, int],
     crash: CrashInjector,
+    state_version: int | None = None,
 ) -> CommittedBatch:
-    """Steps 1-5 above. Raises SinkError/FencedError after rolling back."""
+    """Steps 1-5 above. Raises SinkError/FencedError after rolling back.
+
+    `state_version` is the app's state schema version when the app keeps state: each
+    partition's state after the batch is then saved in its checkpoint.
+    """
     merged = merge_rows(works)  # 1
     now = datetime.now(tz=UTC)
+    version = writer_version()
     checkpoints = [
         Checkpoint(
             group=group,
@@ -81,6 +88,11 @@ def commit_batch(
             partition=work.partition.partition,
             next_offset=work.next_offset,
             updated_at=now,
+            epoch=epochs[work.partition],
+            leader_epoch=work.leader_epoch,
+            writer_version=version,
+            state=None if state_version is None else encode_state(work.state),
+            state_version=state_version,
         )
         for work in works
         if work.next_offset > work.first_offset

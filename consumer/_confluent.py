@@ -259,6 +259,7 @@ def _raw_record(message: Any) -> RawRecord:
         key=message.key(),
         value=message.value(),
         headers=tuple(headers),
+        leader_epoch=message.leader_epoch(),
     )
 
 

@@ -12,17 +12,19 @@ import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, TypeVar
+from typing import Any, Literal, TypeVar
 
 import structlog
 
 from consumer._app import App
 from consumer._backend import ClientBackend, StartPosition
 from consumer._batch import PartitionWork, group_by_partition, process_partition
+from consumer._checkpoint import Checkpoint
 from consumer._commit import CrashInjector, commit_batch
 from consumer._decode import decoder_for
 from consumer._errors import CheckpointError, FencedError, KafkaError, RecordError, SinkError
 from consumer._records import RawRecord, TopicPartition
+from consumer._state import load_state
 from sinks import Sink
 
 log = structlog.get_logger("offsetkeeper.engine")
@@ -58,6 +60,7 @@ class _Owned:
     epoch: int
     next_offset: int | None
     stopped: RecordError | None = None
+    state: Any = None  # stateful apps: the state as of next_offset
 
 
 class Engine:
@@ -157,7 +160,7 @@ class Engine:
             fresh = fetched if position is None else [r for r in fetched if r.offset >= position]
             if not fresh:
                 continue
-            work = process_partition(self._app, self._decode, tp, fresh)
+            work = process_partition(self._app, self._decode, tp, fresh, owned.state)
             works.append(work)
         if works:
             self._commit(works)
@@ -175,6 +178,7 @@ class Engine:
                         works=works,
                         epochs=epochs,
                         crash=self._crash,
+                        state_version=self._app.state.version if self._app.state else None,
                     ),
                 )
             except FencedError as exc:
@@ -186,6 +190,8 @@ class Engine:
             return
         for tp, next_offset in committed.next_offsets.items():
             self._owned[tp].next_offset = next_offset
+        for work in works:
+            self._owned[work.partition].state = work.state
         self.records_committed += committed.records
         self.batches_committed += 1
         log.debug(
@@ -297,7 +303,9 @@ class Engine:
                 starts[tp] = self._reset_position(tp, self._settings.reset_policy)
             start = starts[tp]
             self._owned[tp] = _Owned(
-                epoch=epochs[tp], next_offset=start if isinstance(start, int) else None
+                epoch=epochs[tp],
+                next_offset=start if isinstance(start, int) else None,
+                state=self._initial_state(tp, checkpoint),
             )
         log.info(
             "partitions_assigned",
@@ -305,6 +313,17 @@ class Engine:
             epochs={str(tp): epochs[tp] for tp in partitions},
         )
         return starts
+
+    def _initial_state(self, tp: TopicPartition, checkpoint: Checkpoint | None) -> Any:
+        if self._app.state is None:
+            return None
+        return load_state(
+            self._app.state,
+            None if checkpoint is None else checkpoint.state,
+            None if checkpoint is None else checkpoint.state_version,
+            topic=tp.topic,
+            partition=tp.partition,
+        )
 
     def _reset_position(
         self, tp: TopicPartition, policy: Literal["earliest", "latest"]

@@ -27,6 +27,7 @@ class RawRecord:
     key: bytes | None
     value: bytes | None
     headers: tuple[tuple[str, bytes | None], ...] = ()
+    leader_epoch: int | None = None
 
     @property
     def topic_partition(self) -> TopicPartition:

@@ -28,6 +28,7 @@ from consumer._commit import CrashInjector, commit_batch
 from consumer._decode import decoder_for
 from consumer._errors import ConfigError, FencedError, RecordError
 from consumer._records import RawRecord, TopicPartition
+from consumer._state import load_state
 from sinks import Sink
 
 log = structlog.get_logger("offsetkeeper.replay")
@@ -370,6 +371,7 @@ class _ReplayRun:
         self._ends = {TopicPartition(plan.topic, r.partition): r.end for r in plan.ranges}
         self._starts = {TopicPartition(plan.topic, r.partition): r.start for r in plan.ranges}
         self._positions: dict[TopicPartition, int] = {}
+        self._states: dict[TopicPartition, Any] = {}
         self._remaining: set[TopicPartition] = set()
         self._stopped: dict[int, RecordError] = {}
         self._decode = decoder_for(app.decode)
@@ -391,6 +393,14 @@ class _ReplayRun:
             self._positions[tp] = (
                 start if checkpoint is None else max(start, checkpoint.next_offset)
             )
+            if self._app.state is not None:
+                self._states[tp] = load_state(
+                    self._app.state,
+                    None if checkpoint is None else checkpoint.state,
+                    None if checkpoint is None else checkpoint.state_version,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                )
         resumed_from = {tp.partition: self._positions[tp] for tp in tps if tp in stored}
         self._remaining = {tp for tp in tps if self._positions[tp] < self._ends[tp]}
         left = sum(self._ends[tp] - self._positions[tp] for tp in self._remaining)
@@ -439,7 +449,9 @@ class _ReplayRun:
             position, end = self._positions[tp], self._ends[tp]
             wanted = [r for r in fetched if position <= r.offset < end]
             if wanted:
-                works.append(process_partition(self._app, self._decode, tp, wanted))
+                works.append(
+                    process_partition(self._app, self._decode, tp, wanted, self._states.get(tp))
+                )
         return works
 
     def _commit(
@@ -447,7 +459,12 @@ class _ReplayRun:
     ) -> tuple[int, int]:
         try:
             committed = commit_batch(
-                self._sink, group=self._group, works=works, epochs=epochs, crash=self._crash
+                self._sink,
+                group=self._group,
+                works=works,
+                epochs=epochs,
+                crash=self._crash,
+                state_version=self._app.state.version if self._app.state else None,
             )
         except FencedError as exc:
             raise ConfigError(
@@ -456,6 +473,8 @@ class _ReplayRun:
                 partitions=sorted(exc.partitions),
             ) from exc
         self._positions.update(committed.next_offsets)
+        for work in works:
+            self._states[work.partition] = work.state
         for work in works:
             if work.error is not None:
                 self._stop_partition(work.partition, work.error)
