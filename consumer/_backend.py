@@ -20,7 +20,8 @@ class RebalanceListener(Protocol):
     Ordering guarantees a backend must keep:
 
     - `on_assigned` runs before any record of those partitions is returned; the backend starts
-      each partition at the position it returns.
+      each partition at the position it returns. It is also called with no partitions when the
+      group hands this member an empty assignment, so the listener knows it has joined.
     - `on_revoked` runs before the partitions are released to another member, and after the last
       `poll_batch` that returned their records; the engine settles their in-flight work here.
     - `on_lost` replaces `on_revoked` when the partitions are already gone (session expired):
@@ -93,6 +94,10 @@ class PartitionReader(Protocol):
 
     def group_members(self, group: str) -> list[str]:
         """Client ids of the consumer group's active members (empty when none)."""
+        ...
+
+    def committed_offsets(self, group: str) -> dict[TopicPartition, int]:
+        """The offsets a plain Kafka consumer group has committed (next offset to read)."""
         ...
 
     def close(self) -> None: ...

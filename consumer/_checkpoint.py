@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import io
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from functools import cache
 from typing import Any
@@ -72,6 +72,8 @@ class Checkpoint:
     writer_version: str = "unknown"
     state: bytes | None = None
     state_version: int | None = None
+    # The format it was stored in, when it was read from a sink (not part of the record).
+    read_from_format: int | None = field(default=None, compare=False)
 
     @property
     def topic_partition(self) -> TopicPartition:
@@ -118,6 +120,7 @@ def upgrade_record(record: Mapping[str, Any]) -> CheckpointRecord:
 def decode_checkpoint(record: Mapping[str, Any]) -> Checkpoint:
     """A `Checkpoint` from a stored record of any released format."""
     current = upgrade_record(record)
+    stored_format = record.get("format_version")
     try:
         updated_at = current["updated_at"]
         if isinstance(updated_at, int):
@@ -133,6 +136,7 @@ def decode_checkpoint(record: Mapping[str, Any]) -> Checkpoint:
             writer_version=str(current["writer_version"]),
             state=None if current["state"] is None else bytes(current["state"]),
             state_version=_optional_int(current["state_version"]),
+            read_from_format=stored_format if isinstance(stored_format, int) else None,
         )
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(

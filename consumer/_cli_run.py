@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import signal
-from types import FrameType
 from typing import Any
 
 import structlog
@@ -15,6 +13,8 @@ from consumer._config import RunSettings, load_settings
 from consumer._confluent import ConfluentBackend
 from consumer._engine import Engine, EngineSettings
 from consumer._logging import configure_logging
+from consumer._operations import start_operations
+from consumer._shutdown import GracefulShutdown
 from sinks import open_sink
 
 log = structlog.get_logger("offsetkeeper.cli")
@@ -65,32 +65,53 @@ def add_run_parser(commands: Any) -> None:
         metavar="SECONDS",
         help="give up after no Kafka broker answered this long (default 300)",
     )
-
+    _add_operations_arguments(run)
     run.set_defaults(handler=run_command)
 
 
-class _StopOnSignal:
-    """SIGTERM/SIGINT handling, installed before anything slow so no signal is ever lost:
-    the first asks the engine to commit its batch and leave; a second aborts at once."""
-
-    def __init__(self) -> None:
-        self.requested = False
-        self.engine: Engine | None = None
-        signal.signal(signal.SIGTERM, self._on_signal)
-        signal.signal(signal.SIGINT, self._on_signal)
-
-    def _on_signal(self, signum: int, _frame: FrameType | None) -> None:
-        if self.requested:
-            # Second signal: abort now; the open transaction is rolled back on the way out.
-            raise SystemExit(128 + signum)
-        self.requested = True
-        log.info("shutdown_requested", signal=signal.Signals(signum).name)
-        if self.engine is not None:
-            self.engine.request_stop()
+def _add_operations_arguments(run: argparse.ArgumentParser) -> None:
+    ops = run.add_argument_group("operations (README: Deploying)")
+    ops.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics, /healthz and /readyz on this port (0: any free port; default off)",
+    )
+    ops.add_argument("--metrics-host", metavar="ADDRESS", help="bind address (default 0.0.0.0)")
+    ops.add_argument(
+        "--shutdown-deadline",
+        dest="shutdown_deadline_s",
+        type=float,
+        metavar="SECONDS",
+        help="after SIGTERM, abort the in-flight batch and exit 4 if not done by then (default 30)",
+    )
+    ops.add_argument(
+        "--lag-interval",
+        dest="lag_interval_s",
+        type=float,
+        metavar="SECONDS",
+        help="how often partition end offsets are sampled for the lag metric (default 10)",
+    )
+    ops.add_argument(
+        "--readiness-timeout",
+        dest="readiness_timeout_s",
+        type=float,
+        metavar="SECONDS",
+        help="not ready once the sink failed, or a lagging partition committed nothing, this "
+        "long (default 30)",
+    )
+    ops.add_argument(
+        "--liveness-timeout",
+        dest="liveness_timeout_s",
+        type=float,
+        metavar="SECONDS",
+        help="not alive once the partition loop has not run this long (default 120)",
+    )
 
 
 def run_command(args: argparse.Namespace) -> int:
-    stop = _StopOnSignal()
+    # First, before anything slow: no SIGTERM is lost while the process starts.
+    shutdown = GracefulShutdown()
     settings = load_settings(
         RunSettings,
         cli_values(
@@ -106,10 +127,17 @@ def run_command(args: argparse.Namespace) -> int:
                 "stop_when_idle_s",
                 "sink_retry_deadline_s",
                 "broker_retry_deadline_s",
+                "metrics_port",
+                "metrics_host",
+                "shutdown_deadline_s",
+                "lag_interval_s",
+                "readiness_timeout_s",
+                "liveness_timeout_s",
             ),
         ),
         args.config,
     )
+    shutdown.deadline_s = settings.shutdown_deadline_s
     configure_logging(settings.log_level, settings.log_format)
     app = load_app(settings.app)
     sink = open_sink(settings.sink.get_secret_value())
@@ -119,6 +147,7 @@ def run_command(args: argparse.Namespace) -> int:
         client_config=settings.kafka_config,
         unreachable_deadline_s=settings.broker_retry_deadline_s,
     )
+    operations = start_operations(settings)
     engine = Engine(
         app,
         EngineSettings(
@@ -132,8 +161,12 @@ def run_command(args: argparse.Namespace) -> int:
         ),
         backend,
         sink,
+        observer=None if operations is None else operations.telemetry,
     )
-    stop.engine = engine
-    if stop.requested:  # a signal that came before the engine existed
-        engine.request_stop()
-    return engine.run()
+    shutdown.on_request(engine.request_stop)  # at once, if a signal came before the engine
+    try:
+        return engine.run()
+    finally:
+        shutdown.disarm()
+        if operations is not None:
+            operations.stop()

@@ -47,6 +47,14 @@ class RunSettings(CommonSettings):
     stop_when_idle_s: float | None = Field(default=None, gt=0)
     sink_retry_deadline_s: float = Field(default=120.0, ge=0)
     broker_retry_deadline_s: float = Field(default=300.0, ge=0)
+    # Operations (README "Deploying"): the HTTP port for /metrics, /healthz and /readyz (None:
+    # no server; 0: any free port, logged), graceful shutdown, lag sampling, health thresholds.
+    metrics_port: int | None = Field(default=None, ge=0, le=65535)
+    metrics_host: str = "0.0.0.0"  # noqa: S104 - probes and scrapers reach a pod from outside
+    shutdown_deadline_s: float = Field(default=30.0, gt=0)
+    lag_interval_s: float = Field(default=10.0, gt=0)
+    readiness_timeout_s: float = Field(default=30.0, gt=0)
+    liveness_timeout_s: float = Field(default=120.0, gt=0)
 
     @field_validator("topics", mode="before")
     @classmethod

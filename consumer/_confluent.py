@@ -130,7 +130,7 @@ class ConfluentBackend:
     def _on_assign(self, consumer: Any, partitions: list[confluent_kafka.TopicPartition]) -> None:
         listener = self._require_listener()
         tps = [TopicPartition(p.topic, p.partition) for p in partitions]
-        starts = listener.on_assigned(tps) if tps else {}
+        starts = listener.on_assigned(tps)  # also when empty: the member has joined
         positioned = [
             confluent_kafka.TopicPartition(tp.topic, tp.partition, _offset(starts[tp]))
             for tp in tps
@@ -407,6 +407,22 @@ class ConfluentReader:
         except confluent_kafka.KafkaException as exc:
             raise translate(exc, "cannot describe consumer group", group=group) from exc
         return [member.client_id for member in description.members]
+
+    def committed_offsets(self, group: str) -> dict[TopicPartition, int]:
+        admin = confluent_kafka.admin.AdminClient(
+            {"bootstrap.servers": self._bootstrap, **self._client_config}
+        )
+        request = confluent_kafka.ConsumerGroupTopicPartitions(group)
+        try:
+            answer = admin.list_consumer_group_offsets([request], request_timeout=15)[group]
+            result = answer.result()
+        except confluent_kafka.KafkaException as exc:
+            raise translate(exc, "cannot list the group's committed offsets", group=group) from exc
+        return {
+            TopicPartition(tp.topic, tp.partition): int(tp.offset)
+            for tp in result.topic_partitions
+            if tp.offset >= 0 and tp.error is None
+        }
 
     def close(self) -> None:
         if not self._closed:

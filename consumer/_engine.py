@@ -23,6 +23,7 @@ from consumer._checkpoint import Checkpoint
 from consumer._commit import CrashInjector, commit_batch
 from consumer._decode import decoder_for
 from consumer._errors import CheckpointError, FencedError, KafkaError, RecordError, SinkError
+from consumer._observer import EngineObserver, NullObserver
 from consumer._records import RawRecord, TopicPartition
 from consumer._state import load_state
 from sinks import Sink
@@ -37,6 +38,9 @@ _MIN_RATE_WINDOW_S = 0.01  # below this a rate is noise
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_PARTITIONS_STOPPED = 2
+# Graceful shutdown cut short (a second signal, or the shutdown deadline): the in-flight batch
+# was rolled back. See consumer._shutdown.
+EXIT_ABORTED = 4
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +79,7 @@ class Engine:
         *,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
+        observer: EngineObserver | None = None,
     ) -> None:
         self._app = app
         self._settings = settings
@@ -87,6 +92,7 @@ class Engine:
         self._stop_requested = False
         self._ever_assigned = False
         self._crash = CrashInjector.from_environment()
+        self._observer: EngineObserver = observer or NullObserver()
         self.records_committed = 0
         self.batches_committed = 0
 
@@ -95,6 +101,7 @@ class Engine:
     def request_stop(self) -> None:
         """Finish and commit the batch in hand, then leave the group. Safe from a signal handler."""
         self._stop_requested = True
+        self._observer.stopping()
 
     @property
     def stopped_partitions(self) -> dict[TopicPartition, RecordError]:
@@ -119,6 +126,7 @@ class Engine:
                 records = self._backend.poll_batch(
                     self._settings.batch_max_records, self._settings.poll_timeout_s
                 )
+                self._observer.polled(len(records))
                 if records:
                     if first_record_at is None:
                         first_record_at = self._clock()
@@ -160,6 +168,7 @@ class Engine:
             fresh = fetched if position is None else [r for r in fetched if r.offset >= position]
             if not fresh:
                 continue
+            self._observer.records_fetched(tp, len(fresh))
             work = process_partition(self._app, self._decode, tp, fresh, owned.state)
             works.append(work)
         if works:
@@ -194,6 +203,7 @@ class Engine:
             self._owned[work.partition].state = work.state
         self.records_committed += committed.records
         self.batches_committed += 1
+        self._observer.batch_committed(works, committed)
         log.debug(
             "batch_committed",
             records=committed.records,
@@ -212,6 +222,7 @@ class Engine:
     def _stop_partition(self, tp: TopicPartition, error: RecordError) -> None:
         self._owned[tp].stopped = error
         self._backend.pause([tp])
+        self._observer.partition_stopped(tp, error)
         log.error(
             "partition_stopped",
             topic=error.topic,
@@ -225,12 +236,13 @@ class Engine:
 
     def _drop_fenced(self, exc: FencedError) -> None:
         dropped = [TopicPartition(topic, partition) for topic, partition in exc.partitions]
-        for tp in dropped:
-            self._owned.pop(tp, None)
+        next_offsets = self._forget(dropped)
         self._backend.pause(dropped)
+        self._observer.partitions_fenced(dropped)
         log.warning(
             "partitions_fenced",
             partitions=[str(tp) for tp in sorted(dropped)],
+            next_offsets=next_offsets,
             reason="a newer owner took these partitions; this batch was rolled back for them",
         )
 
@@ -241,11 +253,13 @@ class Engine:
         attempt = 0
         while True:
             attempt += 1
+            began = self._clock()
             try:
-                return action()
+                result = action()
             except FencedError:
                 raise
             except SinkError as exc:
+                self._observer.sink_failed(what, exc)
                 if self._clock() + backoff > deadline:
                     log.error(  # noqa: TRY400 - the caller reports the error; no traceback twice
                         "sink_gave_up", action=what, attempts=attempt, error=str(exc)
@@ -256,6 +270,9 @@ class Engine:
                 )
                 self._sleep(backoff)
                 backoff = min(backoff * 2, self._settings.sink_retry_max_backoff_s)
+            else:
+                self._observer.sink_succeeded(what, self._clock() - began)
+                return result
 
     # -- idleness ------------------------------------------------------------------------------
 
@@ -282,6 +299,9 @@ class Engine:
         self, partitions: Sequence[TopicPartition]
     ) -> Mapping[TopicPartition, StartPosition]:
         group = self._settings.group
+        self._observer.joined()
+        if not partitions:
+            return {}  # joined with nothing (yet) to own: ready, but not "assigned" for idleness
         self._ever_assigned = True
         epochs = self._with_sink_retry("acquire", lambda: self._sink.acquire(group, partitions))
         stored = self._with_sink_retry(
@@ -307,6 +327,7 @@ class Engine:
                 next_offset=start if isinstance(start, int) else None,
                 state=self._initial_state(tp, checkpoint),
             )
+        self._observer.partitions_assigned({tp: self._owned[tp].next_offset for tp in partitions})
         log.info(
             "partitions_assigned",
             partitions={str(tp): starts[tp] for tp in partitions},
@@ -341,11 +362,28 @@ class Engine:
 
     def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
         # Nothing is in flight here (see the module docstring): forgetting them is enough.
-        for tp in partitions:
-            self._owned.pop(tp, None)
-        log.info("partitions_revoked", partitions=[str(tp) for tp in partitions])
+        next_offsets = self._forget(partitions)
+        self._observer.partitions_revoked(partitions, lost=False)
+        log.info(
+            "partitions_revoked",
+            partitions=[str(tp) for tp in partitions],
+            next_offsets=next_offsets,
+        )
 
     def on_lost(self, partitions: Sequence[TopicPartition]) -> None:
+        next_offsets = self._forget(partitions)
+        self._observer.partitions_revoked(partitions, lost=True)
+        log.warning(
+            "partitions_lost",
+            partitions=[str(tp) for tp in partitions],
+            next_offsets=next_offsets,
+        )
+
+    def _forget(self, partitions: Sequence[TopicPartition]) -> dict[str, int | None]:
+        """Drop the partitions; returns where each stood (its next offset), for the log."""
+        forgotten: dict[str, int | None] = {}
         for tp in partitions:
-            self._owned.pop(tp, None)
-        log.warning("partitions_lost", partitions=[str(tp) for tp in partitions])
+            owned = self._owned.pop(tp, None)
+            if owned is not None:
+                forgotten[str(tp)] = owned.next_offset
+        return forgotten

@@ -83,6 +83,16 @@ class Sink(Protocol):
 
     def rollback(self) -> None: ...
 
+    def checkpoint_groups(self) -> list[str]:
+        """Every group with stored checkpoints (replay jobs included), sorted."""
+        ...
+
+    def migrate_checkpoints(self, *, dry_run: bool = False) -> list[Checkpoint]:
+        """Rewrite every checkpoint stored in an older format in the current one, in one
+        transaction that locks them (so a live consumer's commit cannot interleave). Returns
+        the checkpoints that were (or, with dry_run, would be) rewritten."""
+        ...
+
     def create_job(self, job_id: str, document: str) -> str:
         """Store a job's document unless the job exists; return the stored document."""
         ...

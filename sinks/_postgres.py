@@ -62,9 +62,8 @@ class PostgresSink:
         self._dsn = dsn
         self._options = dict(options or {})
         self._options.setdefault("connect_timeout", "10")
-        self._checkpoints = sql.Identifier(
-            check_identifier(checkpoint_table, what="checkpoint table")
-        )
+        self._checkpoint_name = check_identifier(checkpoint_table, what="checkpoint table")
+        self._checkpoints = sql.Identifier(self._checkpoint_name)
         self._leases = sql.Identifier(check_identifier(lease_table, what="lease table"))
         self._tables: tuple[Table, ...] = ()
         self._connection: psycopg.Connection[Any] | None = None
@@ -212,36 +211,51 @@ class PostgresSink:
         db = self._connect()
         try:
             with db.cursor() as cursor:
-                cursor.execute(
-                    sql.SQL(
-                        "SELECT group_id, topic, partition, next_offset, format_version,"
-                        " updated_at, epoch, leader_epoch, writer_version, state, state_version"
-                        " FROM {} WHERE group_id = %s"
-                    ).format(self._checkpoints),
-                    (group,),
-                )
-                rows = cursor.fetchall()
+                checkpoints = self._read_checkpoints(cursor, group)
             db.commit()
         except psycopg.errors.UndefinedTable:
             self._rollback_quietly()
             return {}
         except psycopg.Error as exc:
             raise self._fail("cannot read checkpoints", exc) from exc
+        if wanted is None:
+            return checkpoints
+        return {tp: cp for tp, cp in checkpoints.items() if tp in wanted}
+
+    def _read_checkpoints(
+        self, cursor: psycopg.Cursor[Any], group: str
+    ) -> dict[TopicPartition, Checkpoint]:
+        # A v1 table opened read-only has no v2 columns: read them as NULL.
+        cursor.execute(
+            "SELECT column_name FROM information_schema.columns"
+            " WHERE table_schema = current_schema() AND table_name = %s",
+            (self._checkpoint_name,),
+        )
+        present = {str(row[0]) for row in cursor.fetchall()}
+        v2 = sql.SQL(", ").join(
+            sql.Identifier(c) if c in present else sql.SQL("NULL AS {}").format(sql.Identifier(c))
+            for c in CHECKPOINT_V2_COLUMNS
+        )
+        cursor.execute(
+            sql.SQL(
+                "SELECT group_id, topic, partition, next_offset, format_version,"
+                " updated_at, {} FROM {} WHERE group_id = %s"
+            ).format(v2, self._checkpoints),
+            (group,),
+        )
         checkpoints: dict[TopicPartition, Checkpoint] = {}
-        for row in rows:
-            tp = TopicPartition(row[1], row[2])
-            if wanted is None or tp in wanted:
-                checkpoints[tp] = decode_checkpoint(
-                    {
-                        "format_version": row[4],
-                        "group": row[0],
-                        "topic": row[1],
-                        "partition": row[2],
-                        "next_offset": row[3],
-                        "updated_at": row[5],
-                        **dict(zip(CHECKPOINT_V2_COLUMNS, row[6:], strict=True)),
-                    }
-                )
+        for row in cursor.fetchall():
+            checkpoints[TopicPartition(row[1], row[2])] = decode_checkpoint(
+                {
+                    "format_version": row[4],
+                    "group": row[0],
+                    "topic": row[1],
+                    "partition": row[2],
+                    "next_offset": row[3],
+                    "updated_at": row[5],
+                    **dict(zip(CHECKPOINT_V2_COLUMNS, row[6:], strict=True)),
+                }
+            )
         return checkpoints
 
     # -- the batch transaction -------------------------------------------------------------------
@@ -331,39 +345,98 @@ class PostgresSink:
                 )
                 current = {TopicPartition(t, p): int(e) for t, p, e in cursor.fetchall()}
                 _refuse_stale_epochs(group, partitions, current, epochs)
-                records = [encode_checkpoint(cp) for cp in checkpoints]
-                cursor.executemany(
-                    sql.SQL(
-                        "INSERT INTO {} AS c"
-                        " (group_id, topic, partition, next_offset, format_version, updated_at,"
-                        " epoch, leader_epoch, writer_version, state, state_version)"
-                        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                        " ON CONFLICT (group_id, topic, partition) DO UPDATE SET"
-                        " next_offset = EXCLUDED.next_offset,"
-                        " format_version = EXCLUDED.format_version,"
-                        " updated_at = EXCLUDED.updated_at, epoch = EXCLUDED.epoch,"
-                        " leader_epoch = EXCLUDED.leader_epoch,"
-                        " writer_version = EXCLUDED.writer_version,"
-                        " state = EXCLUDED.state, state_version = EXCLUDED.state_version"
-                    ).format(self._checkpoints),
-                    [
-                        (
-                            r["group"],
-                            r["topic"],
-                            r["partition"],
-                            r["next_offset"],
-                            CURRENT_FORMAT_VERSION,
-                            r["updated_at"],
-                            *(r[column] for column in CHECKPOINT_V2_COLUMNS),
-                        )
-                        for r in records
-                    ],
-                )
+                self._write_checkpoints(cursor, checkpoints)
         except FencedError:
             self._rollback_quietly()
             raise
         except psycopg.Error as exc:
             raise self._fail("cannot save checkpoints", exc) from exc
+
+    def _write_checkpoints(
+        self, cursor: psycopg.Cursor[Any], checkpoints: Sequence[Checkpoint]
+    ) -> None:
+        records = [encode_checkpoint(cp) for cp in checkpoints]
+        cursor.executemany(
+            sql.SQL(
+                "INSERT INTO {} AS c"
+                " (group_id, topic, partition, next_offset, format_version, updated_at,"
+                " epoch, leader_epoch, writer_version, state, state_version)"
+                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
+                " ON CONFLICT (group_id, topic, partition) DO UPDATE SET"
+                " next_offset = EXCLUDED.next_offset,"
+                " format_version = EXCLUDED.format_version,"
+                " updated_at = EXCLUDED.updated_at, epoch = EXCLUDED.epoch,"
+                " leader_epoch = EXCLUDED.leader_epoch,"
+                " writer_version = EXCLUDED.writer_version,"
+                " state = EXCLUDED.state, state_version = EXCLUDED.state_version"
+            ).format(self._checkpoints),
+            [
+                (
+                    r["group"],
+                    r["topic"],
+                    r["partition"],
+                    r["next_offset"],
+                    CURRENT_FORMAT_VERSION,
+                    r["updated_at"],
+                    *(r[column] for column in CHECKPOINT_V2_COLUMNS),
+                )
+                for r in records
+            ],
+        )
+
+    def checkpoint_groups(self) -> list[str]:
+        db = self._connect()
+        try:
+            with db.cursor() as cursor:
+                cursor.execute(
+                    sql.SQL("SELECT DISTINCT group_id FROM {} ORDER BY group_id").format(
+                        self._checkpoints
+                    )
+                )
+                rows = cursor.fetchall()
+            db.commit()
+        except psycopg.errors.UndefinedTable:
+            self._rollback_quietly()
+            return []
+        except psycopg.Error as exc:
+            raise self._fail("cannot list checkpoint groups", exc) from exc
+        return [str(row[0]) for row in rows]
+
+    def migrate_checkpoints(self, *, dry_run: bool = False) -> list[Checkpoint]:
+        db = self._connect()
+        try:
+            with db.cursor() as cursor:
+                # Lock every older row: a live consumer's commit waits for us, never interleaves.
+                cursor.execute(
+                    sql.SQL(
+                        "SELECT group_id FROM {} WHERE format_version < %s"
+                        " ORDER BY group_id, topic, partition FOR UPDATE"
+                    ).format(self._checkpoints),
+                    (CURRENT_FORMAT_VERSION,),
+                )
+                groups = sorted({str(row[0]) for row in cursor.fetchall()})
+                older = [
+                    checkpoint
+                    for group in groups
+                    for checkpoint in self._read_checkpoints(cursor, group).values()
+                    if (checkpoint.read_from_format or CURRENT_FORMAT_VERSION)
+                    < CURRENT_FORMAT_VERSION
+                ]
+                if older and not dry_run:
+                    self._write_checkpoints(cursor, older)
+            if dry_run:
+                db.rollback()
+            else:
+                db.commit()
+        except psycopg.errors.UndefinedTable:
+            self._rollback_quietly()
+            return []  # nothing stored yet
+        except psycopg.Error as exc:
+            raise self._fail("cannot migrate checkpoints", exc) from exc
+        except BaseException:
+            self._rollback_quietly()
+            raise
+        return older
 
     def create_job(self, job_id: str, document: str) -> str:
         db = self._connect()

@@ -197,10 +197,14 @@ class SqliteSink:
     ) -> dict[TopicPartition, Checkpoint]:
         wanted = None if partitions is None else set(partitions)
         try:
+            # A v1 table opened read-only has no v2 columns: read them as NULL.
+            present = {
+                row[1] for row in self._db.execute(f"PRAGMA table_info({self._checkpoint_table})")
+            }
+            v2 = ", ".join(c if c in present else f"NULL AS {c}" for c in CHECKPOINT_V2_COLUMNS)
             rows = self._db.execute(
                 "SELECT group_id, topic, partition, next_offset, format_version, updated_at_ms,"
-                " epoch, leader_epoch, writer_version, state, state_version"
-                f" FROM {self._checkpoint_table} WHERE group_id = ?",
+                f" {v2} FROM {self._checkpoint_table} WHERE group_id = ?",
                 (group,),
             ).fetchall()
         except sqlite3.Error as exc:
@@ -274,32 +278,68 @@ class SqliteSink:
                     partitions=[(tp.topic, tp.partition) for tp in fenced],
                     group=group,
                 )
-            records = [encode_checkpoint(cp) for cp in checkpoints]
-            self._db.executemany(
-                f"INSERT INTO {self._checkpoint_table}"
-                " (group_id, topic, partition, next_offset, format_version, updated_at_ms,"
-                " epoch, leader_epoch, writer_version, state, state_version)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT (group_id, topic, partition) DO UPDATE SET"
-                " next_offset = excluded.next_offset, format_version = excluded.format_version,"
-                " updated_at_ms = excluded.updated_at_ms, epoch = excluded.epoch,"
-                " leader_epoch = excluded.leader_epoch, writer_version = excluded.writer_version,"
-                " state = excluded.state, state_version = excluded.state_version",
-                [
-                    (
-                        r["group"],
-                        r["topic"],
-                        r["partition"],
-                        r["next_offset"],
-                        CURRENT_FORMAT_VERSION,
-                        int(r["updated_at"].timestamp() * 1000),
-                        *(r[column] for column in CHECKPOINT_V2_COLUMNS),
-                    )
-                    for r in records
-                ],
-            )
+            self._write_checkpoints(checkpoints)
         except sqlite3.Error as exc:
             raise SinkError("cannot save checkpoints", sink=self.description) from exc
+
+    def _write_checkpoints(self, checkpoints: Sequence[Checkpoint]) -> None:
+        records = [encode_checkpoint(cp) for cp in checkpoints]
+        self._db.executemany(
+            f"INSERT INTO {self._checkpoint_table}"
+            " (group_id, topic, partition, next_offset, format_version, updated_at_ms,"
+            " epoch, leader_epoch, writer_version, state, state_version)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
+            " ON CONFLICT (group_id, topic, partition) DO UPDATE SET"
+            " next_offset = excluded.next_offset, format_version = excluded.format_version,"
+            " updated_at_ms = excluded.updated_at_ms, epoch = excluded.epoch,"
+            " leader_epoch = excluded.leader_epoch, writer_version = excluded.writer_version,"
+            " state = excluded.state, state_version = excluded.state_version",
+            [
+                (
+                    r["group"],
+                    r["topic"],
+                    r["partition"],
+                    r["next_offset"],
+                    CURRENT_FORMAT_VERSION,
+                    int(r["updated_at"].timestamp() * 1000),
+                    *(r[column] for column in CHECKPOINT_V2_COLUMNS),
+                )
+                for r in records
+            ],
+        )
+
+    def checkpoint_groups(self) -> list[str]:
+        try:
+            rows = self._db.execute(
+                f"SELECT DISTINCT group_id FROM {self._checkpoint_table} ORDER BY group_id"
+            ).fetchall()
+        except sqlite3.Error as exc:
+            if _no_such_table(exc):
+                return []
+            raise SinkError("cannot list checkpoint groups", sink=self.description) from exc
+        return [str(row[0]) for row in rows]
+
+    def migrate_checkpoints(self, *, dry_run: bool = False) -> list[Checkpoint]:
+        try:
+            if not dry_run:
+                self._db.execute("BEGIN IMMEDIATE")  # the write lock: no commit interleaves
+            older = [
+                checkpoint
+                for group in self.checkpoint_groups()
+                for checkpoint in self.load_checkpoints(group).values()
+                if (checkpoint.read_from_format or CURRENT_FORMAT_VERSION) < CURRENT_FORMAT_VERSION
+            ]
+            if not dry_run:
+                if older:
+                    self._write_checkpoints(older)
+                self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            self._rollback_quietly()
+            raise SinkError("cannot migrate checkpoints", sink=self.description) from exc
+        except BaseException:
+            self._rollback_quietly()
+            raise
+        return older
 
     def create_job(self, job_id: str, document: str) -> str:
         try:

@@ -6,8 +6,6 @@ import json
 import sqlite3
 import subprocess
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -23,7 +21,6 @@ from tests.fixtures.kafka_tools import (
     produce,
     unique_name,
 )
-from tests.fixtures.pg import create_database, query
 from tests.fixtures.processes import (
     FAST_GROUP_SETTINGS,
     OFFSETKEEPER,
@@ -32,45 +29,9 @@ from tests.fixtures.processes import (
     wait_until,
 )
 from tests.fixtures.services import Service
+from tests.integration.conftest import SinkUnderTest
 
 pytestmark = pytest.mark.integration
-
-
-@dataclass
-class SinkUnderTest:
-    url: str
-    query: Callable[[str], list[tuple[object, ...]]]
-
-    def checkpoints(self, group: str) -> dict[int, int]:
-        rows = self.query(
-            "SELECT partition, next_offset FROM offsetkeeper_checkpoints"
-            f" WHERE group_id = '{group}'"
-        )
-        return {int(p): int(o) for p, o in rows}  # type: ignore[call-overload]
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def sink(request: pytest.FixtureRequest, tmp_path: Path) -> SinkUnderTest:
-    if request.param == "sqlite":
-        db = tmp_path / "replay.db"
-
-        def sqlite_query(sql: str) -> list[tuple[object, ...]]:
-            if not db.exists():
-                return []
-            connection = sqlite3.connect(db, timeout=30)
-            try:
-                return connection.execute(sql).fetchall()
-            except sqlite3.OperationalError as exc:
-                if "no such table" in str(exc):
-                    return []
-                raise
-            finally:
-                connection.close()
-
-        return SinkUnderTest(f"sqlite:///{db}", sqlite_query)
-    postgres: Service = request.getfixturevalue("postgres")
-    dsn = create_database(postgres.address)
-    return SinkUnderTest(dsn, lambda sql: query(dsn, sql))
 
 
 def replay(
@@ -424,7 +385,7 @@ def test_checkpoint_reset_refuses_a_live_group_then_moves_an_idle_one(
 
     wait_until(dry_run_allowed, timeout=60, interval=1, what="the group to be empty")
     dry = dry_runs[-1]
-    assert "partition 0: 100 -> 40" in dry.stdout
+    assert f"{topic}[0]: 100 -> 40" in dry.stdout
     assert checkpoints() == {0: 100, 1: 100}
     subprocess.run(
         [*reset, "--to-offset", "40", "--partition", "1"],
