@@ -19,6 +19,26 @@ from sinks import open_sink
 
 log = structlog.get_logger("offsetkeeper.cli")
 
+# The settings `run` takes from its flags (each flag's dest is the setting's name).
+RUN_SETTINGS = (
+    *COMMON_SETTINGS,
+    "app",
+    "group",
+    "topics",
+    "reset_policy",
+    "batch_max_records",
+    "poll_timeout_s",
+    "stop_when_idle_s",
+    "sink_retry_deadline_s",
+    "broker_retry_deadline_s",
+    "metrics_port",
+    "metrics_host",
+    "shutdown_deadline_s",
+    "lag_interval_s",
+    "readiness_timeout_s",
+    "liveness_timeout_s",
+)
+
 
 def add_run_parser(commands: Any) -> None:
     run = commands.add_parser("run", help="consume topics into a sink as a consumer group member")
@@ -112,31 +132,7 @@ def _add_operations_arguments(run: argparse.ArgumentParser) -> None:
 def run_command(args: argparse.Namespace) -> int:
     # First, before anything slow: no SIGTERM is lost while the process starts.
     shutdown = GracefulShutdown()
-    settings = load_settings(
-        RunSettings,
-        cli_values(
-            args,
-            (
-                *COMMON_SETTINGS,
-                "app",
-                "group",
-                "topics",
-                "reset_policy",
-                "batch_max_records",
-                "poll_timeout_s",
-                "stop_when_idle_s",
-                "sink_retry_deadline_s",
-                "broker_retry_deadline_s",
-                "metrics_port",
-                "metrics_host",
-                "shutdown_deadline_s",
-                "lag_interval_s",
-                "readiness_timeout_s",
-                "liveness_timeout_s",
-            ),
-        ),
-        args.config,
-    )
+    settings = load_settings(RunSettings, cli_values(args, RUN_SETTINGS), args.config)
     shutdown.deadline_s = settings.shutdown_deadline_s
     configure_logging(settings.log_level, settings.log_format)
     app = load_app(settings.app)

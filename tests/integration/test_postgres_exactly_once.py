@@ -6,13 +6,12 @@ from __future__ import annotations
 import os
 import signal
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import IN_CI
 from tests.fixtures.chaos import PacedProducer, verify_chaos_sink
+from tests.fixtures.control import require_control
 from tests.fixtures.kafka_tools import create_topic, end_offsets, produce, unique_name
 from tests.fixtures.pg import checkpoints, create_database, query
 from tests.fixtures.processes import FAST_GROUP_SETTINGS, ConsumerProcess, wait_until
@@ -193,15 +192,6 @@ def test_zombie_member_is_fenced_and_its_stale_batch_never_lands(
     _verify(kafka, topic, partitions, pg_dsn, group)
 
 
-def _require_control(service: Service, what: str) -> tuple[Callable[[], None], Callable[[], None]]:
-    if service.halt is None or service.resume is None:
-        message = f"{what} was given from outside ({service.source}); this test must stop it"
-        if IN_CI:
-            pytest.fail(message)
-        pytest.skip(message)
-    return service.halt, service.resume
-
-
 @pytest.mark.parametrize("outage", ["postgres", "kafka"])
 def test_restart_mid_run_loses_and_repeats_nothing(
     outage: str,
@@ -222,7 +212,7 @@ def test_restart_mid_run_loses_and_repeats_nothing(
     )
     service = postgres if outage == "postgres" else kafka
     at_outage = sum(checkpoints(pg_dsn, group).values()) if outage == "kafka" else None
-    halt, resume = _require_control(service, outage)
+    halt, resume = require_control(service, outage)
     halt()
     time.sleep(3)
     resume()
@@ -301,7 +291,7 @@ def test_gives_up_after_the_deadline_with_a_clear_error(
     )
     consumers.append(process)
     _wait_caught_up(kafka, topic, partitions, pg_dsn, group, timeout=60)
-    halt, resume = _require_control(postgres if outage == "postgres" else kafka, outage)
+    halt, resume = require_control(postgres if outage == "postgres" else kafka, outage)
     halt()
     try:
         if outage == "postgres":

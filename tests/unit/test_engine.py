@@ -37,6 +37,7 @@ from tests.fixtures.fake_backend import (
     Revoke,
     Step,
 )
+from tests.fixtures.flaky_sink import FlakySink
 from tests.fixtures.sqlite_db import checkpoints, epochs, table_rows
 
 GROUP = "test-group"
@@ -579,22 +580,6 @@ def test_when_every_partition_of_a_batch_is_fenced_nothing_commits(make: Make) -
 
 
 # -- sink failures and the advisory commit ---------------------------------------------------------
-
-
-class FlakySink(SqliteSink):
-    """A SqliteSink whose first `failures` commits fail (nothing is committed on a failure)."""
-
-    def __init__(self, path: Path, failures: int) -> None:
-        super().__init__(path)
-        self.failures = failures
-        self.commit_attempts = 0
-
-    def commit(self) -> None:
-        self.commit_attempts += 1
-        if self.failures > 0:
-            self.failures -= 1
-            raise SinkError("disk full (injected)")
-        super().commit()
 
 
 def test_a_transient_sink_failure_is_retried_and_the_advisory_follows_the_commit(

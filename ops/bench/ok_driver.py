@@ -1,0 +1,163 @@
+"""Contender: offsetkeeper's Engine + ConfluentBackend into a chosen sink (one process, one run).
+
+It builds the engine exactly as `offsetkeeper run` does (consumer/_cli_run.py), minus the
+operations server, and observes it through the `EngineObserver` hooks: the first records, each
+committed batch with its offset ranges (checked later: every offset committed exactly once), and
+optionally per-record latency (commit time minus the producer's `ts_ms`).
+
+    ok_driver.py --encoding json --sink postgresql --sink-url URL --bootstrap B --group G
+                 --topic T --result FILE [--latency] [--profile FILE] [-X key=value ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import signal
+import sys
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import ok_app
+from bench_sinks import KafkaOffsetsOnlySink, NullSink, SplitTransactionSink
+from timing import RunClock
+
+from consumer._batch import PartitionWork
+from consumer._commit import CommittedBatch
+from consumer._confluent import ConfluentBackend
+from consumer._engine import Engine, EngineSettings
+from consumer._errors import RecordError, SinkError
+from consumer._logging import configure_logging
+from consumer._records import TopicPartition
+from sinks import Sink, open_sink
+
+SINK_KINDS = ("sqlite", "postgresql", "null", "split", "kafka-offsets")
+
+
+class BenchObserver:
+    """`EngineObserver` that feeds a RunClock and records each partition's committed ranges."""
+
+    def __init__(self, clock: RunClock) -> None:
+        self.clock = clock
+        self.ranges: dict[int, list[tuple[int, int]]] = {}
+        self.assignments = 0
+
+    def polled(self, records: int) -> None:
+        if records:
+            self.clock.fetched(records)
+
+    def records_fetched(self, partition: TopicPartition, records: int) -> None:
+        pass
+
+    def batch_committed(self, works: Sequence[PartitionWork], committed: CommittedBatch) -> None:
+        ts = None
+        if self.clock.latency:
+            ts = [values["ts_ms"] for work in works for _t, _k, values in work.rows]
+        self.clock.committed(committed.records, ts)
+        for work in works:
+            if work.next_offset > work.first_offset:
+                self.ranges.setdefault(work.partition.partition, []).append(
+                    (work.first_offset, work.next_offset)
+                )
+
+    def sink_succeeded(self, action: str, duration_s: float) -> None:
+        pass
+
+    def sink_failed(self, action: str, error: SinkError) -> None:
+        pass
+
+    def joined(self) -> None:
+        pass
+
+    def partitions_assigned(self, starts: Mapping[TopicPartition, int | None]) -> None:
+        self.assignments += 1
+
+    def partitions_revoked(self, partitions: Sequence[TopicPartition], *, lost: bool) -> None:
+        pass
+
+    def partitions_fenced(self, partitions: Sequence[TopicPartition]) -> None:
+        pass
+
+    def partition_stopped(self, partition: TopicPartition, error: RecordError) -> None:
+        pass
+
+    def stopping(self) -> None:
+        pass
+
+
+def make_sink(kind: str, url: str | None) -> Sink:
+    if kind == "null":
+        return NullSink()
+    if url is None:
+        raise SystemExit(f"--sink {kind} needs --sink-url")
+    inner = open_sink(url)
+    if kind == "split":
+        return SplitTransactionSink(inner)
+    if kind == "kafka-offsets":
+        return KafkaOffsetsOnlySink(inner)
+    return inner
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--encoding", choices=["json", "avro"], required=True)
+    parser.add_argument("--sink", choices=SINK_KINDS, required=True)
+    parser.add_argument("--sink-url")
+    parser.add_argument("--bootstrap", required=True)
+    parser.add_argument("--group", required=True)
+    parser.add_argument("--topic", required=True)
+    parser.add_argument("--result", required=True)
+    parser.add_argument("--batch-max-records", type=int, default=2000)
+    parser.add_argument("--poll-timeout", type=float, default=0.5)
+    parser.add_argument("--stop-when-idle", type=float, default=2.0)
+    parser.add_argument("--latency", action="store_true")
+    parser.add_argument("--first-commit-file")
+    parser.add_argument("--profile", help="write cProfile stats of engine.run() to this file")
+    parser.add_argument("-X", dest="kafka", action="append", default=[], metavar="KEY=VALUE")
+    args = parser.parse_args(argv)
+
+    configure_logging("info", "json")
+    kafka_config = dict(item.split("=", 1) for item in args.kafka)
+    clock = RunClock(latency=args.latency, first_commit_file=args.first_commit_file)
+    observer = BenchObserver(clock)
+    engine = Engine(
+        ok_app.app_for(args.encoding),
+        EngineSettings(
+            group=args.group,
+            topics=(args.topic,),
+            batch_max_records=args.batch_max_records,
+            poll_timeout_s=args.poll_timeout,
+            stop_when_idle_s=args.stop_when_idle,
+        ),
+        ConfluentBackend(
+            bootstrap_servers=args.bootstrap, group=args.group, client_config=kafka_config
+        ),
+        make_sink(args.sink, args.sink_url),
+        observer=observer,
+    )
+
+    def stop(_signum: int, _frame: FrameType | None) -> None:
+        engine.request_stop()
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    outcome: dict[str, Any] = {}
+    if args.profile:
+        profiler = cProfile.Profile()
+        outcome["exit_code"] = profiler.runcall(engine.run)
+        profiler.dump_stats(args.profile)
+    else:
+        outcome["exit_code"] = engine.run()
+    clock.extra.update(
+        outcome,
+        ranges={str(p): r for p, r in sorted(observer.ranges.items())},
+        assignments=observer.assignments,
+    )
+    clock.write(args.result)
+    return int(outcome["exit_code"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

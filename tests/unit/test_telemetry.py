@@ -1,0 +1,311 @@
+"""The engine's observer hooks, end to end: Engine (FakeBackend, real SQLite sink) -> Telemetry ->
+the Prometheus registry and the health state, plus the lag sampler fed from the fake broker."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import prometheus_client
+import pytest
+
+from consumer import TopicPartition
+from consumer._engine import EXIT_OK, EXIT_PARTITIONS_STOPPED, Engine, EngineSettings
+from consumer._health import Health
+from consumer._lag import LagSampler
+from consumer._metrics import Metrics
+from consumer._telemetry import Telemetry
+from sinks import Sink, SqliteSink
+from tests.fixtures.apps import event, events_app
+from tests.fixtures.fake_backend import Assign, Call, FakeBackend, FakeClock, Fetch, Idle, Step
+from tests.fixtures.flaky_sink import FlakySink
+from tests.fixtures.sqlite_db import checkpoints
+
+GROUP = "telemetry-group"
+TOPIC = "events"
+P0 = TopicPartition(TOPIC, 0)
+P1 = TopicPartition(TOPIC, 1)
+
+
+@dataclass
+class Observed:
+    engine: Engine
+    backend: FakeBackend
+    clock: FakeClock
+    telemetry: Telemetry
+    sampler: LagSampler
+    db: Path
+
+    def value(self, name: str, **labels: str) -> float | None:
+        return self.telemetry.metrics.registry.get_sample_value(name, labels)
+
+    def sample_lag(self) -> None:
+        self.sampler.sample(self.backend)
+
+
+def _observed(
+    tmp_path: Path,
+    script: Sequence[Step],
+    *,
+    sink: Sink | None = None,
+    batch_max_records: int = 4,
+    readiness_timeout_s: float = 30.0,
+) -> Observed:
+    clock = FakeClock()
+    backend = FakeBackend(script, clock=clock)
+    health = Health(readiness_timeout_s=readiness_timeout_s, clock=clock.now)
+    telemetry = Telemetry(
+        Metrics(app="events", group=GROUP, process_metrics=False),
+        health,
+        clock=clock.now,
+        wall_clock=lambda: 1_800_000_000.0,
+    )
+    db = tmp_path / "telemetry.db"
+    engine = Engine(
+        events_app(),
+        EngineSettings(
+            group=GROUP,
+            topics=(TOPIC,),
+            batch_max_records=batch_max_records,
+            poll_timeout_s=0.5,
+            stop_when_idle_s=1.0,
+        ),
+        backend,
+        sink or SqliteSink(db),
+        clock=clock.now,
+        sleep=clock.sleep,
+        observer=telemetry,
+    )
+    sampler = LagSampler(telemetry, lambda: backend, interval_s=1.0)
+    return Observed(engine, backend, clock, telemetry, sampler, db)
+
+
+def _tp(tp: TopicPartition) -> dict[str, str]:
+    return {"topic": tp.topic, "partition": str(tp.partition)}
+
+
+def test_counters_offsets_and_lag_follow_the_commits(tmp_path: Path) -> None:
+    lag_seen: list[float | None] = []
+    o = _observed(tmp_path, [])
+    o.backend.then(
+        Assign([P0, P1]),
+        Call(o.sample_lag),  # ends known: P0 has 10 records waiting, P1 has 5
+        Call(lambda: lag_seen.append(o.value("offsetkeeper_consumer_lag", **_tp(P0)))),
+        Fetch(),
+        Call(lambda: lag_seen.append(o.value("offsetkeeper_consumer_lag", **_tp(P0)))),
+    )
+    o.backend.append(P0, *(event(f"a{i}", i) for i in range(10)))
+    o.backend.append(P1, *(event(f"b{i}", i) for i in range(5)))
+
+    assert o.engine.run() == EXIT_OK
+
+    # Lag 10 at the first sample, then lowered by the first commit alone (no new sample).
+    assert lag_seen == [10, 8]
+    assert checkpoints(o.db, GROUP) == {(TOPIC, 0): 10, (TOPIC, 1): 5}
+    for tp, records in ((P0, 10), (P1, 5)):
+        assert o.value("offsetkeeper_records_consumed_total", **_tp(tp)) == records
+        assert o.value("offsetkeeper_records_committed_total", **_tp(tp)) == records
+        assert o.value("offsetkeeper_committed_offset", **_tp(tp)) == records
+        assert o.value("offsetkeeper_consumer_lag", **_tp(tp)) == 0
+        assert o.value("offsetkeeper_log_end_offset", **_tp(tp)) == records
+    assert o.value("offsetkeeper_rows_committed_total") == 15
+    batches = o.engine.batches_committed
+    assert batches >= 4  # 15 records, at most 4 per batch
+    assert o.value("offsetkeeper_batches_committed_total") == batches
+    assert o.value("offsetkeeper_batch_records_count") == batches
+    assert o.value("offsetkeeper_batch_records_sum") == 15
+    assert o.value("offsetkeeper_batch_duration_seconds_count") == batches
+    assert o.value("offsetkeeper_sink_duration_seconds_count", action="commit") == batches
+    assert o.value("offsetkeeper_sink_duration_seconds_count", action="acquire") == 1
+    assert o.value("offsetkeeper_rebalances_total", kind="assigned") == 1
+    assert o.value("offsetkeeper_assigned_partitions") == 2
+    assert o.value("offsetkeeper_last_commit_timestamp_seconds") == 1_800_000_000.0
+    assert o.value("offsetkeeper_sink_retries_total", action="commit") is None
+    assert o.value("offsetkeeper_consumer_info", app="events", group=GROUP) == 1
+
+
+def test_sink_retries_are_counted_and_the_failing_gauge_resets(tmp_path: Path) -> None:
+    flaky = FlakySink(tmp_path / "telemetry.db", failures=3)
+    o = _observed(tmp_path, [Assign([P0])], sink=flaky)
+    o.backend.append(P0, event("a", 1))
+
+    assert o.engine.run() == EXIT_OK
+
+    assert flaky.commit_attempts == 4
+    assert o.value("offsetkeeper_sink_retries_total", action="commit") == 3
+    assert o.value("offsetkeeper_sink_duration_seconds_count", action="commit") == 1
+    assert o.value("offsetkeeper_sink_failing_seconds") == 0
+    assert o.telemetry.health.readiness().ok
+
+
+def test_a_sink_failing_longer_than_the_readiness_timeout_is_reported(tmp_path: Path) -> None:
+    readiness: list[tuple[bool, list[str]]] = []
+    flaky = FlakySink(tmp_path / "telemetry.db", failures=1_000)
+    o = _observed(tmp_path, [Assign([P0])], sink=flaky, readiness_timeout_s=2.0)
+    o.backend.append(P0, event("a", 1))
+
+    def record_readiness() -> None:
+        verdict = o.telemetry.health.readiness()
+        readiness.append((verdict.ok, verdict.body["reasons"]))
+
+    original_sleep = o.engine._sleep  # the engine sleeps between retries: look in then
+
+    def sleep_and_look(seconds: float) -> None:
+        original_sleep(seconds)
+        record_readiness()
+
+    o.engine._sleep = sleep_and_look
+    with pytest.raises(Exception, match="disk full"):
+        o.engine.run()
+
+    assert readiness[0] == (True, [])
+    assert readiness[-1][0] is False
+    assert readiness[-1][1][0].startswith("the sink has been failing for ")
+    assert readiness[-1][1][0].endswith(": disk full (injected)")
+    assert o.value("offsetkeeper_sink_retries_total", action="commit") == flaky.commit_attempts
+
+
+def test_a_bad_record_is_counted_and_makes_the_consumer_unready(tmp_path: Path) -> None:
+    o = _observed(tmp_path, [Assign([P0, P1])])
+    o.backend.append(P0, event("a", 1), {"fail": "invalid"}, event("c", 3))
+    o.backend.append(P1, event("d", 4))
+
+    assert o.engine.run() == EXIT_PARTITIONS_STOPPED
+
+    labels = {**_tp(P0), "error_type": "InvalidRecordError", "outcome": "stopped"}
+    assert o.value("offsetkeeper_bad_records_total", **labels) == 1
+    assert o.value("offsetkeeper_partitions_stopped") == 1
+    # Consumed counts what was handed to the processor; committed stops before the bad record.
+    assert o.value("offsetkeeper_records_consumed_total", **_tp(P0)) == 3
+    assert o.value("offsetkeeper_records_committed_total", **_tp(P0)) == 1
+    verdict = o.telemetry.health.readiness()
+    assert not verdict.ok
+    assert verdict.body["reasons"] == ["events[0] is stopped on a bad record at offset 1"]
+
+
+def test_revocation_drops_the_partition_gauges_but_keeps_its_counters(tmp_path: Path) -> None:
+    from tests.fixtures.fake_backend import Revoke  # noqa: PLC0415 - one test needs it
+
+    o = _observed(tmp_path, [])
+    o.backend.then(Assign([P0, P1]), Call(o.sample_lag), Fetch(), Revoke([P1]), Idle())
+    o.backend.append(P0, event("a", 1))
+    o.backend.append(P1, event("b", 2))
+
+    assert o.engine.run() == EXIT_OK
+
+    assert o.value("offsetkeeper_rebalances_total", kind="revoked") == 1
+    assert o.value("offsetkeeper_assigned_partitions") == 1
+    assert o.value("offsetkeeper_consumer_lag", **_tp(P1)) is None
+    assert o.value("offsetkeeper_committed_offset", **_tp(P1)) is None
+    assert o.value("offsetkeeper_records_committed_total", **_tp(P1)) == 1
+    assert o.value("offsetkeeper_consumer_lag", **_tp(P0)) == 0
+    assert o.telemetry.positions() == {P0: 1}
+
+
+def test_an_empty_assignment_means_joined_and_ready_but_not_assigned_for_idleness(
+    tmp_path: Path,
+) -> None:
+    seen: list[tuple[bool, int]] = []
+    o = _observed(tmp_path, [])
+
+    def look() -> None:
+        seen.append((o.telemetry.health.readiness().ok, o.backend.polls))
+
+    # Joined with nothing; idle far longer than stop_when_idle_s; then partitions arrive.
+    o.backend.then(Assign([]), Call(look), *(Idle() for _ in range(6)), Assign([P0]), Call(look))
+    o.backend.append(P0, event("a", 1))
+
+    assert o.engine.run() == EXIT_OK
+
+    assert [ok for ok, _polls in seen] == [True, True]
+    assert o.backend.start_positions[0] == {}
+    assert checkpoints(o.db, GROUP) == {(TOPIC, 0): 1}  # it waited for the partition
+    assert o.value("offsetkeeper_rebalances_total", kind="assigned") == 1
+
+
+def test_stopping_is_reported_at_once(tmp_path: Path) -> None:
+    o = _observed(tmp_path, [Assign([P0])])
+    o.backend.then(Call(o.engine.request_stop))
+    o.backend.append(P0, event("a", 1))
+
+    assert o.engine.run() == EXIT_OK
+
+    verdict = o.telemetry.health.readiness()
+    assert (verdict.ok, verdict.body["reasons"]) == (False, ["shutting down"])
+    assert o.value("offsetkeeper_ready") == 0
+
+
+def test_a_failed_lag_sample_is_counted_and_logged_once_per_streak(
+    tmp_path: Path, log_events: list[dict[str, object]]
+) -> None:
+    from consumer import KafkaError  # noqa: PLC0415 - one test needs it
+
+    class DownBroker:
+        calls = 0
+
+        def watermarks(self, partition: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
+            DownBroker.calls += 1
+            raise KafkaError("cannot read watermarks", topic=partition.topic, retriable=True)
+
+        def close(self) -> None:
+            pass
+
+    o = _observed(tmp_path, [Assign([P0])])
+    o.backend.then(Call(lambda: o.sampler.sample(DownBroker())))
+    o.backend.then(Call(lambda: o.sampler.sample(DownBroker())))
+    o.backend.then(Call(o.sample_lag))
+    o.backend.append(P0, event("a", 1))
+
+    assert o.engine.run() == EXIT_OK
+
+    assert o.value("offsetkeeper_lag_sample_errors_total") == 2
+    names = [e["event"] for e in log_events if str(e["event"]).startswith("lag_sampling")]
+    assert names == ["lag_sampling_failed", "lag_sampling_recovered"]
+
+
+def test_the_sampler_thread_samples_until_stopped_and_closes_its_client(tmp_path: Path) -> None:
+    o = _observed(tmp_path, [])
+    o.telemetry.partitions_assigned({P0: 0})
+    o.backend.append(P0, event("a", 1), event("b", 2))
+    closed: list[bool] = []
+
+    class Source:
+        def watermarks(self, partition: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
+            return o.backend.watermarks(partition, timeout_s)
+
+        def close(self) -> None:
+            closed.append(True)
+
+    sampler = LagSampler(o.telemetry, Source, interval_s=0.01)
+    sampler.start()
+    try:
+        for _ in range(500):
+            if o.value("offsetkeeper_consumer_lag", **_tp(P0)) == 2:
+                break
+            import time  # noqa: PLC0415 - real time only in this threaded test
+
+            time.sleep(0.01)
+    finally:
+        sampler.stop()
+    assert o.value("offsetkeeper_consumer_lag", **_tp(P0)) == 2
+    assert closed == [True]
+
+
+def test_metrics_live_in_their_own_registry_never_the_global_one() -> None:
+    before = set(prometheus_client.REGISTRY._names_to_collectors)
+
+    first = Metrics(app="a", group="g", process_metrics=True)
+    second = Metrics(app="a", group="g", process_metrics=True)  # no "duplicated timeseries"
+
+    assert set(prometheus_client.REGISTRY._names_to_collectors) == before
+    assert first.registry is not second.registry
+    assert first.registry.get_sample_value("process_cpu_seconds_total") is not None
+    import consumer._metrics as module  # noqa: PLC0415
+
+    defined_at_import = [
+        name
+        for name, value in vars(module).items()
+        if isinstance(value, prometheus_client.metrics.MetricWrapperBase)
+    ]
+    assert defined_at_import == []
