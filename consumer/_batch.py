@@ -5,13 +5,14 @@ Pure logic, no I/O: the same rules serve every backend and every sink.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+import inspect
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from consumer._app import App, Table
 from consumer._decode import Decoder
-from consumer._errors import InvalidRecordError, RecordError
+from consumer._errors import ConfigError, InvalidRecordError, RecordError
 from consumer._records import RawRecord, Record, Row, TopicPartition
 from consumer._state import copy_state
 
@@ -54,11 +55,14 @@ def process_partition(
     partition: TopicPartition,
     records: Sequence[RawRecord],
     state: Any = None,
+    *,
+    resolve: Callable[[Any], Any] | None = None,
 ) -> PartitionWork:
     """Run the app over one partition's records in order, stopping at the first bad record.
 
     For a stateful app, `state` is the partition's state before these records; the processor
     works on a copy, and `PartitionWork.state` is the state after the last good record.
+    An `async def` processor's result is awaited through `resolve` (the asyncio driver).
     """
     processor: Any = app.processor
     if processor is None:
@@ -72,6 +76,8 @@ def process_partition(
         try:
             record = _decoded(decode, raw)
             produced = processor(record, working) if stateful else processor(record)
+            if inspect.isawaitable(produced):
+                produced = _await(produced, resolve)
             keyed = _keyed_rows(app, produced, raw)
         except Exception as exc:  # a processor bug must stop the partition, named, never vanish
             work.error = _located(exc, raw)
@@ -80,7 +86,9 @@ def process_partition(
                 # prefix from the untouched start (processors are deterministic).
                 working = copy_state(state)
                 for good in records[:index]:
-                    processor(_decoded(decode, good), working)
+                    replayed = processor(_decoded(decode, good), working)
+                    if inspect.isawaitable(replayed):
+                        _await(replayed, resolve)
                 work.state = working
             return work
         work.rows.extend(keyed)
@@ -89,6 +97,13 @@ def process_partition(
         work.leader_epoch = raw.leader_epoch
     work.state = working
     return work
+
+
+def _await(awaitable: Any, resolve: Callable[[Any], Any] | None) -> Any:
+    if resolve is None:
+        awaitable.close()  # never awaited: say why instead of warning about it
+        raise ConfigError("async processors need the asyncio driver: use --backend aiokafka")
+    return resolve(awaitable)
 
 
 def _decoded(decode: Decoder, raw: RawRecord) -> Record:

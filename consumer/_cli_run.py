@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import structlog
 
 from consumer._app import load_app
+from consumer._backend import ClientBackend
 from consumer._cli_common import COMMON_SETTINGS, add_common_arguments, cli_values
 from consumer._config import RunSettings, load_settings
 from consumer._confluent import ConfluentBackend
@@ -16,6 +19,9 @@ from consumer._logging import configure_logging
 from consumer._operations import start_operations
 from consumer._shutdown import GracefulShutdown
 from sinks import open_sink
+
+if TYPE_CHECKING:
+    from consumer._aiokafka import AiokafkaDriver
 
 log = structlog.get_logger("offsetkeeper.cli")
 
@@ -31,6 +37,7 @@ RUN_SETTINGS = (
     "stop_when_idle_s",
     "sink_retry_deadline_s",
     "broker_retry_deadline_s",
+    "backend",
     "metrics_port",
     "metrics_host",
     "shutdown_deadline_s",
@@ -85,6 +92,11 @@ def add_run_parser(commands: Any) -> None:
         metavar="SECONDS",
         help="give up after no Kafka broker answered this long (default 300)",
     )
+    run.add_argument(
+        "--backend",
+        choices=["confluent", "aiokafka"],
+        help="Kafka client: confluent (librdkafka, default) or aiokafka (asyncio)",
+    )
     _add_operations_arguments(run)
     run.set_defaults(handler=run_command)
 
@@ -137,32 +149,62 @@ def run_command(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     app = load_app(settings.app)
     sink = open_sink(settings.sink.get_secret_value())
-    backend = ConfluentBackend(
-        bootstrap_servers=settings.bootstrap_servers,
-        group=settings.group,
-        client_config=settings.kafka_config,
-        unreachable_deadline_s=settings.broker_retry_deadline_s,
-    )
     operations = start_operations(settings)
-    engine = Engine(
-        app,
-        EngineSettings(
-            group=settings.group,
-            topics=tuple(settings.topics),
-            reset_policy=settings.reset_policy,
-            batch_max_records=settings.batch_max_records,
-            poll_timeout_s=settings.poll_timeout_s,
-            stop_when_idle_s=settings.stop_when_idle_s,
-            sink_retry_deadline_s=settings.sink_retry_deadline_s,
-        ),
-        backend,
-        sink,
-        observer=None if operations is None else operations.telemetry,
+    engine_settings = EngineSettings(
+        group=settings.group,
+        topics=tuple(settings.topics),
+        reset_policy=settings.reset_policy,
+        batch_max_records=settings.batch_max_records,
+        poll_timeout_s=settings.poll_timeout_s,
+        stop_when_idle_s=settings.stop_when_idle_s,
+        sink_retry_deadline_s=settings.sink_retry_deadline_s,
     )
-    shutdown.on_request(engine.request_stop)  # at once, if a signal came before the engine
+
+    def make_engine(backend: ClientBackend) -> Engine:
+        engine = Engine(
+            app,
+            engine_settings,
+            backend,
+            sink,
+            observer=None if operations is None else operations.telemetry,
+        )
+        shutdown.on_request(engine.request_stop)  # at once, if a signal came before the engine
+        return engine
+
     try:
-        return engine.run()
+        if settings.backend == "aiokafka":
+            return asyncio.run(_aiokafka_driver(settings, make_engine).run())
+        return make_engine(
+            ConfluentBackend(
+                bootstrap_servers=settings.bootstrap_servers,
+                group=settings.group,
+                client_config=settings.kafka_config,
+                unreachable_deadline_s=settings.broker_retry_deadline_s,
+            )
+        ).run()
     finally:
         shutdown.disarm()
         if operations is not None:
             operations.stop()
+
+
+def _aiokafka_driver(
+    settings: RunSettings, make_engine: Callable[[ClientBackend], Engine]
+) -> AiokafkaDriver:
+    # Imported here: the confluent path never loads aiokafka.
+    from consumer._aiokafka import AiokafkaBridge, AiokafkaDriver  # noqa: PLC0415
+
+    def engine_for(bridge: AiokafkaBridge) -> Engine:
+        engine = make_engine(bridge)
+        engine.resolve_awaitable = bridge.resolve  # async processors are awaited on the loop
+        return engine
+
+    return AiokafkaDriver(
+        engine_for,
+        bootstrap_servers=settings.bootstrap_servers,
+        group=settings.group,
+        topics=settings.topics,
+        client_config=settings.kafka_config,
+        batch_max_records=settings.batch_max_records,
+        poll_timeout_s=settings.poll_timeout_s,
+    )

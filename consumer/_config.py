@@ -47,6 +47,8 @@ class RunSettings(CommonSettings):
     stop_when_idle_s: float | None = Field(default=None, gt=0)
     sink_retry_deadline_s: float = Field(default=120.0, ge=0)
     broker_retry_deadline_s: float = Field(default=300.0, ge=0)
+    # The Kafka client: librdkafka (confluent, fastest) or aiokafka (asyncio, async processors).
+    backend: Literal["confluent", "aiokafka"] = "confluent"
     # Operations (README "Deploying"): the HTTP port for /metrics, /healthz and /readyz (None:
     # no server; 0: any free port, logged), graceful shutdown, lag sampling, health thresholds.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)

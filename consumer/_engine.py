@@ -95,6 +95,10 @@ class Engine:
         self._observer: EngineObserver = observer or NullObserver()
         self.records_committed = 0
         self.batches_committed = 0
+        self._started = self._idle_since = self._last_commit_at = clock()
+        self._first_record_at: float | None = None
+        # Awaits an async processor's result (set by the asyncio driver); None: sync only.
+        self.resolve_awaitable: Callable[[Any], Any] | None = None
 
     # -- control -----------------------------------------------------------------------------
 
@@ -107,8 +111,30 @@ class Engine:
     def stopped_partitions(self) -> dict[TopicPartition, RecordError]:
         return {tp: o.stopped for tp, o in self._owned.items() if o.stopped is not None}
 
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
     def run(self) -> int:
-        """Consume until stopped; returns the process exit code."""
+        """Consume until stopped (the synchronous driver); returns the process exit code."""
+        self.start()
+        self._backend.subscribe(self._settings.topics, self)
+        try:
+            while not self._stop_requested:
+                records = self._backend.poll_batch(
+                    self._settings.batch_max_records, self._settings.poll_timeout_s
+                )
+                if not self.step(records):
+                    break
+        finally:
+            self._backend.close()
+            code = self.finish()
+        return code
+
+    # -- the steps every driver runs: start, step per poll, finish ---------------------------
+
+    def start(self) -> None:
+        """Open the sink (creating its tables) before the driver subscribes."""
         self._sink.open(self._app.tables)
         log.info(
             "consumer_starting",
@@ -117,42 +143,41 @@ class Engine:
             topics=list(self._settings.topics),
             sink=self._sink.description,
         )
-        self._backend.subscribe(self._settings.topics, self)
-        started = idle_since = self._clock()
-        first_record_at: float | None = None
-        last_commit_at = started
-        try:
-            while not self._stop_requested:
-                records = self._backend.poll_batch(
-                    self._settings.batch_max_records, self._settings.poll_timeout_s
-                )
-                self._observer.polled(len(records))
-                if records:
-                    if first_record_at is None:
-                        first_record_at = self._clock()
-                    self._handle(records)
-                    idle_since = last_commit_at = self._clock()
-                elif self._idle_long_enough(idle_since):
-                    log.info("consumer_idle_stop", idle_s=self._settings.stop_when_idle_s)
-                    break
-        finally:
-            stopped = self.stopped_partitions
-            self._backend.close()
-            self._sink.close()
-            # The rate counts from the first record to the last commit: joining the group and
-            # idling at the end are not throughput.
-            busy = max(last_commit_at - (first_record_at or last_commit_at), 1e-9)
-            log.info(
-                "consumer_stopped",
-                batches=self.batches_committed,
-                records=self.records_committed,
-                elapsed_s=round(self._clock() - started, 3),
-                busy_s=round(busy, 3),
-                records_per_s=(
-                    round(self.records_committed / busy, 1) if busy >= _MIN_RATE_WINDOW_S else None
-                ),
-                stopped_partitions=[str(tp) for tp in sorted(stopped)],
-            )
+        self._started = self._idle_since = self._last_commit_at = self._clock()
+
+    def step(self, records: Sequence[RawRecord]) -> bool:
+        """Process and commit one polled batch; False when the driver should stop (idle)."""
+        self._observer.polled(len(records))
+        if records:
+            if self._first_record_at is None:
+                self._first_record_at = self._clock()
+            self._handle(records)
+            self._idle_since = self._last_commit_at = self._clock()
+            return True
+        if self._idle_long_enough(self._idle_since):
+            log.info("consumer_idle_stop", idle_s=self._settings.stop_when_idle_s)
+            return False
+        return True
+
+    def finish(self) -> int:
+        """Close the sink after the driver left the group; returns the process exit code."""
+        stopped = self.stopped_partitions
+        self._sink.close()
+        # The rate counts from the first record to the last commit: joining the group and
+        # idling at the end are not throughput.
+        first = self._first_record_at or self._last_commit_at
+        busy = max(self._last_commit_at - first, 1e-9)
+        log.info(
+            "consumer_stopped",
+            batches=self.batches_committed,
+            records=self.records_committed,
+            elapsed_s=round(self._clock() - self._started, 3),
+            busy_s=round(busy, 3),
+            records_per_s=(
+                round(self.records_committed / busy, 1) if busy >= _MIN_RATE_WINDOW_S else None
+            ),
+            stopped_partitions=[str(tp) for tp in sorted(stopped)],
+        )
         return EXIT_PARTITIONS_STOPPED if stopped else EXIT_OK
 
     # -- the batch -----------------------------------------------------------------------------
@@ -169,7 +194,9 @@ class Engine:
             if not fresh:
                 continue
             self._observer.records_fetched(tp, len(fresh))
-            work = process_partition(self._app, self._decode, tp, fresh, owned.state)
+            work = process_partition(
+                self._app, self._decode, tp, fresh, owned.state, resolve=self.resolve_awaitable
+            )
             works.append(work)
         if works:
             self._commit(works)

@@ -15,6 +15,7 @@ import argparse
 import cProfile
 import signal
 import sys
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import FrameType
@@ -43,6 +44,7 @@ class BenchObserver:
         self.clock = clock
         self.ranges: dict[int, list[tuple[int, int]]] = {}
         self.assignments = 0
+        self.first_assigned_at: float | None = None
 
     def polled(self, records: int) -> None:
         if records:
@@ -73,6 +75,8 @@ class BenchObserver:
 
     def partitions_assigned(self, starts: Mapping[TopicPartition, int | None]) -> None:
         self.assignments += 1
+        if starts and self.first_assigned_at is None:
+            self.first_assigned_at = time.time()
 
     def partitions_revoked(self, partitions: Sequence[TopicPartition], *, lost: bool) -> None:
         pass
@@ -154,6 +158,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome,
         ranges={str(p): r for p, r in sorted(observer.ranges.items())},
         assignments=observer.assignments,
+        first_assigned_at=observer.first_assigned_at,
     )
     clock.write(args.result)
     return int(outcome["exit_code"])

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import signal
 import time
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -189,9 +190,7 @@ def test_readyz_turns_ready_after_assignment_and_unready_while_the_database_is_d
     try:
         # Records arrive while the database is down: their batch cannot commit.
         produce(kafka.address, topic, (chaos_event(i, 100) for i in range(500, 700)))
-        wait_until(
-            lambda: ops.get("/readyz")[0] == 503, timeout=90, what="/readyz to turn unready"
-        )
+        wait_until(lambda: ops.get("/readyz")[0] == 503, timeout=90, what="/readyz to turn unready")
         status, body = ops.get("/readyz")
         assert status == 503
         assert any(r.startswith("the sink has been failing for") for r in body["reasons"]), body
@@ -275,78 +274,108 @@ def _verify_prefix(kafka: Service, topic: str, partitions: int, dsn: str, group:
     return len(seen)
 
 
+@dataclass
+class HeldBatch:
+    """A consumer whose next batch waits inside its sink transaction: it wrote its
+    chaos_events rows and waits for a lock on chaos_latest that the test holds."""
+
+    process: ConsumerProcess
+    ops: OpsEndpoint
+    dsn: str
+    topic: str
+    group: str
+    before: dict[int, int]
+    locker: psycopg.Connection[Any]
+
+
+_PARTITIONS = 3
+
+
+def _hold_a_batch_in_the_sink(
+    kafka: Service, dsn: str, tmp_path: Path, consumers: list[ConsumerProcess], deadline_s: float
+) -> HeldBatch:
+    topic, group = unique_name("ops-term"), unique_name("ops-term")
+    create_topic(kafka.address, topic, _PARTITIONS)
+    produce(kafka.address, topic, (chaos_event(i, 300) for i in range(1_500)))
+    process = ConsumerProcess(
+        _args(
+            "tests.apps.chaos:app",
+            kafka,
+            group,
+            topic,
+            dsn,
+            "--batch-max-records",
+            "1000",
+            "--shutdown-deadline",
+            str(deadline_s),
+            *OPS_ARGS,
+        ),
+        tmp_path / "consumer.log",
+    )
+    consumers.append(process)
+    ops = ops_endpoint(process)
+    _wait_caught_up_pg(kafka, topic, _PARTITIONS, dsn, group)
+    before = checkpoints(dsn, group)
+    locker = psycopg.connect(dsn)
+    locker.execute("LOCK TABLE chaos_latest IN ACCESS EXCLUSIVE MODE")
+    try:
+        produce(kafka.address, topic, (chaos_event(i, 300) for i in range(1_500, 2_400)))
+        wait_until(lambda: _waiting_on_a_lock(dsn), timeout=60, what="a batch inside the sink")
+    except BaseException:
+        locker.close()
+        raise
+    return HeldBatch(process, ops, dsn, topic, group, before, locker)
+
+
+def _sigterm(held: HeldBatch, how: str, deadline_s: float) -> tuple[int, float]:
+    """SIGTERM the held consumer and let it go the `how` way; (exit code, seconds taken)."""
+    signalled = time.monotonic()
+    held.process.process.send_signal(signal.SIGTERM)
+    wait_until(lambda: held.ops.get("/readyz")[0] == 503, timeout=10, what="/readyz: stopping")
+    assert held.ops.get("/readyz")[1]["reasons"][0] == "shutting down"
+    if how == "graceful":
+        time.sleep(1)
+        assert held.process.alive(), "it must finish the batch it is in, not drop it"
+        held.locker.rollback()  # the batch can commit now
+        code = held.process.wait(timeout=deadline_s)
+    elif how == "second-signal":
+        time.sleep(0.5)
+        held.process.process.send_signal(signal.SIGTERM)
+        code = held.process.wait(timeout=20)  # the lock is still held: no help from the database
+    else:
+        code = held.process.wait(timeout=deadline_s + 20)
+    return code, time.monotonic() - signalled
+
+
 @pytest.mark.fault
 @pytest.mark.parametrize("how", ["graceful", "second-signal", "deadline"])
 def test_sigterm_in_the_middle_of_a_batch(
     how: str, kafka: Service, postgres: Service, tmp_path: Path, consumers: list[ConsumerProcess]
 ) -> None:
     dsn = create_database(postgres.address)
-    partitions, deadline_s = 3, (4.0 if how == "deadline" else 30.0)
-    topic, group = unique_name(f"ops-term-{how}"), unique_name("ops-term")
-    create_topic(kafka.address, topic, partitions)
-    produce(kafka.address, topic, (chaos_event(i, 300) for i in range(1_500)))
-    args = _args(
-        "tests.apps.chaos:app",
-        kafka,
-        group,
-        topic,
-        dsn,
-        "--batch-max-records",
-        "1000",
-        "--shutdown-deadline",
-        str(deadline_s),
-        *OPS_ARGS,
-    )
-    process = ConsumerProcess(args, tmp_path / "consumer.log")
-    consumers.append(process)
-    ops = ops_endpoint(process)
-    _wait_caught_up_pg(kafka, topic, partitions, dsn, group)
-    before = checkpoints(dsn, group)
-
-    # Hold a lock the next batch needs: it will wait inside its sink transaction, after writing
-    # its chaos_events rows and before its COMMIT. That is "the middle of a batch", for sure.
-    locker = psycopg.connect(dsn)
-    locker.execute("LOCK TABLE chaos_latest IN ACCESS EXCLUSIVE MODE")
+    deadline_s = 4.0 if how == "deadline" else 30.0
+    held = _hold_a_batch_in_the_sink(kafka, dsn, tmp_path, consumers, deadline_s)
     try:
-        produce(kafka.address, topic, (chaos_event(i, 300) for i in range(1_500, 2_400)))
-        wait_until(lambda: _waiting_on_a_lock(dsn), timeout=60, what="a batch inside the sink")
-        signalled = time.monotonic()
-        process.process.send_signal(signal.SIGTERM)
-        wait_until(
-            lambda: ops.get("/readyz")[0] == 503, timeout=10, what="/readyz to report the stop"
-        )
-        assert ops.get("/readyz")[1]["reasons"][0] == "shutting down"
-        if how == "graceful":
-            time.sleep(1)
-            assert process.alive(), "it must finish the batch it is in, not drop it"
-            locker.rollback()  # the batch can commit now
-            code = process.wait(timeout=deadline_s)
-        elif how == "second-signal":
-            time.sleep(0.5)
-            process.process.send_signal(signal.SIGTERM)
-            code = process.wait(timeout=20)  # the lock is still held: no help from the database
-        else:
-            code = process.wait(timeout=deadline_s + 20)
-        elapsed = time.monotonic() - signalled
+        code, elapsed = _sigterm(held, how, deadline_s)
     finally:
-        locker.rollback()
-        locker.close()
+        held.locker.rollback()
+        held.locker.close()
 
-    events = process.events()
+    events = held.process.events()
     names = [e.get("event") for e in events]
-    after = checkpoints(dsn, group)
-    committed = _verify_prefix(kafka, topic, partitions, dsn, group)
-    print(f"{how}: exit {code} after {elapsed:.1f}s; committed {sum(before.values())} -> {committed}")
+    after = checkpoints(dsn, held.group)
+    committed = _verify_prefix(kafka, held.topic, _PARTITIONS, dsn, held.group)
+    print(f"{how}: exit {code} after {elapsed:.1f}s; {sum(held.before.values())} -> {committed}")
     assert "shutdown_requested" in names
     assert "consumer_stopped" in names
     if how == "graceful":
         assert code == 0
         assert elapsed < deadline_s
-        assert sum(after.values()) > sum(before.values()), "the in-flight batch was not committed"
+        assert sum(after.values()) > sum(held.before.values()), "the in-flight batch is lost"
         assert "shutdown_aborted" not in names
     else:
         assert code == 4
-        assert after == before, "an aborted batch moved checkpoints"
+        assert after == held.before, "an aborted batch moved checkpoints"
         aborted = next(e for e in events if e.get("event") == "shutdown_aborted")
         assert aborted["reason"] == ("second SIGTERM" if how == "second-signal" else "deadline")
         if how == "deadline":
@@ -356,12 +385,13 @@ def test_sigterm_in_the_middle_of_a_batch(
 
     # Whatever the way out, a restart finishes the job exactly once.
     restarted = ConsumerProcess(
-        _args("tests.apps.chaos:app", kafka, group, topic, dsn), tmp_path / "restarted.log"
+        _args("tests.apps.chaos:app", kafka, held.group, held.topic, dsn),
+        tmp_path / "restarted.log",
     )
     consumers.append(restarted)
-    _wait_caught_up_pg(kafka, topic, partitions, dsn, group)
+    _wait_caught_up_pg(kafka, held.topic, _PARTITIONS, dsn, held.group)
     assert restarted.terminate() == 0
-    counts = verify_chaos_sink(kafka.address, topic, partitions, lambda sql: query(dsn, sql))
+    counts = verify_chaos_sink(kafka.address, held.topic, _PARTITIONS, lambda q: query(dsn, q))
     assert counts["records"] == 2_400
 
 

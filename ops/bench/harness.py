@@ -1,0 +1,583 @@
+"""The benchmark: one command, its own broker and database, every contender on the same data.
+
+Run it through `ops/bench/run [--quick]` (see ops/bench/README.md). Phases:
+
+1. start Kafka and PostgreSQL on free ports (stopped by PID at the end, whatever happens);
+2. produce the workload once per encoding (JSON, Avro) into 6-partition topics;
+3. throughput: each contender consumes each topic from the start, in rounds (round 1 runs
+   every contender once, then round 2, ...) so that drifting background load spreads evenly;
+   each run is one process, whose peak RSS comes from wait4(); the first run of every contender
+   (every run in --quick) is then checked row by row;
+4. latency: each contender follows a fresh topic fed at a fixed moderate rate;
+5. recovery: an offsetkeeper consumer is killed with SIGKILL while a stream flows, a replacement
+   is started at once, and the time to its first committed batch is taken;
+6. (--profile) cProfile of offsetkeeper into PostgreSQL and into the null sink;
+7. the Markdown table and the JSON file, with the machine description.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import machine
+import produce
+import profile_report
+import psycopg
+import report
+import services as services_mod
+import verify
+import workload
+
+BENCH = Path(__file__).resolve().parent
+REPO = BENCH.parents[1]
+PY = str(REPO / ".venv" / "bin" / "python")
+PEER_PY = str(BENCH / ".venv-peer" / "bin" / "python")
+OK_CLI = str(REPO / ".venv" / "bin" / "offsetkeeper")
+PG_KINDS = ("postgresql", "split", "kafka-offsets")
+
+
+@dataclass(frozen=True)
+class Contender:
+    name: str
+    label: str
+    kind: str  # limit | ok | ok-cli | handwritten | peer
+    sink: str | None = None  # ok: sqlite | postgresql | null | split | kafka-offsets
+    backend: str = "confluent"
+    # The first run only consumes this many records (None: all); for a contender too slow to
+    # consume the whole workload in the time budget. Its rate is then over that prefix.
+    max_records: int | None = None
+
+    @property
+    def uses_pg(self) -> bool:
+        return self.kind in ("handwritten", "peer") or self.sink in PG_KINDS
+
+    @property
+    def offsetkeeper(self) -> bool:
+        return self.kind in ("ok", "ok-cli")
+
+
+@dataclass
+class Settings:
+    quick: bool
+    records: int
+    repetitions: int
+    handwritten_records: int | None
+    latency_rate: int
+    latency_seconds: int
+    recovery_trials: int
+    recovery_session_timeout_ms: int
+    idle_s: float
+    out_dir: Path
+    profile: bool
+    only: tuple[str, ...] = ()
+    encodings: tuple[str, ...] = ("json", "avro")
+
+
+@dataclass
+class Context:
+    settings: Settings
+    bootstrap: str
+    dsn: str
+    work: Path
+    log: Callable[[str], None]
+    ends: dict[str, dict[int, int]] = field(default_factory=dict)
+    expected: dict[str, workload.Expected] = field(default_factory=dict)
+
+
+def log_line(message: str) -> None:
+    stamp = datetime.now(tz=UTC).strftime("%H:%M:%S")
+    print(f"[bench {stamp}] {message}", file=sys.stderr, flush=True)
+
+
+# -- processes -----------------------------------------------------------------------------------
+
+
+def run_process(
+    argv: list[str], log_path: Path, timeout_s: float, env: dict[str, str] | None = None
+) -> tuple[int, float, float]:
+    """Run one contender process; returns (exit code, peak RSS in MiB, wall seconds). The
+    peak RSS is the child's own ru_maxrss, from wait4() on its PID."""
+    started = time.monotonic()
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            argv, stdout=log, stderr=subprocess.STDOUT, cwd=BENCH, env={**os.environ, **(env or {})}
+        )
+    deadline = started + timeout_s
+    while True:
+        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            log_line(f"  timeout after {timeout_s:.0f}s: killing pid {process.pid}")
+            os.kill(process.pid, signal.SIGKILL)
+            _pid, status, usage = os.wait4(process.pid, 0)
+            break
+        time.sleep(0.05)
+    code = os.waitstatus_to_exitcode(status)
+    process.returncode = code  # reaped by wait4 above: Popen must not wait for it again
+    return code, usage.ru_maxrss / 1024.0, time.monotonic() - started
+
+
+def reset_pg(dsn: str) -> None:
+    with psycopg.connect(dsn, autocommit=True) as db:
+        for table in (workload.TABLE, "offsetkeeper_checkpoints", "offsetkeeper_leases",
+                      "offsetkeeper_replay_jobs"):
+            db.execute(f"DROP TABLE IF EXISTS {table}")  # type: ignore[arg-type]
+
+
+def command(
+    ctx: Context, contender: Contender, *, encoding: str, topic: str, group: str, result: Path,
+    records: int, sqlite_path: Path | None, latency: bool = False, idle_s: float | None = None,
+    extra: tuple[str, ...] = (),
+) -> tuple[list[str], dict[str, str]]:
+    idle = str(idle_s if idle_s is not None else ctx.settings.idle_s)
+    common = ["--encoding", encoding, "--bootstrap", ctx.bootstrap, "--group", group,
+              "--topic", topic, "--result", str(result)]
+    flags = ["--latency"] if latency else []
+    url = f"sqlite:///{sqlite_path}" if contender.sink == "sqlite" else ctx.dsn
+    if contender.kind == "limit":
+        return [PY, "limit.py", *common, "--records", str(records), *flags], {}
+    if contender.kind == "handwritten":
+        return [PY, "handwritten.py", *common, "--dsn", ctx.dsn, "--records", str(records),
+                *flags], {}
+    if contender.kind == "peer":
+        return [PEER_PY, "peer_quix.py", *common, "--dsn", ctx.dsn, "--records", str(records),
+                *flags], {}
+    if contender.kind == "ok-cli":
+        argv = [OK_CLI, "run", "--app", f"ok_app:{encoding}_app", "--bootstrap-servers",
+                ctx.bootstrap, "--group", group, "--topic", topic, "--sink", url,
+                "--stop-when-idle", idle, "--log-format", "json", "--backend", contender.backend]
+        return argv, {"PYTHONPATH": str(BENCH)}
+    argv = [PY, "ok_driver.py", *common, "--sink", str(contender.sink), "--stop-when-idle", idle,
+            *flags, *extra]
+    if contender.sink != "null":
+        argv += ["--sink-url", url]
+    return argv, {}
+
+
+def cli_result(log_path: Path) -> dict[str, Any]:
+    """`offsetkeeper run` reports its own rate in the `consumer_stopped` JSON log event."""
+    for line in reversed(log_path.read_text().splitlines()):
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict) and event.get("event") == "consumer_stopped":
+                return {"records": event["records"], "busy_s": event["busy_s"],
+                        "records_per_s": event["records_per_s"], "batches": event["batches"]}
+    return {"records": 0, "busy_s": None, "records_per_s": None}
+
+
+# -- phase: throughput -------------------------------------------------------------------------
+
+
+def throughput_run(
+    ctx: Context, contender: Contender, encoding: str, round_no: int, check: bool
+) -> dict[str, Any]:
+    s = ctx.settings
+    topic = f"bench-{encoding}"
+    group = f"okbench-{contender.name}-{encoding}-{round_no}"
+    run_dir = ctx.work / "runs" / f"{contender.name}-{encoding}-{round_no}"
+    run_dir.mkdir(parents=True)
+    sqlite_path = run_dir / "sink.db" if contender.sink == "sqlite" else None
+    records = s.records if contender.max_records is None else min(s.records, contender.max_records)
+    if contender.uses_pg:
+        reset_pg(ctx.dsn)
+    argv, env = command(ctx, contender, encoding=encoding, topic=topic, group=group,
+                        result=run_dir / "result.json", records=records, sqlite_path=sqlite_path)
+    code, rss, wall = run_process(argv, run_dir / "log.txt", timeout_s=max(300.0, records / 500),
+                                  env=env)
+    if contender.kind == "ok-cli":
+        result = cli_result(run_dir / "log.txt")
+    else:
+        try:
+            result = json.loads((run_dir / "result.json").read_text())
+        except (OSError, ValueError):
+            result = {"records": 0, "records_per_s": None}
+    run = {
+        "round": round_no,
+        "exit_code": code,
+        "records": result.get("records"),
+        "busy_s": result.get("busy_s"),
+        "records_per_s": result.get("records_per_s"),
+        "peak_rss_mib": round(rss, 1),
+        "wall_s": round(wall, 2),
+        "records_target": records,
+    }
+    if code != 0:
+        run["error"] = f"exit code {code}; see {run_dir / 'log.txt'}"
+        tail = (run_dir / "log.txt").read_text()[-3000:]
+        log_line(f"  FAILED {contender.name} {encoding}: exit {code}\n{tail}")
+    if check:
+        run["checks"] = checks(ctx, contender, encoding, group, topic, result, sqlite_path,
+                               records)
+    if sqlite_path is not None:
+        shutil.rmtree(run_dir / "sink.db", ignore_errors=True)
+        for leftover in run_dir.glob("sink.db*"):
+            leftover.unlink()
+    return run
+
+
+def checks(
+    ctx: Context, contender: Contender, encoding: str, group: str, topic: str,
+    result: dict[str, Any], sqlite_path: Path | None, records: int,
+) -> dict[str, Any]:
+    """Row-by-row checks of one run; a contender that consumed a prefix is checked on count."""
+    out: dict[str, Any] = {}
+    ends = ctx.ends[topic]
+    complete = records >= ctx.settings.records
+    if contender.offsetkeeper:
+        # Exactly once: the engine committed every record once, no more, no fewer.
+        out["records_committed"] = {"ok": result.get("records") == sum(ends.values()),
+                                    "committed": result.get("records"),
+                                    "expected": sum(ends.values())}
+    else:
+        out["records_seen"] = {"ok": (result.get("records") or 0) >= records,
+                               "seen": result.get("records"), "expected": records}
+    if contender.kind == "ok":
+        out["ranges"] = verify.ranges(result.get("ranges", {}), ends)
+    if not complete or contender.kind == "limit" or contender.sink == "null":
+        return out
+    expected = ctx.expected[encoding]
+    if contender.sink == "sqlite" and sqlite_path is not None:
+        out["rows"] = verify.sqlite_rows(sqlite_path, expected)
+        out["checkpoints"] = verify.checkpoints(
+            verify.sqlite_checkpoints(sqlite_path, group, topic), ends)
+        return out
+    out["rows"] = verify.pg_rows(ctx.dsn, expected)
+    if contender.offsetkeeper and contender.sink != "kafka-offsets":
+        out["checkpoints"] = verify.checkpoints(verify.pg_checkpoints(ctx.dsn, group, topic), ends)
+    return out
+
+
+def throughput(ctx: Context, contenders: list[Contender]) -> dict[str, Any]:
+    s = ctx.settings
+    runs: dict[str, dict[str, list[dict[str, Any]]]] = {c.name: {} for c in contenders}
+    for round_no in range(1, s.repetitions + 1):
+        for encoding in s.encodings:
+            for contender in contenders:
+                reps = 1 if contender.max_records is not None else s.repetitions
+                if round_no > reps:
+                    continue
+                check = s.quick or round_no == 1
+                run = throughput_run(ctx, contender, encoding, round_no, check)
+                runs[contender.name].setdefault(encoding, []).append(run)
+                rate = run["records_per_s"]
+                ok = all(c.get("ok") for c in run.get("checks", {}).values())
+                log_line(
+                    f"  round {round_no} {encoding:4} {contender.name:28} "
+                    f"{(rate or 0):>10,.0f} rec/s  rss {run['peak_rss_mib']:6.1f} MiB"
+                    + ("" if "checks" not in run else ("  checks ok" if ok else "  CHECKS FAILED"))
+                )
+    return runs
+
+
+# -- phase: latency ------------------------------------------------------------------------------
+
+
+def latency(ctx: Context, contenders: list[Contender]) -> dict[str, Any]:
+    s = ctx.settings
+    total = s.latency_rate * s.latency_seconds
+    results: dict[str, Any] = {}
+    for contender in contenders:
+        topic = f"lat-{contender.name}"
+        group = f"okbench-lat-{contender.name}"
+        run_dir = ctx.work / "latency" / contender.name
+        run_dir.mkdir(parents=True)
+        produce.create_topic(ctx.bootstrap, topic)
+        if contender.uses_pg:
+            reset_pg(ctx.dsn)
+        sqlite_path = run_dir / "sink.db" if contender.sink == "sqlite" else None
+        argv, env = command(ctx, contender, encoding="json", topic=topic, group=group,
+                            result=run_dir / "result.json", records=total,
+                            sqlite_path=sqlite_path, latency=True, idle_s=8.0)
+        with (run_dir / "log.txt").open("w") as log_file:
+            process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=BENCH,
+                                       env={**os.environ, **env})
+        try:
+            produce.wait_group_ready(ctx.bootstrap, group, timeout_s=90)
+            time.sleep(1.0)
+            producer = produce.RateProducer(ctx.bootstrap, topic, "json", s.latency_rate, total)
+            producer.start()
+            producer.join()
+            code = process.wait(timeout=120)
+        except (TimeoutError, subprocess.TimeoutExpired) as exc:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+            results[contender.name] = {"error": str(exc)}
+            log_line(f"  latency {contender.name}: {exc}")
+            continue
+        try:
+            result = json.loads((run_dir / "result.json").read_text())
+        except (OSError, ValueError):
+            result = {}
+        samples = sorted(result.get("latencies_ms") or [])
+        results[contender.name] = {
+            "exit_code": code,
+            "rate_per_s": s.latency_rate,
+            "records_sent": total,
+            "records_measured": len(samples),
+            **report.percentiles(samples),
+        }
+        log_line(f"  latency {contender.name:28} " + report.latency_text(results[contender.name]))
+    return results
+
+
+# -- phase: recovery -----------------------------------------------------------------------------
+
+
+def _wait_file(path: Path, timeout_s: float, process: subprocess.Popen[bytes]) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if path.exists():
+            return json.loads(path.read_text())  # type: ignore[no-any-return]
+        if process.poll() is not None:
+            raise RuntimeError(f"consumer exited ({process.returncode}) before its first commit")
+        time.sleep(0.02)
+    raise TimeoutError(f"no first commit within {timeout_s}s")
+
+
+def recovery_trial(ctx: Context, mode: str, trial: int) -> dict[str, Any]:
+    s = ctx.settings
+    name = f"rec-{mode}-{trial}"
+    run_dir = ctx.work / "recovery" / name
+    run_dir.mkdir(parents=True)
+    topic, group = name, f"okbench-{name}"
+    produce.create_topic(ctx.bootstrap, topic)
+    reset_pg(ctx.dsn)
+    kafka = [f"session.timeout.ms={s.recovery_session_timeout_ms}"]
+    if mode == "static":
+        kafka.append("group.instance.id=okbench-recovery-member")
+    extra = tuple(arg for item in kafka for arg in ("-X", item))
+    contender = Contender("ok-postgresql", "", "ok", "postgresql")
+
+    def start(tag: str) -> subprocess.Popen[bytes]:
+        argv, _env = command(
+            ctx, contender, encoding="json", topic=topic, group=group,
+            result=run_dir / f"{tag}.json", records=0, sqlite_path=None,
+            extra=(*extra, "--first-commit-file", str(run_dir / f"{tag}.first")),
+        )
+        with (run_dir / f"{tag}.log").open("w") as log_file:
+            return subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=BENCH)
+
+    producer = produce.RateProducer(ctx.bootstrap, topic, "json", s.latency_rate,
+                                    s.latency_rate * 600)
+    producer.start()
+    first = start("a")
+    replacement: subprocess.Popen[bytes] | None = None
+    try:
+        _wait_file(run_dir / "a.first", 90, first)
+        time.sleep(2.0)  # steady state: several batches committed
+        killed_at = time.time()
+        os.kill(first.pid, signal.SIGKILL)
+        first.wait()
+        replacement = start("b")
+        committed = _wait_file(run_dir / "b.first", 120, replacement)
+        recovery_s = committed["first_commit_at"] - killed_at
+        time.sleep(1.0)
+        producer.stop()
+        producer.join()
+        code = replacement.wait(timeout=180)
+    finally:
+        producer.stop()
+        for process in (first, replacement):
+            if process is not None and process.poll() is None:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+    b = json.loads((run_dir / "b.json").read_text())
+    ends = produce.end_offsets(ctx.bootstrap, topic)
+    expected = workload.expected(producer.sent, "json")
+    out = {
+        "mode": mode,
+        "recovery_s": round(recovery_s, 3),
+        "replacement_assigned_after_s": (
+            round(b["first_assigned_at"] - killed_at, 3) if b.get("first_assigned_at") else None
+        ),
+        "replacement_exit_code": code,
+        "records_sent": producer.sent,
+        "checks": {
+            "rows": verify.pg_rows(ctx.dsn, expected),
+            "checkpoints": verify.checkpoints(verify.pg_checkpoints(ctx.dsn, group, topic), ends),
+        },
+    }
+    log_line(f"  recovery {mode} #{trial}: {out['recovery_s']:.2f}s to the replacement's first "
+             f"commit; rows {'ok' if out['checks']['rows']['ok'] else 'WRONG'}")
+    return out
+
+
+def recovery(ctx: Context) -> dict[str, Any]:
+    s = ctx.settings
+    modes = ("static",) if s.quick else ("dynamic", "static")
+    trials = [recovery_trial(ctx, mode, t) for mode in modes
+              for t in range(1, s.recovery_trials + 1)]
+    return {
+        "session_timeout_ms": s.recovery_session_timeout_ms,
+        "stream_rate_per_s": s.latency_rate,
+        "trials": trials,
+    }
+
+
+# -- main ----------------------------------------------------------------------------------------
+
+
+def aiokafka_available() -> bool:
+    done = subprocess.run([OK_CLI, "run", "--help"], check=False, capture_output=True, text=True)
+    return "--backend" in done.stdout and "aiokafka" in done.stdout
+
+
+def contenders_for(s: Settings, with_aiokafka: bool) -> list[Contender]:
+    hw = s.handwritten_records
+    found = [
+        Contender("limit", "limit: bare confluent-kafka consumer, decode only", "limit"),
+        Contender("ok-postgresql", "offsetkeeper -> PostgreSQL (exactly-once)", "ok",
+                  "postgresql"),
+        Contender("ok-sqlite", "offsetkeeper -> SQLite (exactly-once)", "ok", "sqlite"),
+        Contender("ok-null", "offsetkeeper -> null sink", "ok", "null"),
+        Contender("ok-split-postgresql",
+                  "offsetkeeper -> PostgreSQL, offsets in a 2nd transaction", "ok", "split"),
+        Contender("ok-kafka-offsets-postgresql",
+                  "offsetkeeper -> PostgreSQL, offsets only in Kafka", "ok", "kafka-offsets"),
+        Contender("handwritten", "hand-written: INSERT per record, commit per batch",
+                  "handwritten", max_records=hw),
+        Contender("peer-quixstreams", f"Quix Streams {peer_version()} -> PostgreSQLSink",
+                  "peer"),
+    ]
+    if with_aiokafka:
+        found[4:4] = [
+            Contender("ok-aiokafka-postgresql", "offsetkeeper (aiokafka) -> PostgreSQL",
+                      "ok-cli", "postgresql", backend="aiokafka"),
+            Contender("ok-aiokafka-sqlite", "offsetkeeper (aiokafka) -> SQLite", "ok-cli",
+                      "sqlite", backend="aiokafka"),
+        ]
+    if s.only:
+        found = [c for c in found if c.name in s.only]
+    return found
+
+
+def peer_version() -> str:
+    done = subprocess.run(
+        [PEER_PY, "-c", "import importlib.metadata as m; print(m.version('quixstreams'))"],
+        check=False, capture_output=True, text=True,
+    )
+    return done.stdout.strip() or "unknown"
+
+
+def settings_from(args: argparse.Namespace) -> Settings:
+    if args.quick:
+        s = Settings(quick=True, records=20_000, repetitions=1, handwritten_records=None,
+                     latency_rate=1000, latency_seconds=4, recovery_trials=1,
+                     recovery_session_timeout_ms=6000, idle_s=1.0,
+                     out_dir=args.out or BENCH / "results" / "quick", profile=args.profile)
+    else:
+        s = Settings(quick=False, records=1_000_000, repetitions=3, handwritten_records=150_000,
+                     latency_rate=2000, latency_seconds=15, recovery_trials=2,
+                     recovery_session_timeout_ms=10_000, idle_s=2.0,
+                     out_dir=args.out or BENCH / "results", profile=args.profile)
+    for name in ("records", "repetitions", "handwritten_records", "latency_rate",
+                 "latency_seconds", "recovery_trials"):
+        value = getattr(args, name)
+        if value is not None:
+            setattr(s, name, value)
+    if args.only:
+        s.only = tuple(args.only.split(","))
+    if args.encodings:
+        s.encodings = tuple(args.encodings.split(","))
+    return s
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true",
+                        help="20k records, one run each, every result checked row by row")
+    parser.add_argument("--out", type=Path, help="directory for bench.md and bench.json")
+    parser.add_argument("--profile", action="store_true",
+                        help="also profile offsetkeeper (cProfile) into PostgreSQL and null")
+    parser.add_argument("--records", type=int)
+    parser.add_argument("--repetitions", type=int)
+    parser.add_argument("--handwritten-records", type=int)
+    parser.add_argument("--latency-rate", type=int)
+    parser.add_argument("--latency-seconds", type=int)
+    parser.add_argument("--recovery-trials", type=int)
+    parser.add_argument("--only", help="comma-separated contender names")
+    parser.add_argument("--encodings", help="json,avro (default both)")
+    parser.add_argument("--skip", default="", help="comma-separated phases: latency,recovery")
+    args = parser.parse_args(argv)
+    s = settings_from(args)
+    skip = set(filter(None, args.skip.split(",")))
+    started = time.monotonic()
+    began_at = datetime.now(tz=UTC)
+    load_before = machine.load_average()
+    log_line(f"{'quick' if s.quick else 'full'} run: {s.records:,} records x {s.encodings}, "
+             f"{s.repetitions} repetition(s); load average {load_before}")
+
+    svc = services_mod.start(log_line)
+    # Stop the servers on SIGTERM too (SIGINT raises KeyboardInterrupt, handled by finally).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    work = svc.root / "work"
+    work.mkdir()
+    try:
+        ctx = Context(settings=s, bootstrap=svc.bootstrap, dsn=svc.dsn, work=work, log=log_line)
+        with_aiokafka = aiokafka_available()
+        log_line(f"aiokafka backend in `offsetkeeper run --help`: {with_aiokafka}")
+        contenders = contenders_for(s, with_aiokafka)
+        for encoding in s.encodings:
+            topic = f"bench-{encoding}"
+            produce.create_topic(svc.bootstrap, topic)
+            t0 = time.monotonic()
+            produce.produce_all(svc.bootstrap, topic, s.records, encoding)
+            ctx.ends[topic] = produce.end_offsets(svc.bootstrap, topic)
+            ctx.expected[encoding] = workload.expected(s.records, encoding)
+            log_line(f"produced {sum(ctx.ends[topic].values()):,} {encoding} records to {topic} "
+                     f"in {time.monotonic() - t0:.1f}s (per partition {ctx.ends[topic]})")
+        log_line("phase: throughput")
+        runs = throughput(ctx, contenders)
+        lat: dict[str, Any] = {}
+        if "latency" not in skip:
+            log_line(f"phase: latency ({s.latency_rate}/s for {s.latency_seconds}s, JSON)")
+            lat = latency(ctx, [c for c in contenders if c.kind != "ok-cli"])
+        rec: dict[str, Any] = {}
+        if "recovery" not in skip:
+            log_line("phase: recovery after kill -9 (offsetkeeper -> PostgreSQL)")
+            rec = recovery(ctx)
+        profiles: dict[str, Any] = {}
+        if s.profile:
+            log_line("phase: profile")
+            profiles = profile_report.profile(ctx, s.out_dir, command_for=command,
+                                              contender_type=Contender, run_process=run_process,
+                                              reset_pg=reset_pg)
+        description = machine.describe(svc.dsn, peer_version())
+    finally:
+        log_line("stopping Kafka and PostgreSQL")
+        svc.stop()
+    doc = report.build(
+        settings=s, contenders=contenders, runs=runs, latency=lat, recovery=rec,
+        profiles=profiles, machine=description, began_at=began_at,
+        duration_s=time.monotonic() - started, load=(load_before, machine.load_average()),
+        aiokafka=with_aiokafka,
+    )
+    s.out_dir.mkdir(parents=True, exist_ok=True)
+    (s.out_dir / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
+    (s.out_dir / "bench.md").write_text(report.markdown(doc))
+    log_line(f"wrote {s.out_dir / 'bench.md'} and bench.json in {time.monotonic() - started:.0f}s")
+    print(report.markdown(doc))
+    if not doc["correct"]:
+        log_line("CORRECTNESS CHECKS FAILED (see 'checks' in bench.json)")
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
