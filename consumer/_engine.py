@@ -89,6 +89,10 @@ class Engine:
         self._clock = clock
         self._sleep = sleep
         self._owned: dict[TopicPartition, _Owned] = {}
+        # Partitions halted on a bad record. Kept when they are revoked (leaving the group at the
+        # end revokes everything, and a driver calls finish() after that); forgotten when one
+        # is assigned to this member again, which then resumes at the bad record.
+        self._halted: dict[TopicPartition, RecordError] = {}
         self._stop_requested = False
         self._ever_assigned = False
         self._crash = CrashInjector.from_environment()
@@ -109,7 +113,8 @@ class Engine:
 
     @property
     def stopped_partitions(self) -> dict[TopicPartition, RecordError]:
-        return {tp: o.stopped for tp, o in self._owned.items() if o.stopped is not None}
+        """Partitions this member halted on a bad record (see `_halted`)."""
+        return dict(self._halted)
 
     @property
     def stop_requested(self) -> bool:
@@ -248,6 +253,7 @@ class Engine:
 
     def _stop_partition(self, tp: TopicPartition, error: RecordError) -> None:
         self._owned[tp].stopped = error
+        self._halted[tp] = error
         self._backend.pause([tp])
         self._observer.partition_stopped(tp, error)
         log.error(
@@ -330,6 +336,8 @@ class Engine:
         if not partitions:
             return {}  # joined with nothing (yet) to own: ready, but not "assigned" for idleness
         self._ever_assigned = True
+        for tp in partitions:
+            self._halted.pop(tp, None)
         epochs = self._with_sink_retry("acquire", lambda: self._sink.acquire(group, partitions))
         stored = self._with_sink_retry(
             "load_checkpoints", lambda: self._sink.load_checkpoints(group, partitions)

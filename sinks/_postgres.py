@@ -98,7 +98,13 @@ class PostgresSink:
 
     def _fail(self, message: str, exc: psycopg.Error, **context: Any) -> SinkError:
         self._rollback_quietly()
-        return SinkError(message, sink=self.description, sqlstate=exc.sqlstate, **context)
+        return SinkError(
+            message,
+            sink=self.description,
+            sqlstate=exc.sqlstate,
+            reason=str(exc).strip(),
+            **context,
+        )
 
     # -- lifecycle -------------------------------------------------------------------------------
 

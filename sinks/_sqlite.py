@@ -83,8 +83,13 @@ class SqliteSink:
             if self._path.parent != Path():
                 self._path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
+            # check_same_thread=False: the asyncio driver calls the sink from a worker pool,
+            # one call at a time (the Sink contract is single-caller), so any thread may.
             self._connection = sqlite3.connect(
-                self._path, timeout=self._busy_timeout_s, isolation_level=None
+                self._path,
+                timeout=self._busy_timeout_s,
+                isolation_level=None,
+                check_same_thread=False,
             )
             self._db.execute("PRAGMA journal_mode=WAL")
             # FULL: a commit is on disk before we tell Kafka (advisory) or move on.
@@ -96,7 +101,9 @@ class SqliteSink:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback_quietly()
-            raise SinkError("cannot open SQLite sink", sink=self.description) from exc
+            raise SinkError(
+                "cannot open SQLite sink", sink=self.description, reason=str(exc)
+            ) from exc
 
     def open_existing(self) -> None:
         try:
@@ -106,12 +113,17 @@ class SqliteSink:
                     uri=True,
                     timeout=self._busy_timeout_s,
                     isolation_level=None,
+                    check_same_thread=False,
                 )
             else:
                 # Nothing stored yet: an empty in-memory database answers every read with nothing.
-                self._connection = sqlite3.connect(":memory:", isolation_level=None)
+                self._connection = sqlite3.connect(
+                    ":memory:", isolation_level=None, check_same_thread=False
+                )
         except sqlite3.Error as exc:
-            raise SinkError("cannot open SQLite sink", sink=self.description) from exc
+            raise SinkError(
+                "cannot open SQLite sink", sink=self.description, reason=str(exc)
+            ) from exc
 
     def _create_own_tables(self) -> None:
         self._db.execute(
@@ -189,7 +201,9 @@ class SqliteSink:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback_quietly()
-            raise SinkError("cannot acquire partition epochs", sink=self.description) from exc
+            raise SinkError(
+                "cannot acquire partition epochs", sink=self.description, reason=str(exc)
+            ) from exc
         return epochs
 
     def load_checkpoints(
@@ -210,7 +224,9 @@ class SqliteSink:
         except sqlite3.Error as exc:
             if _no_such_table(exc):
                 return {}
-            raise SinkError("cannot read checkpoints", sink=self.description) from exc
+            raise SinkError(
+                "cannot read checkpoints", sink=self.description, reason=str(exc)
+            ) from exc
         checkpoints: dict[TopicPartition, Checkpoint] = {}
         for row in rows:
             tp = TopicPartition(row[1], row[2])
@@ -233,7 +249,9 @@ class SqliteSink:
         try:
             self._db.execute("BEGIN IMMEDIATE")
         except sqlite3.Error as exc:
-            raise SinkError("cannot begin a transaction", sink=self.description) from exc
+            raise SinkError(
+                "cannot begin a transaction", sink=self.description, reason=str(exc)
+            ) from exc
 
     def write_rows(self, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
         if not rows:
@@ -253,7 +271,9 @@ class SqliteSink:
                 params = [tuple(row.get(c) for c in columns) for row in rows]
             self._db.executemany(sql, params)
         except sqlite3.Error as exc:
-            raise SinkError("cannot write rows", sink=self.description, table=table.name) from exc
+            raise SinkError(
+                "cannot write rows", sink=self.description, table=table.name, reason=str(exc)
+            ) from exc
 
     def save_checkpoints(
         self,
@@ -280,7 +300,9 @@ class SqliteSink:
                 )
             self._write_checkpoints(checkpoints)
         except sqlite3.Error as exc:
-            raise SinkError("cannot save checkpoints", sink=self.description) from exc
+            raise SinkError(
+                "cannot save checkpoints", sink=self.description, reason=str(exc)
+            ) from exc
 
     def _write_checkpoints(self, checkpoints: Sequence[Checkpoint]) -> None:
         records = [encode_checkpoint(cp) for cp in checkpoints]
@@ -316,7 +338,9 @@ class SqliteSink:
         except sqlite3.Error as exc:
             if _no_such_table(exc):
                 return []
-            raise SinkError("cannot list checkpoint groups", sink=self.description) from exc
+            raise SinkError(
+                "cannot list checkpoint groups", sink=self.description, reason=str(exc)
+            ) from exc
         return [str(row[0]) for row in rows]
 
     def migrate_checkpoints(self, *, dry_run: bool = False) -> list[Checkpoint]:
@@ -335,7 +359,9 @@ class SqliteSink:
                 self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback_quietly()
-            raise SinkError("cannot migrate checkpoints", sink=self.description) from exc
+            raise SinkError(
+                "cannot migrate checkpoints", sink=self.description, reason=str(exc)
+            ) from exc
         except BaseException:
             self._rollback_quietly()
             raise
@@ -355,7 +381,9 @@ class SqliteSink:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback_quietly()
-            raise SinkError("cannot store replay job", sink=self.description, job=job_id) from exc
+            raise SinkError(
+                "cannot store replay job", sink=self.description, job=job_id, reason=str(exc)
+            ) from exc
         return str(row[0])
 
     def load_job(self, job_id: str) -> str | None:
@@ -366,7 +394,9 @@ class SqliteSink:
         except sqlite3.Error as exc:
             if _no_such_table(exc):
                 return None
-            raise SinkError("cannot read replay job", sink=self.description, job=job_id) from exc
+            raise SinkError(
+                "cannot read replay job", sink=self.description, job=job_id, reason=str(exc)
+            ) from exc
         return None if row is None else str(row[0])
 
     def commit(self) -> None:
@@ -374,7 +404,9 @@ class SqliteSink:
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             self._rollback_quietly()
-            raise SinkError("commit failed; batch rolled back", sink=self.description) from exc
+            raise SinkError(
+                "commit failed; batch rolled back", sink=self.description, reason=str(exc)
+            ) from exc
 
     def rollback(self) -> None:
         self._rollback_quietly()

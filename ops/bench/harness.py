@@ -23,7 +23,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -134,36 +133,101 @@ def run_process(
 
 def reset_pg(dsn: str) -> None:
     with psycopg.connect(dsn, autocommit=True) as db:
-        for table in (workload.TABLE, "offsetkeeper_checkpoints", "offsetkeeper_leases",
-                      "offsetkeeper_replay_jobs"):
+        for table in (
+            workload.TABLE,
+            "offsetkeeper_checkpoints",
+            "offsetkeeper_leases",
+            "offsetkeeper_replay_jobs",
+        ):
             db.execute(f"DROP TABLE IF EXISTS {table}")  # type: ignore[arg-type]
 
 
 def command(
-    ctx: Context, contender: Contender, *, encoding: str, topic: str, group: str, result: Path,
-    records: int, sqlite_path: Path | None, latency: bool = False, idle_s: float | None = None,
+    ctx: Context,
+    contender: Contender,
+    *,
+    encoding: str,
+    topic: str,
+    group: str,
+    result: Path,
+    records: int,
+    sqlite_path: Path | None,
+    latency: bool = False,
+    idle_s: float | None = None,
     extra: tuple[str, ...] = (),
 ) -> tuple[list[str], dict[str, str]]:
     idle = str(idle_s if idle_s is not None else ctx.settings.idle_s)
-    common = ["--encoding", encoding, "--bootstrap", ctx.bootstrap, "--group", group,
-              "--topic", topic, "--result", str(result)]
+    common = [
+        "--encoding",
+        encoding,
+        "--bootstrap",
+        ctx.bootstrap,
+        "--group",
+        group,
+        "--topic",
+        topic,
+        "--result",
+        str(result),
+    ]
     flags = ["--latency"] if latency else []
     url = f"sqlite:///{sqlite_path}" if contender.sink == "sqlite" else ctx.dsn
     if contender.kind == "limit":
         return [PY, "limit.py", *common, "--records", str(records), *flags], {}
     if contender.kind == "handwritten":
-        return [PY, "handwritten.py", *common, "--dsn", ctx.dsn, "--records", str(records),
-                *flags], {}
+        return [
+            PY,
+            "handwritten.py",
+            *common,
+            "--dsn",
+            ctx.dsn,
+            "--records",
+            str(records),
+            *flags,
+        ], {}
     if contender.kind == "peer":
-        return [PEER_PY, "peer_quix.py", *common, "--dsn", ctx.dsn, "--records", str(records),
-                *flags], {}
+        return [
+            PEER_PY,
+            "peer_quix.py",
+            *common,
+            "--dsn",
+            ctx.dsn,
+            "--records",
+            str(records),
+            *flags,
+        ], {}
     if contender.kind == "ok-cli":
-        argv = [OK_CLI, "run", "--app", f"ok_app:{encoding}_app", "--bootstrap-servers",
-                ctx.bootstrap, "--group", group, "--topic", topic, "--sink", url,
-                "--stop-when-idle", idle, "--log-format", "json", "--backend", contender.backend]
+        argv = [
+            OK_CLI,
+            "run",
+            "--app",
+            f"ok_app:{encoding}_app",
+            "--bootstrap-servers",
+            ctx.bootstrap,
+            "--group",
+            group,
+            "--topic",
+            topic,
+            "--sink",
+            url,
+            "--stop-when-idle",
+            idle,
+            "--log-format",
+            "json",
+            "--backend",
+            contender.backend,
+        ]
         return argv, {"PYTHONPATH": str(BENCH)}
-    argv = [PY, "ok_driver.py", *common, "--sink", str(contender.sink), "--stop-when-idle", idle,
-            *flags, *extra]
+    argv = [
+        PY,
+        "ok_driver.py",
+        *common,
+        "--sink",
+        str(contender.sink),
+        "--stop-when-idle",
+        idle,
+        *flags,
+        *extra,
+    ]
     if contender.sink != "null":
         argv += ["--sink-url", url]
     return argv, {}
@@ -175,8 +239,12 @@ def cli_result(log_path: Path) -> dict[str, Any]:
         with contextlib.suppress(ValueError):
             event = json.loads(line)
             if isinstance(event, dict) and event.get("event") == "consumer_stopped":
-                return {"records": event["records"], "busy_s": event["busy_s"],
-                        "records_per_s": event["records_per_s"], "batches": event["batches"]}
+                return {
+                    "records": event["records"],
+                    "busy_s": event["busy_s"],
+                    "records_per_s": event["records_per_s"],
+                    "batches": event["batches"],
+                }
     return {"records": 0, "busy_s": None, "records_per_s": None}
 
 
@@ -195,10 +263,19 @@ def throughput_run(
     records = s.records if contender.max_records is None else min(s.records, contender.max_records)
     if contender.uses_pg:
         reset_pg(ctx.dsn)
-    argv, env = command(ctx, contender, encoding=encoding, topic=topic, group=group,
-                        result=run_dir / "result.json", records=records, sqlite_path=sqlite_path)
-    code, rss, wall = run_process(argv, run_dir / "log.txt", timeout_s=max(300.0, records / 500),
-                                  env=env)
+    argv, env = command(
+        ctx,
+        contender,
+        encoding=encoding,
+        topic=topic,
+        group=group,
+        result=run_dir / "result.json",
+        records=records,
+        sqlite_path=sqlite_path,
+    )
+    code, rss, wall = run_process(
+        argv, run_dir / "log.txt", timeout_s=max(300.0, records / 500), env=env
+    )
     if contender.kind == "ok-cli":
         result = cli_result(run_dir / "log.txt")
     else:
@@ -221,8 +298,16 @@ def throughput_run(
         tail = (run_dir / "log.txt").read_text()[-3000:]
         log_line(f"  FAILED {contender.name} {encoding}: exit {code}\n{tail}")
     if check:
-        run["checks"] = checks(ctx, contender, encoding, group, topic, result, sqlite_path,
-                               records)
+        run["checks"] = checks(
+            ctx,
+            contender,
+            encoding=encoding,
+            group=group,
+            topic=topic,
+            result=result,
+            sqlite_path=sqlite_path,
+            records=records,
+        )
     if sqlite_path is not None:
         shutil.rmtree(run_dir / "sink.db", ignore_errors=True)
         for leftover in run_dir.glob("sink.db*"):
@@ -231,8 +316,15 @@ def throughput_run(
 
 
 def checks(
-    ctx: Context, contender: Contender, encoding: str, group: str, topic: str,
-    result: dict[str, Any], sqlite_path: Path | None, records: int,
+    ctx: Context,
+    contender: Contender,
+    *,
+    encoding: str,
+    group: str,
+    topic: str,
+    result: dict[str, Any],
+    sqlite_path: Path | None,
+    records: int,
 ) -> dict[str, Any]:
     """Row-by-row checks of one run; a contender that consumed a prefix is checked on count."""
     out: dict[str, Any] = {}
@@ -240,12 +332,17 @@ def checks(
     complete = records >= ctx.settings.records
     if contender.offsetkeeper:
         # Exactly once: the engine committed every record once, no more, no fewer.
-        out["records_committed"] = {"ok": result.get("records") == sum(ends.values()),
-                                    "committed": result.get("records"),
-                                    "expected": sum(ends.values())}
+        out["records_committed"] = {
+            "ok": result.get("records") == sum(ends.values()),
+            "committed": result.get("records"),
+            "expected": sum(ends.values()),
+        }
     else:
-        out["records_seen"] = {"ok": (result.get("records") or 0) >= records,
-                               "seen": result.get("records"), "expected": records}
+        out["records_seen"] = {
+            "ok": (result.get("records") or 0) >= records,
+            "seen": result.get("records"),
+            "expected": records,
+        }
     if contender.kind == "ok":
         out["ranges"] = verify.ranges(result.get("ranges", {}), ends)
     if not complete or contender.kind == "limit" or contender.sink == "null":
@@ -254,7 +351,8 @@ def checks(
     if contender.sink == "sqlite" and sqlite_path is not None:
         out["rows"] = verify.sqlite_rows(sqlite_path, expected)
         out["checkpoints"] = verify.checkpoints(
-            verify.sqlite_checkpoints(sqlite_path, group, topic), ends)
+            verify.sqlite_checkpoints(sqlite_path, group, topic), ends
+        )
         return out
     out["rows"] = verify.pg_rows(ctx.dsn, expected)
     if contender.offsetkeeper and contender.sink != "kafka-offsets":
@@ -300,12 +398,26 @@ def latency(ctx: Context, contenders: list[Contender]) -> dict[str, Any]:
         if contender.uses_pg:
             reset_pg(ctx.dsn)
         sqlite_path = run_dir / "sink.db" if contender.sink == "sqlite" else None
-        argv, env = command(ctx, contender, encoding="json", topic=topic, group=group,
-                            result=run_dir / "result.json", records=total,
-                            sqlite_path=sqlite_path, latency=True, idle_s=8.0)
+        argv, env = command(
+            ctx,
+            contender,
+            encoding="json",
+            topic=topic,
+            group=group,
+            result=run_dir / "result.json",
+            records=total,
+            sqlite_path=sqlite_path,
+            latency=True,
+            idle_s=8.0,
+        )
         with (run_dir / "log.txt").open("w") as log_file:
-            process = subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=BENCH,
-                                       env={**os.environ, **env})
+            process = subprocess.Popen(
+                argv,
+                stdout=log_file,
+                stderr=subprocess.STDOUT,
+                cwd=BENCH,
+                env={**os.environ, **env},
+            )
         try:
             produce.wait_group_ready(ctx.bootstrap, group, timeout_s=90)
             time.sleep(1.0)
@@ -365,15 +477,22 @@ def recovery_trial(ctx: Context, mode: str, trial: int) -> dict[str, Any]:
 
     def start(tag: str) -> subprocess.Popen[bytes]:
         argv, _env = command(
-            ctx, contender, encoding="json", topic=topic, group=group,
-            result=run_dir / f"{tag}.json", records=0, sqlite_path=None,
+            ctx,
+            contender,
+            encoding="json",
+            topic=topic,
+            group=group,
+            result=run_dir / f"{tag}.json",
+            records=0,
+            sqlite_path=None,
             extra=(*extra, "--first-commit-file", str(run_dir / f"{tag}.first")),
         )
         with (run_dir / f"{tag}.log").open("w") as log_file:
             return subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=BENCH)
 
-    producer = produce.RateProducer(ctx.bootstrap, topic, "json", s.latency_rate,
-                                    s.latency_rate * 600)
+    producer = produce.RateProducer(
+        ctx.bootstrap, topic, "json", s.latency_rate, s.latency_rate * 600
+    )
     producer.start()
     first = start("a")
     replacement: subprocess.Popen[bytes] | None = None
@@ -412,21 +531,60 @@ def recovery_trial(ctx: Context, mode: str, trial: int) -> dict[str, Any]:
             "checkpoints": verify.checkpoints(verify.pg_checkpoints(ctx.dsn, group, topic), ends),
         },
     }
-    log_line(f"  recovery {mode} #{trial}: {out['recovery_s']:.2f}s to the replacement's first "
-             f"commit; rows {'ok' if out['checks']['rows']['ok'] else 'WRONG'}")
+    log_line(
+        f"  recovery {mode} #{trial}: {out['recovery_s']:.2f}s to the replacement's first "
+        f"commit; rows {'ok' if out['checks']['rows']['ok'] else 'WRONG'}"
+    )
     return out
 
 
 def recovery(ctx: Context) -> dict[str, Any]:
     s = ctx.settings
     modes = ("static",) if s.quick else ("dynamic", "static")
-    trials = [recovery_trial(ctx, mode, t) for mode in modes
-              for t in range(1, s.recovery_trials + 1)]
+    trials = [
+        recovery_trial(ctx, mode, t) for mode in modes for t in range(1, s.recovery_trials + 1)
+    ]
     return {
         "session_timeout_ms": s.recovery_session_timeout_ms,
         "stream_rate_per_s": s.latency_rate,
         "trials": trials,
     }
+
+
+# -- phase: profile ------------------------------------------------------------------------------
+
+
+def profile(ctx: Context) -> dict[str, Any]:
+    """cProfile one JSON run into PostgreSQL and one into the null sink."""
+    out: dict[str, Any] = {}
+    for sink in ("postgresql", "null"):
+        contender = Contender(f"ok-{sink}", "", "ok", sink)
+        run_dir = ctx.work / "profile" / sink
+        run_dir.mkdir(parents=True)
+        if contender.uses_pg:
+            reset_pg(ctx.dsn)
+        stats = run_dir / "engine.pstats"
+        argv, env = command(
+            ctx,
+            contender,
+            encoding="json",
+            topic="bench-json",
+            group=f"okbench-profile-{sink}",
+            result=run_dir / "result.json",
+            records=ctx.settings.records,
+            sqlite_path=None,
+            extra=("--profile", str(stats)),
+        )
+        code, _rss, _wall = run_process(argv, run_dir / "log.txt", timeout_s=1800, env=env)
+        if code != 0 or not stats.exists():
+            out[contender.name] = {"error": f"exit code {code}"}
+            continue
+        ctx.settings.out_dir.mkdir(parents=True, exist_ok=True)
+        out[contender.name] = profile_report.analyze(
+            stats, ctx.settings.records, ctx.settings.out_dir / f"profile-{contender.name}.txt"
+        )
+        log_line(f"  profiled {contender.name}: engine.run {out[contender.name]['total_s']} s")
+    return out
 
 
 # -- main ----------------------------------------------------------------------------------------
@@ -441,25 +599,45 @@ def contenders_for(s: Settings, with_aiokafka: bool) -> list[Contender]:
     hw = s.handwritten_records
     found = [
         Contender("limit", "limit: bare confluent-kafka consumer, decode only", "limit"),
-        Contender("ok-postgresql", "offsetkeeper -> PostgreSQL (exactly-once)", "ok",
-                  "postgresql"),
+        Contender("ok-postgresql", "offsetkeeper -> PostgreSQL (exactly-once)", "ok", "postgresql"),
         Contender("ok-sqlite", "offsetkeeper -> SQLite (exactly-once)", "ok", "sqlite"),
         Contender("ok-null", "offsetkeeper -> null sink", "ok", "null"),
-        Contender("ok-split-postgresql",
-                  "offsetkeeper -> PostgreSQL, offsets in a 2nd transaction", "ok", "split"),
-        Contender("ok-kafka-offsets-postgresql",
-                  "offsetkeeper -> PostgreSQL, offsets only in Kafka", "ok", "kafka-offsets"),
-        Contender("handwritten", "hand-written: INSERT per record, commit per batch",
-                  "handwritten", max_records=hw),
-        Contender("peer-quixstreams", f"Quix Streams {peer_version()} -> PostgreSQLSink",
-                  "peer"),
+        Contender(
+            "ok-split-postgresql",
+            "offsetkeeper -> PostgreSQL, offsets in a 2nd transaction",
+            "ok",
+            "split",
+        ),
+        Contender(
+            "ok-kafka-offsets-postgresql",
+            "offsetkeeper -> PostgreSQL, offsets only in Kafka",
+            "ok",
+            "kafka-offsets",
+        ),
+        Contender(
+            "handwritten",
+            "hand-written: INSERT per record, commit per batch",
+            "handwritten",
+            max_records=hw,
+        ),
+        Contender("peer-quixstreams", f"Quix Streams {peer_version()} -> PostgreSQLSink", "peer"),
     ]
     if with_aiokafka:
         found[4:4] = [
-            Contender("ok-aiokafka-postgresql", "offsetkeeper (aiokafka) -> PostgreSQL",
-                      "ok-cli", "postgresql", backend="aiokafka"),
-            Contender("ok-aiokafka-sqlite", "offsetkeeper (aiokafka) -> SQLite", "ok-cli",
-                      "sqlite", backend="aiokafka"),
+            Contender(
+                "ok-aiokafka-postgresql",
+                "offsetkeeper (aiokafka) -> PostgreSQL",
+                "ok-cli",
+                "postgresql",
+                backend="aiokafka",
+            ),
+            Contender(
+                "ok-aiokafka-sqlite",
+                "offsetkeeper (aiokafka) -> SQLite",
+                "ok-cli",
+                "sqlite",
+                backend="aiokafka",
+            ),
         ]
     if s.only:
         found = [c for c in found if c.name in s.only]
@@ -469,24 +647,50 @@ def contenders_for(s: Settings, with_aiokafka: bool) -> list[Contender]:
 def peer_version() -> str:
     done = subprocess.run(
         [PEER_PY, "-c", "import importlib.metadata as m; print(m.version('quixstreams'))"],
-        check=False, capture_output=True, text=True,
+        check=False,
+        capture_output=True,
+        text=True,
     )
     return done.stdout.strip() or "unknown"
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     if args.quick:
-        s = Settings(quick=True, records=20_000, repetitions=1, handwritten_records=None,
-                     latency_rate=1000, latency_seconds=4, recovery_trials=1,
-                     recovery_session_timeout_ms=6000, idle_s=1.0,
-                     out_dir=args.out or BENCH / "results" / "quick", profile=args.profile)
+        s = Settings(
+            quick=True,
+            records=20_000,
+            repetitions=1,
+            handwritten_records=None,
+            latency_rate=1000,
+            latency_seconds=4,
+            recovery_trials=1,
+            recovery_session_timeout_ms=6000,
+            idle_s=1.0,
+            out_dir=args.out or BENCH / "results" / "quick",
+            profile=args.profile,
+        )
     else:
-        s = Settings(quick=False, records=1_000_000, repetitions=3, handwritten_records=150_000,
-                     latency_rate=2000, latency_seconds=15, recovery_trials=2,
-                     recovery_session_timeout_ms=10_000, idle_s=2.0,
-                     out_dir=args.out or BENCH / "results", profile=args.profile)
-    for name in ("records", "repetitions", "handwritten_records", "latency_rate",
-                 "latency_seconds", "recovery_trials"):
+        s = Settings(
+            quick=False,
+            records=1_000_000,
+            repetitions=3,
+            handwritten_records=150_000,
+            latency_rate=2000,
+            latency_seconds=15,
+            recovery_trials=2,
+            recovery_session_timeout_ms=10_000,
+            idle_s=2.0,
+            out_dir=args.out or BENCH / "results",
+            profile=args.profile,
+        )
+    for name in (
+        "records",
+        "repetitions",
+        "handwritten_records",
+        "latency_rate",
+        "latency_seconds",
+        "recovery_trials",
+    ):
         value = getattr(args, name)
         if value is not None:
             setattr(s, name, value)
@@ -497,14 +701,21 @@ def settings_from(args: argparse.Namespace) -> Settings:
     return s
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true",
-                        help="20k records, one run each, every result checked row by row")
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="20k records, one run each, every result checked row by row",
+    )
     parser.add_argument("--out", type=Path, help="directory for bench.md and bench.json")
-    parser.add_argument("--profile", action="store_true",
-                        help="also profile offsetkeeper (cProfile) into PostgreSQL and null")
+    parser.add_argument(
+        "--profile",
+        action="store_true",
+        help="also profile offsetkeeper (cProfile) into PostgreSQL and null",
+    )
     parser.add_argument("--records", type=int)
     parser.add_argument("--repetitions", type=int)
     parser.add_argument("--handwritten-records", type=int)
@@ -514,59 +725,84 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--only", help="comma-separated contender names")
     parser.add_argument("--encodings", help="json,avro (default both)")
     parser.add_argument("--skip", default="", help="comma-separated phases: latency,recovery")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def produce_workload(ctx: Context) -> None:
+    for encoding in ctx.settings.encodings:
+        topic = f"bench-{encoding}"
+        produce.create_topic(ctx.bootstrap, topic)
+        t0 = time.monotonic()
+        produce.produce_all(ctx.bootstrap, topic, ctx.settings.records, encoding)
+        ctx.ends[topic] = produce.end_offsets(ctx.bootstrap, topic)
+        ctx.expected[encoding] = workload.expected(ctx.settings.records, encoding)
+        log_line(
+            f"produced {sum(ctx.ends[topic].values()):,} {encoding} records to {topic} "
+            f"in {time.monotonic() - t0:.1f}s (per partition {ctx.ends[topic]})"
+        )
+
+
+def phases(ctx: Context, skip: set[str]) -> dict[str, Any]:
+    s = ctx.settings
+    with_aiokafka = aiokafka_available()
+    log_line(f"aiokafka backend in `offsetkeeper run --help`: {with_aiokafka}")
+    contenders = contenders_for(s, with_aiokafka)
+    produce_workload(ctx)
+    log_line("phase: throughput")
+    found: dict[str, Any] = {
+        "contenders": contenders,
+        "aiokafka": with_aiokafka,
+        "runs": throughput(ctx, contenders),
+        "latency": {},
+        "recovery": {},
+        "profiles": {},
+    }
+    if "latency" not in skip:
+        log_line(f"phase: latency ({s.latency_rate}/s for {s.latency_seconds}s, JSON)")
+        found["latency"] = latency(ctx, [c for c in contenders if c.kind != "ok-cli"])
+    if "recovery" not in skip:
+        log_line("phase: recovery after kill -9 (offsetkeeper -> PostgreSQL)")
+        found["recovery"] = recovery(ctx)
+    if s.profile:
+        log_line("phase: profile")
+        found["profiles"] = profile(ctx)
+    found["machine"] = machine.describe(ctx.dsn, peer_version())
+    return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     s = settings_from(args)
-    skip = set(filter(None, args.skip.split(",")))
     started = time.monotonic()
     began_at = datetime.now(tz=UTC)
     load_before = machine.load_average()
-    log_line(f"{'quick' if s.quick else 'full'} run: {s.records:,} records x {s.encodings}, "
-             f"{s.repetitions} repetition(s); load average {load_before}")
-
+    log_line(
+        f"{'quick' if s.quick else 'full'} run: {s.records:,} records x {s.encodings}, "
+        f"{s.repetitions} repetition(s); load average {load_before}"
+    )
     svc = services_mod.start(log_line)
     # Stop the servers on SIGTERM too (SIGINT raises KeyboardInterrupt, handled by finally).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    work = svc.root / "work"
-    work.mkdir()
     try:
+        work = svc.root / "work"
+        work.mkdir()
         ctx = Context(settings=s, bootstrap=svc.bootstrap, dsn=svc.dsn, work=work, log=log_line)
-        with_aiokafka = aiokafka_available()
-        log_line(f"aiokafka backend in `offsetkeeper run --help`: {with_aiokafka}")
-        contenders = contenders_for(s, with_aiokafka)
-        for encoding in s.encodings:
-            topic = f"bench-{encoding}"
-            produce.create_topic(svc.bootstrap, topic)
-            t0 = time.monotonic()
-            produce.produce_all(svc.bootstrap, topic, s.records, encoding)
-            ctx.ends[topic] = produce.end_offsets(svc.bootstrap, topic)
-            ctx.expected[encoding] = workload.expected(s.records, encoding)
-            log_line(f"produced {sum(ctx.ends[topic].values()):,} {encoding} records to {topic} "
-                     f"in {time.monotonic() - t0:.1f}s (per partition {ctx.ends[topic]})")
-        log_line("phase: throughput")
-        runs = throughput(ctx, contenders)
-        lat: dict[str, Any] = {}
-        if "latency" not in skip:
-            log_line(f"phase: latency ({s.latency_rate}/s for {s.latency_seconds}s, JSON)")
-            lat = latency(ctx, [c for c in contenders if c.kind != "ok-cli"])
-        rec: dict[str, Any] = {}
-        if "recovery" not in skip:
-            log_line("phase: recovery after kill -9 (offsetkeeper -> PostgreSQL)")
-            rec = recovery(ctx)
-        profiles: dict[str, Any] = {}
-        if s.profile:
-            log_line("phase: profile")
-            profiles = profile_report.profile(ctx, s.out_dir, command_for=command,
-                                              contender_type=Contender, run_process=run_process,
-                                              reset_pg=reset_pg)
-        description = machine.describe(svc.dsn, peer_version())
+        found = phases(ctx, set(filter(None, args.skip.split(","))))
     finally:
         log_line("stopping Kafka and PostgreSQL")
         svc.stop()
     doc = report.build(
-        settings=s, contenders=contenders, runs=runs, latency=lat, recovery=rec,
-        profiles=profiles, machine=description, began_at=began_at,
-        duration_s=time.monotonic() - started, load=(load_before, machine.load_average()),
-        aiokafka=with_aiokafka,
+        settings=s,
+        contenders=found["contenders"],
+        runs=found["runs"],
+        latency=found["latency"],
+        recovery=found["recovery"],
+        profiles=found["profiles"],
+        machine=found["machine"],
+        began_at=began_at,
+        duration_s=time.monotonic() - started,
+        load=(load_before, machine.load_average()),
+        aiokafka=found["aiokafka"],
     )
     s.out_dir.mkdir(parents=True, exist_ok=True)
     (s.out_dir / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")

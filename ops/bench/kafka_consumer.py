@@ -27,7 +27,12 @@ def consumer(bootstrap: str, group: str, extra: dict[str, str] | None = None) ->
 
 
 def batches(
-    client: Any, topic: str, records: int, batch: int = 2000, timeout_s: float = 0.5,
+    client: Any,
+    topic: str,
+    records: int,
+    *,
+    batch: int = 2000,
+    timeout_s: float = 0.5,
     on_fetch: Callable[[int], None] | None = None,
 ) -> Iterator[list[Any]]:
     """Batches of good messages until `records` messages were returned; gives up when nothing

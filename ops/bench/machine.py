@@ -50,11 +50,15 @@ def _version(package: str) -> str | None:
 def _git_commit() -> str | None:
     done = subprocess.run(
         ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-        check=False, capture_output=True, text=True,
+        check=False,
+        capture_output=True,
+        text=True,
     )
     dirty = subprocess.run(
         ["git", "-C", str(REPO), "status", "--porcelain", "--", "consumer", "sinks"],
-        check=False, capture_output=True, text=True,
+        check=False,
+        capture_output=True,
+        text=True,
     )
     if done.returncode != 0:
         return None
@@ -62,8 +66,9 @@ def _git_commit() -> str | None:
 
 
 def _kafka_version() -> str:
-    found = re.search(r"<kafka.version>([^<]+)</kafka.version>",
-                      (REPO / "ops/kafka/pom.xml").read_text())
+    found = re.search(
+        r"<kafka.version>([^<]+)</kafka.version>", (REPO / "ops/kafka/pom.xml").read_text()
+    )
     return found.group(1) if found else "unknown"
 
 

@@ -7,6 +7,7 @@ decodes the Confluent wire format itself with fastavro and a schema parsed once.
 from __future__ import annotations
 
 import workload
+
 from consumer import App, InvalidRecordError, Record, Row, Table
 
 EVENTS = Table(name=workload.TABLE, columns=workload.COLUMNS, key=(workload.KEY_COLUMN,))  # type: ignore[arg-type]

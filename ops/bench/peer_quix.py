@@ -40,8 +40,16 @@ class TimedPostgreSQLSink(PostgreSQLSink):
         self._clock = clock
         self._started = False
 
-    def add(self, value: Any, key: Any, timestamp: int, headers: Any, topic: str,
-            partition: int, offset: int) -> None:
+    def add(  # noqa: PLR0917 - the signature of Quix's BatchingSink.add
+        self,
+        value: Any,
+        key: Any,
+        timestamp: int,
+        headers: Any,
+        topic: str,
+        partition: int,
+        offset: int,
+    ) -> None:
         if not self._started:
             self._started = True
             self._clock.fetched(1)

@@ -96,8 +96,11 @@ def end_offsets(bootstrap: str, topic: str) -> dict[int, int]:
     client = confluent_kafka.Consumer({"bootstrap.servers": bootstrap, "group.id": "okbench-probe"})
     try:
         return {
-            p: int(client.get_watermark_offsets(
-                confluent_kafka.TopicPartition(topic, p), timeout=10, cached=False)[1])
+            p: int(
+                client.get_watermark_offsets(
+                    confluent_kafka.TopicPartition(topic, p), timeout=10, cached=False
+                )[1]
+            )
             for p in range(workload.PARTITIONS)
         }
     finally:

@@ -87,10 +87,8 @@ class Services:
             ("kafka-local", self.kafka_dir, self.kafka_pid),
             ("postgres-local", self.pg_dir, self.pg_pid),
         ):
-            try:
+            with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
                 _ops(script, "stop", "--data-dir", str(data_dir))
-            except (RuntimeError, subprocess.TimeoutExpired):
-                pass
             _kill_by_pid(pid)  # no-op when the stop command already ended it
         subprocess.run(["rm", "-rf", str(self.root)], check=False)
 
@@ -117,15 +115,21 @@ def start(log: callable) -> Services:  # type: ignore[valid-type]
         services.kafka_pid = _read_pid(services.kafka_dir / "kafka.pid")
         pg_port = free_port()
         log(f"starting PostgreSQL on 127.0.0.1:{pg_port}")
-        services.dsn = _ops("postgres-local", "start", "--port", str(pg_port), "--data-dir",
-                            str(services.pg_dir))
+        services.dsn = _ops(
+            "postgres-local", "start", "--port", str(pg_port), "--data-dir", str(services.pg_dir)
+        )
         # A larger buffer cache than the test default, for a table of 800k rows: stop, append
         # the setting (the last one in the file wins), start again on the same cluster.
         _ops("postgres-local", "stop", "--data-dir", str(services.pg_dir))
         with (services.pg_dir / "postgresql.conf").open("a") as conf:
             conf.write(f"\n# okbench\nshared_buffers = {PG_SHARED_BUFFERS}\n")
         services.dsn = _ops(
-            "postgres-local", "start", "--reuse", "--port", str(pg_port), "--data-dir",
+            "postgres-local",
+            "start",
+            "--reuse",
+            "--port",
+            str(pg_port),
+            "--data-dir",
             str(services.pg_dir),
         )
         with psycopg.connect(services.dsn) as db:

@@ -94,7 +94,9 @@ def checkpoints(stored: Mapping[int, int], ends: Mapping[int, int]) -> dict[str,
     return {"ok": not wrong, "wrong": {str(p): list(v) for p, v in wrong.items()}}
 
 
-def ranges(reported: Mapping[str, Sequence[Sequence[int]]], ends: Mapping[int, int]) -> dict[str, Any]:
+def ranges(
+    reported: Mapping[str, Sequence[Sequence[int]]], ends: Mapping[int, int]
+) -> dict[str, Any]:
     problems: list[str] = []
     for partition, end in ends.items():
         spans = sorted(tuple(r) for r in reported.get(str(partition), []))

@@ -26,10 +26,15 @@ from tests.integration.conftest import sqlite_checkpoints, sqlite_rows
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
 PARTITIONS = 6
+BACKENDS = ["confluent", "aiokafka"]
 
 
-def _run_args(kafka: Service, group: str, topic: str, db: Path, *extra: str) -> list[str]:
+def _run_args(
+    kafka: Service, group: str, topic: str, db: Path, *extra: str, backend: str = "confluent"
+) -> list[str]:
     return [
+        "--backend",
+        backend,
         "--app",
         "consumer.examples.orders:app",
         "--bootstrap-servers",
@@ -81,8 +86,9 @@ def _assert_sink_matches_checkpoints(
     return len(actual)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_kill_9_at_three_random_moments_loses_and_duplicates_nothing(
-    kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]
+    backend: str, kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]
 ) -> None:
     total = 50_000
     topic, group = unique_name("orders-crash"), unique_name("crash")
@@ -106,7 +112,8 @@ def test_kill_9_at_three_random_moments_loses_and_duplicates_nothing(
     # Kill at three random levels of progress, each a little after the previous one.
     for kill_number, fraction in enumerate(sorted(rng.uniform(0.05, 0.85) for _ in range(3)), 1):
         process = ConsumerProcess(
-            _run_args(kafka, group, topic, db), tmp_path / f"consumer-{kill_number}.log"
+            _run_args(kafka, group, topic, db, backend=backend),
+            tmp_path / f"consumer-{kill_number}.log",
         )
         consumers.append(process)
         # ... and always after the restarted consumer made progress of its own.
@@ -125,7 +132,9 @@ def test_kill_9_at_three_random_moments_loses_and_duplicates_nothing(
         rows = _assert_sink_matches_checkpoints(db, group, produced)
         print(f"kill {kill_number}: at {committed()} committed records, {rows} rows, consistent")
 
-    final = ConsumerProcess(_run_args(kafka, group, topic, db), tmp_path / "consumer-final.log")
+    final = ConsumerProcess(
+        _run_args(kafka, group, topic, db, backend=backend), tmp_path / "consumer-final.log"
+    )
     consumers.append(final)
     ends = end_offsets(kafka.address, topic, PARTITIONS)
     wait_until(
@@ -137,7 +146,7 @@ def test_kill_9_at_three_random_moments_loses_and_duplicates_nothing(
     stopped = [e for e in final.events() if e.get("event") == "consumer_stopped"]
     assert stopped, "no consumer_stopped event"
     print(
-        f"final consumer: {stopped[-1]['records']} records "
+        f"final consumer ({backend}): {stopped[-1]['records']} records "
         f"at {stopped[-1]['records_per_s']} records/s"
     )
     assert _assert_sink_matches_checkpoints(db, group, produced) == total

@@ -19,14 +19,20 @@ from tests.fixtures.services import Service
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
 
+BACKENDS = ["confluent", "aiokafka"]
+
 
 @pytest.fixture
 def pg_dsn(postgres: Service) -> str:
     return create_database(postgres.address)
 
 
-def _args(kafka: Service, group: str, topic: str, dsn: str, *extra: str) -> list[str]:
+def _args(
+    kafka: Service, group: str, topic: str, dsn: str, *extra: str, backend: str = "confluent"
+) -> list[str]:
     return [
+        "--backend",
+        backend,
         "--app",
         "tests.apps.chaos:app",
         "--bootstrap-servers",
@@ -72,9 +78,21 @@ def _wait_caught_up(
     )
 
 
-@pytest.mark.parametrize("assignor", ["cooperative-sticky", "range"])
+@pytest.mark.parametrize(
+    ("backend", "assignor"),
+    [
+        ("confluent", "cooperative-sticky"),
+        ("confluent", "range"),
+        ("aiokafka", "cooperative-sticky"),
+    ],
+)
 def test_group_chaos_kill_join_and_leave(
-    assignor: str, kafka: Service, pg_dsn: str, tmp_path: Path, consumers: list[ConsumerProcess]
+    backend: str,
+    assignor: str,
+    kafka: Service,
+    pg_dsn: str,
+    tmp_path: Path,
+    consumers: list[ConsumerProcess],
 ) -> None:
     partitions, total = 12, 200_000
     topic, group = unique_name("chaos"), unique_name("chaos-group")
@@ -85,7 +103,15 @@ def test_group_chaos_kill_join_and_leave(
     def member(name: str) -> ConsumerProcess:
         # "range" is an eager assignor: every rebalance revokes everything first.
         process = ConsumerProcess(
-            _args(kafka, group, topic, pg_dsn, "-X", f"partition.assignment.strategy={assignor}"),
+            _args(
+                kafka,
+                group,
+                topic,
+                pg_dsn,
+                "-X",
+                f"partition.assignment.strategy={assignor}",
+                backend=backend,
+            ),
             tmp_path / f"{name}.log",
         )
         consumers.append(process)
@@ -131,7 +157,7 @@ def test_group_chaos_kill_join_and_leave(
         if e.get("event") == "consumer_stopped"
     ]
     print(
-        f"group chaos ({assignor}): {total} records over {partitions} partitions "
+        f"group chaos ({backend}, {assignor}): {total} records over {partitions} partitions "
         f"caught up in {caught_up_s:.1f}s "
         f"(producer paced at 8000/s); takeover after kill -9: {takeover_s:.1f}s; "
         f"member rates: {[e['records_per_s'] for e in busy]} records/s; "
@@ -143,8 +169,9 @@ def _process_state(pid: int) -> str:
     return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_zombie_member_is_fenced_and_its_stale_batch_never_lands(
-    kafka: Service, pg_dsn: str, tmp_path: Path, consumers: list[ConsumerProcess]
+    backend: str, kafka: Service, pg_dsn: str, tmp_path: Path, consumers: list[ConsumerProcess]
 ) -> None:
     partitions = 3
     topic, group = unique_name("zombie"), unique_name("zombie-group")
@@ -154,7 +181,7 @@ def test_zombie_member_is_fenced_and_its_stale_batch_never_lands(
     produce(kafka.address, topic, (chaos_event(i, 500) for i in range(6_000)))
     # The zombie stops itself while processing partition 0, offset 700: mid-batch, uncommitted.
     zombie = ConsumerProcess(
-        _args(kafka, group, topic, pg_dsn, "--batch-max-records", "300"),
+        _args(kafka, group, topic, pg_dsn, "--batch-max-records", "300", backend=backend),
         tmp_path / "zombie.log",
         env={"CHAOS_SELF_STOP_AT": "0:700"},
     )
@@ -165,7 +192,9 @@ def test_zombie_member_is_fenced_and_its_stale_batch_never_lands(
     frozen = checkpoints(pg_dsn, group)
     assert frozen.get(0, 0) <= 700, "offset 700 of partition 0 must not be committed yet"
 
-    successor = ConsumerProcess(_args(kafka, group, topic, pg_dsn), tmp_path / "successor.log")
+    successor = ConsumerProcess(
+        _args(kafka, group, topic, pg_dsn, backend=backend), tmp_path / "successor.log"
+    )
     consumers.append(successor)
     _wait_caught_up(kafka, topic, partitions, pg_dsn, group, timeout=120)
     settled = checkpoints(pg_dsn, group)
@@ -230,9 +259,15 @@ def test_restart_mid_run_loses_and_repeats_nothing(
     )
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("point", ["after-rows", "after-commit"])
 def test_crash_at_kill_point_recovers_exactly_once(
-    point: str, kafka: Service, pg_dsn: str, tmp_path: Path, consumers: list[ConsumerProcess]
+    backend: str,
+    point: str,
+    kafka: Service,
+    pg_dsn: str,
+    tmp_path: Path,
+    consumers: list[ConsumerProcess],
 ) -> None:
     partitions = 4
     topic, group = unique_name(f"killpoint-{point}"), unique_name("killpoint")
@@ -241,7 +276,7 @@ def test_crash_at_kill_point_recovers_exactly_once(
 
     produce(kafka.address, topic, (chaos_event(i, 1_000) for i in range(8_000)))
     crashing = ConsumerProcess(
-        _args(kafka, group, topic, pg_dsn, "--batch-max-records", "400"),
+        _args(kafka, group, topic, pg_dsn, "--batch-max-records", "400", backend=backend),
         tmp_path / "crashing.log",
         env={"OFFSETKEEPER_TEST_CRASH_POINT": point, "OFFSETKEEPER_TEST_CRASH_AFTER_BATCHES": "3"},
     )
@@ -253,7 +288,9 @@ def test_crash_at_kill_point_recovers_exactly_once(
     assert rows == committed
     assert committed == (800 if point == "after-rows" else 1200)
 
-    recovering = ConsumerProcess(_args(kafka, group, topic, pg_dsn), tmp_path / "recovering.log")
+    recovering = ConsumerProcess(
+        _args(kafka, group, topic, pg_dsn, backend=backend), tmp_path / "recovering.log"
+    )
     consumers.append(recovering)
     _wait_caught_up(kafka, topic, partitions, pg_dsn, group, timeout=120)
     assert recovering.terminate() == 0

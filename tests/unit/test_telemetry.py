@@ -4,7 +4,7 @@ the Prometheus registry and the health state, plus the lag sampler fed from the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import prometheus_client
@@ -12,7 +12,7 @@ import pytest
 
 from consumer import TopicPartition
 from consumer._engine import EXIT_OK, EXIT_PARTITIONS_STOPPED, Engine, EngineSettings
-from consumer._health import Health
+from consumer._health import Health, Verdict
 from consumer._lag import LagSampler
 from consumer._metrics import Metrics
 from consumer._telemetry import Telemetry
@@ -28,6 +28,9 @@ P0 = TopicPartition(TOPIC, 0)
 P1 = TopicPartition(TOPIC, 1)
 
 
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
 @dataclass
 class Observed:
     engine: Engine
@@ -36,9 +39,22 @@ class Observed:
     telemetry: Telemetry
     sampler: LagSampler
     db: Path
+    # What the registry and /readyz said just before the engine left the group (which revokes
+    # every partition still assigned).
+    at_close: Samples = field(default_factory=dict)
+    ready_at_close: Verdict | None = None
 
     def value(self, name: str, **labels: str) -> float | None:
         return self.telemetry.metrics.registry.get_sample_value(name, labels)
+
+    def before_close(self, name: str, **labels: str) -> float | None:
+        return self.at_close.get((name, frozenset(labels.items())))
+
+    def snapshot(self) -> None:
+        for family in self.telemetry.metrics.registry.collect():
+            for sample in family.samples:
+                self.at_close[(sample.name, frozenset(sample.labels.items()))] = sample.value
+        self.ready_at_close = self.telemetry.health.readiness()
 
     def sample_lag(self) -> None:
         self.sampler.sample(self.backend)
@@ -78,7 +94,16 @@ def _observed(
         observer=telemetry,
     )
     sampler = LagSampler(telemetry, lambda: backend, interval_s=1.0)
-    return Observed(engine, backend, clock, telemetry, sampler, db)
+    observed = Observed(engine, backend, clock, telemetry, sampler, db)
+    leave_group = backend.close
+
+    def snapshot_then_close() -> None:
+        if not backend.closed:
+            observed.snapshot()
+        leave_group()
+
+    backend.close = snapshot_then_close  # type: ignore[method-assign]
+    return observed
 
 
 def _tp(tp: TopicPartition) -> dict[str, str]:
@@ -106,9 +131,11 @@ def test_counters_offsets_and_lag_follow_the_commits(tmp_path: Path) -> None:
     for tp, records in ((P0, 10), (P1, 5)):
         assert o.value("offsetkeeper_records_consumed_total", **_tp(tp)) == records
         assert o.value("offsetkeeper_records_committed_total", **_tp(tp)) == records
-        assert o.value("offsetkeeper_committed_offset", **_tp(tp)) == records
-        assert o.value("offsetkeeper_consumer_lag", **_tp(tp)) == 0
-        assert o.value("offsetkeeper_log_end_offset", **_tp(tp)) == records
+        assert o.before_close("offsetkeeper_committed_offset", **_tp(tp)) == records
+        assert o.before_close("offsetkeeper_consumer_lag", **_tp(tp)) == 0
+        assert o.before_close("offsetkeeper_log_end_offset", **_tp(tp)) == records
+        # Leaving the group revoked them: their gauges went with them.
+        assert o.value("offsetkeeper_consumer_lag", **_tp(tp)) is None
     assert o.value("offsetkeeper_rows_committed_total") == 15
     batches = o.engine.batches_committed
     assert batches >= 4  # 15 records, at most 4 per batch
@@ -119,7 +146,9 @@ def test_counters_offsets_and_lag_follow_the_commits(tmp_path: Path) -> None:
     assert o.value("offsetkeeper_sink_duration_seconds_count", action="commit") == batches
     assert o.value("offsetkeeper_sink_duration_seconds_count", action="acquire") == 1
     assert o.value("offsetkeeper_rebalances_total", kind="assigned") == 1
-    assert o.value("offsetkeeper_assigned_partitions") == 2
+    assert o.before_close("offsetkeeper_assigned_partitions") == 2
+    assert o.value("offsetkeeper_assigned_partitions") == 0
+    assert o.value("offsetkeeper_rebalances_total", kind="revoked") == 1
     assert o.value("offsetkeeper_last_commit_timestamp_seconds") == 1_800_000_000.0
     assert o.value("offsetkeeper_sink_retries_total", action="commit") is None
     assert o.value("offsetkeeper_consumer_info", app="events", group=GROUP) == 1
@@ -175,13 +204,16 @@ def test_a_bad_record_is_counted_and_makes_the_consumer_unready(tmp_path: Path) 
 
     labels = {**_tp(P0), "error_type": "InvalidRecordError", "outcome": "stopped"}
     assert o.value("offsetkeeper_bad_records_total", **labels) == 1
-    assert o.value("offsetkeeper_partitions_stopped") == 1
+    assert o.before_close("offsetkeeper_partitions_stopped") == 1
+    assert o.value("offsetkeeper_partitions_stopped") == 0  # released on leaving the group
     # Consumed counts what was handed to the processor; committed stops before the bad record.
     assert o.value("offsetkeeper_records_consumed_total", **_tp(P0)) == 3
     assert o.value("offsetkeeper_records_committed_total", **_tp(P0)) == 1
-    verdict = o.telemetry.health.readiness()
+    verdict = o.ready_at_close
+    assert verdict is not None
     assert not verdict.ok
     assert verdict.body["reasons"] == ["events[0] is stopped on a bad record at offset 1"]
+    assert o.engine.stopped_partitions.keys() == {P0}  # still reported after leaving
 
 
 def test_revocation_drops_the_partition_gauges_but_keeps_its_counters(tmp_path: Path) -> None:
@@ -194,13 +226,13 @@ def test_revocation_drops_the_partition_gauges_but_keeps_its_counters(tmp_path: 
 
     assert o.engine.run() == EXIT_OK
 
-    assert o.value("offsetkeeper_rebalances_total", kind="revoked") == 1
-    assert o.value("offsetkeeper_assigned_partitions") == 1
-    assert o.value("offsetkeeper_consumer_lag", **_tp(P1)) is None
-    assert o.value("offsetkeeper_committed_offset", **_tp(P1)) is None
-    assert o.value("offsetkeeper_records_committed_total", **_tp(P1)) == 1
-    assert o.value("offsetkeeper_consumer_lag", **_tp(P0)) == 0
-    assert o.telemetry.positions() == {P0: 1}
+    assert o.before_close("offsetkeeper_rebalances_total", kind="revoked") == 1
+    assert o.before_close("offsetkeeper_assigned_partitions") == 1
+    assert o.before_close("offsetkeeper_consumer_lag", **_tp(P1)) is None
+    assert o.before_close("offsetkeeper_committed_offset", **_tp(P1)) is None
+    assert o.before_close("offsetkeeper_consumer_lag", **_tp(P0)) == 0
+    assert o.value("offsetkeeper_records_committed_total", **_tp(P1)) == 1  # counters stay
+    assert o.telemetry.positions() == {}
 
 
 def test_an_empty_assignment_means_joined_and_ready_but_not_assigned_for_idleness(
