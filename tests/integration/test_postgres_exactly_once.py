@@ -348,3 +348,55 @@ def test_gives_up_after_the_deadline_with_a_clear_error(
     _wait_caught_up(kafka, topic, partitions, pg_dsn, group, timeout=90)
     assert restarted.terminate() == 0
     _verify(kafka, topic, partitions, pg_dsn, group)
+
+
+def test_async_processor_across_rebalances_loses_and_duplicates_nothing(
+    kafka: Service, pg_dsn: str, tmp_path: Path, consumers: list[ConsumerProcess]
+) -> None:
+    partitions, total = 6, 40_000
+    topic, group = unique_name("async"), unique_name("async-group")
+    create_topic(kafka.address, topic, partitions)
+    producer = PacedProducer(kafka.address, topic, total=total, rate=4_000).start()
+
+    def member(name: str) -> ConsumerProcess:
+        args = _args(kafka, group, topic, pg_dsn, "--batch-max-records", "200", backend="aiokafka")
+        args[args.index("tests.apps.chaos:app")] = "tests.apps.async_chaos:app"
+        process = ConsumerProcess(args, tmp_path / f"{name}.log")
+        consumers.append(process)
+        return process
+
+    first = member("first")
+    wait_until(
+        lambda: sum(checkpoints(pg_dsn, group).values()) > 3_000, timeout=60, what="progress"
+    )
+    second = member("second")  # a rebalance while the first is awaiting inside its batches
+    wait_until(
+        lambda: bool(_owned_partitions(second)), timeout=60, what="the second member's share"
+    )
+    time.sleep(2)
+    assert first.terminate() == 0  # another rebalance: the second takes everything
+    producer.join(timeout=120)
+    _wait_caught_up(kafka, topic, partitions, pg_dsn, group, timeout=120)
+    assert second.terminate() == 0
+    counts = _verify(kafka, topic, partitions, pg_dsn, group)
+    assert counts["records"] == total
+    revoked = [e for e in first.events() if e.get("event") == "partitions_revoked"]
+    assert revoked, "the first member must have given partitions up"
+
+
+def test_an_async_processor_on_the_confluent_backend_is_a_clear_error(
+    kafka: Service, pg_dsn: str, tmp_path: Path, consumers: list[ConsumerProcess]
+) -> None:
+    topic, group = unique_name("async-wrong"), unique_name("async-wrong")
+    create_topic(kafka.address, topic, 1)
+    from tests.fixtures.chaos import chaos_event  # noqa: PLC0415
+
+    produce(kafka.address, topic, (chaos_event(i, 10) for i in range(10)))
+    args = _args(kafka, group, topic, pg_dsn, "--stop-when-idle", "2")
+    args[args.index("tests.apps.chaos:app")] = "tests.apps.async_chaos:app"
+    process = ConsumerProcess(args, tmp_path / "wrong.log")
+    consumers.append(process)
+    assert process.wait(timeout=60) == 2
+    output = process.log_path.read_text()
+    assert "async processors need the asyncio driver: use --backend aiokafka" in output
+    assert checkpoints(pg_dsn, group) == {}
