@@ -17,6 +17,7 @@ engine only processes partitions it still owns). Fencing stays the backstop.
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
@@ -308,3 +309,137 @@ def _raw_record(message: Any) -> RawRecord:
         value=message.value,
         headers=tuple((name, value) for name, value in message.headers or ()),
     )
+
+
+class AiokafkaReader:
+    """`PartitionReader` over aiokafka (for `replay --backend aiokafka`): manual assignment,
+    no group. Its coroutines run on a private event loop in a background thread, so replay's
+    synchronous loop drives it like the confluent reader."""
+
+    def __init__(self, *, bootstrap_servers: str, client_config: Mapping[str, str]) -> None:
+        settings = aiokafka_settings(client_config)
+        settings.pop("partition_assignment_strategy", None)
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="offsetkeeper-aiokafka-reader", daemon=True
+        )
+        self._thread.start()
+
+        async def start() -> aiokafka.AIOKafkaConsumer:
+            consumer = aiokafka.AIOKafkaConsumer(
+                bootstrap_servers=bootstrap_servers,
+                group_id=None,
+                enable_auto_commit=False,
+                auto_offset_reset="earliest",
+                **settings,
+            )
+            await consumer.start()
+            return consumer
+
+        try:
+            self._consumer = self._run(start())
+        except aiokafka.errors.KafkaError as exc:
+            self._stop_loop()
+            raise translate(exc, "cannot start the aiokafka reader") from exc
+
+    def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
+        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(_BRIDGE_TIMEOUT_S)
+
+    def partitions(self, topic: str) -> list[int]:
+        async def lookup() -> set[int] | None:
+            # consumer.topics() returns only names; the metadata it fetched holds partitions.
+            cluster = await self._consumer._client.fetch_all_metadata()
+            found: set[int] | None = cluster.partitions_for_topic(topic)
+            return found
+
+        found = self._run(lookup())
+        if not found:
+            raise ConfigError("unknown topic", topic=topic)
+        return sorted(found)
+
+    def watermarks(self, partition: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
+        async def ends() -> tuple[int, int]:
+            tp = _kafka_tp(partition)
+            low = await self._consumer.beginning_offsets([tp])
+            high = await self._consumer.end_offsets([tp])
+            return int(low[tp]), int(high[tp])
+
+        try:
+            return self._run(asyncio.wait_for(ends(), timeout_s))
+        except (aiokafka.errors.KafkaError, TimeoutError) as exc:
+            raise translate(
+                exc, "cannot read watermarks", topic=partition.topic, partition=partition.partition
+            ) from exc
+
+    def offsets_for_time(
+        self, partitions: Sequence[TopicPartition], timestamp_ms: int
+    ) -> dict[TopicPartition, int | None]:
+        async def lookup() -> dict[Any, Any]:
+            found: dict[Any, Any] = await self._consumer.offsets_for_times(
+                {_kafka_tp(tp): timestamp_ms for tp in partitions}
+            )
+            return found
+
+        try:
+            found = self._run(lookup())
+        except aiokafka.errors.KafkaError as exc:
+            raise translate(
+                exc, "cannot look up offsets by time", timestamp_ms=timestamp_ms
+            ) from exc
+        answer: dict[TopicPartition, int | None] = {}
+        for tp in partitions:
+            hit = found.get(_kafka_tp(tp))
+            answer[tp] = None if hit is None else int(hit.offset)
+        return answer
+
+    def assign(self, positions: Mapping[TopicPartition, int]) -> None:
+        async def assign() -> None:
+            self._consumer.assign([_kafka_tp(tp) for tp in positions])
+            for tp, offset in positions.items():
+                self._consumer.seek(_kafka_tp(tp), offset)
+
+        self._run(assign())
+
+    def poll_batch(self, max_records: int, timeout_s: float) -> list[RawRecord]:
+        async def fetch() -> list[RawRecord]:
+            batches = await self._consumer.getmany(
+                timeout_ms=int(timeout_s * 1000), max_records=max_records
+            )
+            return [_raw_record(message) for batch in batches.values() for message in batch]
+
+        try:
+            return self._run(fetch())
+        except aiokafka.errors.KafkaError as exc:
+            raise translate(exc, "poll failed") from exc
+
+    def pause(self, partitions: Sequence[TopicPartition]) -> None:
+        async def pause() -> None:
+            self._consumer.pause(*(_kafka_tp(tp) for tp in partitions))
+
+        if partitions:
+            self._run(pause())
+
+    def position(self, partition: TopicPartition) -> int | None:
+        async def position() -> int:
+            return int(await self._consumer.position(_kafka_tp(partition)))
+
+        try:
+            return self._run(position())
+        except aiokafka.errors.KafkaError:
+            return None
+
+    def group_members(self, group: str) -> list[str]:
+        raise KafkaError("the aiokafka reader does not describe groups", group=group)
+
+    def committed_offsets(self, group: str) -> dict[TopicPartition, int]:
+        raise KafkaError("the aiokafka reader does not read group offsets", group=group)
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)
+
+    def close(self) -> None:
+        try:
+            self._run(self._consumer.stop())
+        finally:
+            self._stop_loop()

@@ -11,6 +11,7 @@ from typing import Any, TextIO
 import structlog
 
 from consumer._app import load_app
+from consumer._backend import PartitionReader
 from consumer._cli_common import COMMON_SETTINGS, add_common_arguments, cli_values
 from consumer._config import ReplaySettings, load_settings
 from consumer._confluent import ConfluentReader
@@ -83,6 +84,9 @@ def add_replay_parser(commands: Any) -> None:
     )
     replay.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     replay.add_argument("--batch-max-records", type=int, help="records per batch, at most")
+    replay.add_argument(
+        "--backend", choices=["confluent", "aiokafka"], help="Kafka client (default confluent)"
+    )
     replay.set_defaults(handler=lambda args: replay_command(args, sys.stdout))
 
 
@@ -99,7 +103,16 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
     settings = load_settings(
         ReplaySettings,
         cli_values(
-            args, (*COMMON_SETTINGS, "app", "topic", "partitions", "job_id", "batch_max_records")
+            args,
+            (
+                *COMMON_SETTINGS,
+                "app",
+                "topic",
+                "partitions",
+                "job_id",
+                "batch_max_records",
+                "backend",
+            ),
         ),
         args.config,
     )
@@ -115,11 +128,7 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
     fingerprint = request_fingerprint(settings.topic, settings.partitions, settings.app, request)
     job_id = settings.job_id or default_job_id(fingerprint)
     sink = open_sink(settings.sink.get_secret_value())
-    reader = ConfluentReader(
-        bootstrap_servers=settings.bootstrap_servers,
-        client_id=f"offsetkeeper-replay-{job_id}",
-        client_config=settings.kafka_config,
-    )
+    reader = _reader(settings, job_id)
     try:
         if args.dry_run:
             sink.open_existing()
@@ -173,6 +182,20 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
         reader.close()
         sink.close()
     return _report(out, summary, interrupted=bool(interrupted))
+
+
+def _reader(settings: ReplaySettings, job_id: str) -> PartitionReader:
+    if settings.backend == "aiokafka":
+        from consumer._aiokafka import AiokafkaReader  # noqa: PLC0415 - loaded only when chosen
+
+        return AiokafkaReader(
+            bootstrap_servers=settings.bootstrap_servers, client_config=settings.kafka_config
+        )
+    return ConfluentReader(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=f"offsetkeeper-replay-{job_id}",
+        client_config=settings.kafka_config,
+    )
 
 
 def _print_plan(

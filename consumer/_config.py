@@ -87,6 +87,7 @@ class ReplaySettings(CommonSettings):
     topic: str
     partitions: list[int] | None = None
     job_id: str | None = None
+    backend: Literal["confluent", "aiokafka"] = "confluent"
     batch_max_records: int = Field(default=2000, ge=1, le=1_000_000)
     poll_timeout_s: float = Field(default=0.5, gt=0)
 

@@ -188,8 +188,9 @@ def test_timestamp_range_writes_exactly_the_records_in_it(
     assert "100 records" in result.stdout
 
 
+@pytest.mark.parametrize("backend", ["confluent", "aiokafka"])
 def test_replay_killed_mid_job_resumes_without_gaps_or_duplicates(
-    kafka: Service, sink: SinkUnderTest
+    backend: str, kafka: Service, sink: SinkUnderTest
 ) -> None:
     partitions = 4
     topic = unique_name("replay-resume")
@@ -208,6 +209,8 @@ def test_replay_killed_mid_job_resumes_without_gaps_or_duplicates(
         "resume-me",
         "--batch-max-records",
         "500",
+        "--backend",
+        backend,
     )
     crashed = replay(
         kafka,
