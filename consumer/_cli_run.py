@@ -115,7 +115,7 @@ def _add_operations_arguments(run: argparse.ArgumentParser) -> None:
         dest="shutdown_deadline_s",
         type=float,
         metavar="SECONDS",
-        help="after SIGTERM, abort the in-flight batch and exit 4 if not done by then (default 30)",
+        help="after SIGTERM, abort the in-flight batch and exit 5 if not done by then (default 30)",
     )
     ops.add_argument(
         "--lag-interval",

@@ -40,7 +40,7 @@ EXIT_FAILED = 1
 EXIT_PARTITIONS_STOPPED = 2
 # Graceful shutdown cut short (a second signal, or the shutdown deadline): the in-flight batch
 # was rolled back. See consumer._shutdown.
-EXIT_ABORTED = 4
+EXIT_ABORTED = 5  # (4 is `checkpoint verify` finding checkpoints that do not fit)
 
 
 @dataclass(frozen=True, slots=True)

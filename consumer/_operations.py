@@ -26,7 +26,9 @@ class Operations:
     sampler: LagSampler
 
     def stop(self) -> None:
-        self.sampler.stop()
+        # At most one watermark request (5 s) to wait for: the exit stays inside the pod's
+        # grace period after a graceful stop.
+        self.sampler.stop(timeout_s=5.0)
         self.server.stop()
 
 

@@ -5,7 +5,7 @@
     2. A second signal, or `deadline_s` passing since the first, aborts: `ShutdownAborted` is
        raised in the main thread wherever it is. Inside a batch, the sink transaction is rolled
        back on the way out (psycopg also cancels a running statement), so nothing is
-       half-written. The process exits with `EXIT_ABORTED` (4).
+       half-written. The process exits with `EXIT_ABORTED` (5).
     3. If the abort itself cannot finish within `abort_grace_s` (a call that never returns),
        the process ends with `os._exit(EXIT_ABORTED)`. The open transaction dies with its
        connection and the database rolls it back: still nothing half-written.

@@ -25,6 +25,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -47,6 +48,8 @@ PY = str(REPO / ".venv" / "bin" / "python")
 PEER_PY = str(BENCH / ".venv-peer" / "bin" / "python")
 OK_CLI = str(REPO / ".venv" / "bin" / "offsetkeeper")
 PG_KINDS = ("postgresql", "split", "kafka-offsets")
+# --quick follows the stream with these only (each latency run costs a group join and a stream)
+QUICK_LATENCY = frozenset({"limit", "ok-postgresql", "handwritten", "peer-quixstreams"})
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,9 @@ class Contender:
     # The first run only consumes this many records (None: all); for a contender too slow to
     # consume the whole workload in the time budget. Its rate is then over that prefix.
     max_records: int | None = None
+    # Secondary contenders run once per encoding; primary ones (the targets' terms) run
+    # Settings.repetitions times.
+    primary: bool = False
 
     @property
     def uses_pg(self) -> bool:
@@ -153,81 +159,30 @@ def command(
     records: int,
     sqlite_path: Path | None,
     latency: bool = False,
-    idle_s: float | None = None,
     extra: tuple[str, ...] = (),
 ) -> tuple[list[str], dict[str, str]]:
-    idle = str(idle_s if idle_s is not None else ctx.settings.idle_s)
-    common = [
-        "--encoding",
-        encoding,
-        "--bootstrap",
-        ctx.bootstrap,
-        "--group",
-        group,
-        "--topic",
-        topic,
-        "--result",
-        str(result),
-    ]
-    flags = ["--latency"] if latency else []
+    """The contender's command line. With `latency`, it also stops by itself after `records`
+    (offsetkeeper: once that many are committed); otherwise offsetkeeper stops when idle."""
+    common = ["--encoding", encoding, "--bootstrap", ctx.bootstrap, "--group", group]
+    common += ["--topic", topic, "--result", str(result)]
+    common += ["--latency"] if latency else []
+    counted = ["--records", str(records)]
     url = f"sqlite:///{sqlite_path}" if contender.sink == "sqlite" else ctx.dsn
+    idle = ["--stop-when-idle", str(ctx.settings.idle_s)]
     if contender.kind == "limit":
-        return [PY, "limit.py", *common, "--records", str(records), *flags], {}
+        return [PY, "limit.py", *common, *counted], {}
     if contender.kind == "handwritten":
-        return [
-            PY,
-            "handwritten.py",
-            *common,
-            "--dsn",
-            ctx.dsn,
-            "--records",
-            str(records),
-            *flags,
-        ], {}
+        return [PY, "handwritten.py", *common, "--dsn", ctx.dsn, *counted], {}
     if contender.kind == "peer":
-        return [
-            PEER_PY,
-            "peer_quix.py",
-            *common,
-            "--dsn",
-            ctx.dsn,
-            "--records",
-            str(records),
-            *flags,
-        ], {}
+        state = ["--state-dir", str(result.parent / "quix-state")]
+        return [PEER_PY, "peer_quix.py", *common, "--dsn", ctx.dsn, *counted, *state], {}
     if contender.kind == "ok-cli":
-        argv = [
-            OK_CLI,
-            "run",
-            "--app",
-            f"ok_app:{encoding}_app",
-            "--bootstrap-servers",
-            ctx.bootstrap,
-            "--group",
-            group,
-            "--topic",
-            topic,
-            "--sink",
-            url,
-            "--stop-when-idle",
-            idle,
-            "--log-format",
-            "json",
-            "--backend",
-            contender.backend,
-        ]
+        argv = [OK_CLI, "run", "--app", f"ok_app:{encoding}_app", "--bootstrap-servers"]
+        argv += [ctx.bootstrap, "--group", group, "--topic", topic, "--sink", url, *idle]
+        argv += ["--log-format", "json", "--backend", contender.backend]
         return argv, {"PYTHONPATH": str(BENCH)}
-    argv = [
-        PY,
-        "ok_driver.py",
-        *common,
-        "--sink",
-        str(contender.sink),
-        "--stop-when-idle",
-        idle,
-        *flags,
-        *extra,
-    ]
+    argv = [PY, "ok_driver.py", *common, "--sink", str(contender.sink), *extra]
+    argv += ["--stop-after-records", str(records)] if latency else idle
     if contender.sink != "null":
         argv += ["--sink-url", url]
     return argv, {}
@@ -366,7 +321,7 @@ def throughput(ctx: Context, contenders: list[Contender]) -> dict[str, Any]:
     for round_no in range(1, s.repetitions + 1):
         for encoding in s.encodings:
             for contender in contenders:
-                reps = 1 if contender.max_records is not None else s.repetitions
+                reps = s.repetitions if contender.primary else 1
                 if round_no > reps:
                     continue
                 check = s.quick or round_no == 1
@@ -408,7 +363,6 @@ def latency(ctx: Context, contenders: list[Contender]) -> dict[str, Any]:
             records=total,
             sqlite_path=sqlite_path,
             latency=True,
-            idle_s=8.0,
         )
         with (run_dir / "log.txt").open("w") as log_file:
             process = subprocess.Popen(
@@ -596,51 +550,65 @@ def aiokafka_available() -> bool:
 
 
 def contenders_for(s: Settings, with_aiokafka: bool) -> list[Contender]:
-    hw = s.handwritten_records
+    """Primary contenders (the terms of the targets) run every repetition; the rest once."""
+    c = Contender
     found = [
-        Contender("limit", "limit: bare confluent-kafka consumer, decode only", "limit"),
-        Contender("ok-postgresql", "offsetkeeper -> PostgreSQL (exactly-once)", "ok", "postgresql"),
-        Contender("ok-sqlite", "offsetkeeper -> SQLite (exactly-once)", "ok", "sqlite"),
-        Contender("ok-null", "offsetkeeper -> null sink", "ok", "null"),
-        Contender(
+        c("limit", "limit: bare confluent-kafka consumer, decode only", "limit", primary=True),
+        c(
+            "ok-postgresql",
+            "offsetkeeper -> PostgreSQL (exactly-once)",
+            "ok",
+            "postgresql",
+            primary=True,
+        ),
+        c(
             "ok-split-postgresql",
             "offsetkeeper -> PostgreSQL, offsets in a 2nd transaction",
             "ok",
             "split",
+            primary=True,
         ),
-        Contender(
+        c(
             "ok-kafka-offsets-postgresql",
             "offsetkeeper -> PostgreSQL, offsets only in Kafka",
             "ok",
             "kafka-offsets",
         ),
-        Contender(
+        c("ok-sqlite", "offsetkeeper -> SQLite (exactly-once)", "ok", "sqlite"),
+        c("ok-null", "offsetkeeper -> null sink", "ok", "null"),
+        c(
             "handwritten",
             "hand-written: INSERT per record, commit per batch",
             "handwritten",
-            max_records=hw,
+            max_records=s.handwritten_records,
+            primary=True,
         ),
-        Contender("peer-quixstreams", f"Quix Streams {peer_version()} -> PostgreSQLSink", "peer"),
+        c(
+            "peer-quixstreams",
+            f"Quix Streams {peer_version()} -> PostgreSQLSink",
+            "peer",
+            primary=True,
+        ),
     ]
     if with_aiokafka:
-        found[4:4] = [
-            Contender(
+        found[6:6] = [
+            c(
                 "ok-aiokafka-postgresql",
-                "offsetkeeper (aiokafka) -> PostgreSQL",
+                "offsetkeeper (aiokafka backend, CLI) -> PostgreSQL",
                 "ok-cli",
                 "postgresql",
                 backend="aiokafka",
             ),
-            Contender(
+            c(
                 "ok-aiokafka-sqlite",
-                "offsetkeeper (aiokafka) -> SQLite",
+                "offsetkeeper (aiokafka backend, CLI) -> SQLite",
                 "ok-cli",
                 "sqlite",
                 backend="aiokafka",
             ),
         ]
     if s.only:
-        found = [c for c in found if c.name in s.only]
+        found = [x for x in found if x.name in s.only]
     return found
 
 
@@ -674,9 +642,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
             quick=False,
             records=1_000_000,
             repetitions=3,
-            handwritten_records=150_000,
+            handwritten_records=100_000,
             latency_rate=2000,
-            latency_seconds=15,
+            latency_seconds=10,
             recovery_trials=2,
             recovery_session_timeout_ms=10_000,
             idle_s=2.0,
@@ -724,6 +692,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--recovery-trials", type=int)
     parser.add_argument("--only", help="comma-separated contender names")
     parser.add_argument("--encodings", help="json,avro (default both)")
+    parser.add_argument("--keep-work", action="store_true", help="keep every run's log")
     parser.add_argument("--skip", default="", help="comma-separated phases: latency,recovery")
     return parser.parse_args(argv)
 
@@ -759,7 +728,8 @@ def phases(ctx: Context, skip: set[str]) -> dict[str, Any]:
     }
     if "latency" not in skip:
         log_line(f"phase: latency ({s.latency_rate}/s for {s.latency_seconds}s, JSON)")
-        found["latency"] = latency(ctx, [c for c in contenders if c.kind != "ok-cli"])
+        wanted = QUICK_LATENCY if s.quick else {c.name for c in contenders if c.kind != "ok-cli"}
+        found["latency"] = latency(ctx, [c for c in contenders if c.name in wanted])
     if "recovery" not in skip:
         log_line("phase: recovery after kill -9 (offsetkeeper -> PostgreSQL)")
         found["recovery"] = recovery(ctx)
@@ -784,8 +754,8 @@ def main(argv: list[str] | None = None) -> int:
     # Stop the servers on SIGTERM too (SIGINT raises KeyboardInterrupt, handled by finally).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        work = svc.root / "work"
-        work.mkdir()
+        work = Path(tempfile.mkdtemp(prefix="okbench-work-"))
+        work.chmod(0o755)
         ctx = Context(settings=s, bootstrap=svc.bootstrap, dsn=svc.dsn, work=work, log=log_line)
         found = phases(ctx, set(filter(None, args.skip.split(","))))
     finally:
@@ -810,8 +780,12 @@ def main(argv: list[str] | None = None) -> int:
     log_line(f"wrote {s.out_dir / 'bench.md'} and bench.json in {time.monotonic() - started:.0f}s")
     print(report.markdown(doc))
     if not doc["correct"]:
-        log_line("CORRECTNESS CHECKS FAILED (see 'checks' in bench.json)")
+        log_line(f"CORRECTNESS CHECKS FAILED (see 'checks' in bench.json; logs kept in {work})")
         return 1
+    if args.keep_work:
+        log_line(f"logs and results of every run kept in {work}")
+    else:
+        shutil.rmtree(work, ignore_errors=True)
     return 0
 
 

@@ -16,7 +16,7 @@ import cProfile
 import signal
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from types import FrameType
 from typing import Any
 
@@ -39,8 +39,10 @@ SINK_KINDS = ("sqlite", "postgresql", "null", "split", "kafka-offsets")
 class BenchObserver:
     """`EngineObserver` that feeds a RunClock and records each partition's committed ranges."""
 
-    def __init__(self, clock: RunClock) -> None:
+    def __init__(self, clock: RunClock, stop_after: int | None = None) -> None:
         self.clock = clock
+        self.stop_after = stop_after
+        self.on_enough: Callable[[], None] = lambda: None
         self.ranges: dict[int, list[tuple[int, int]]] = {}
         self.assignments = 0
         self.first_assigned_at: float | None = None
@@ -57,6 +59,8 @@ class BenchObserver:
         if self.clock.latency:
             ts = [values["ts_ms"] for work in works for _t, _k, values in work.rows]
         self.clock.committed(committed.records, ts)
+        if self.stop_after is not None and self.clock.records >= self.stop_after:
+            self.on_enough()
         for work in works:
             if work.next_offset > work.first_offset:
                 self.ranges.setdefault(work.partition.partition, []).append(
@@ -115,6 +119,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-max-records", type=int, default=2000)
     parser.add_argument("--poll-timeout", type=float, default=0.5)
     parser.add_argument("--stop-when-idle", type=float, default=2.0)
+    parser.add_argument(
+        "--stop-after-records",
+        type=int,
+        help="request a stop once this many records are committed (instead of idling)",
+    )
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--first-commit-file")
     parser.add_argument("--profile", help="write cProfile stats of engine.run() to this file")
@@ -124,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging("info", "json")
     kafka_config = dict(item.split("=", 1) for item in args.kafka)
     clock = RunClock(latency=args.latency, first_commit_file=args.first_commit_file)
-    observer = BenchObserver(clock)
+    observer = BenchObserver(clock, args.stop_after_records)
     engine = Engine(
         ok_app.app_for(args.encoding),
         EngineSettings(
@@ -132,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
             topics=(args.topic,),
             batch_max_records=args.batch_max_records,
             poll_timeout_s=args.poll_timeout,
-            stop_when_idle_s=args.stop_when_idle,
+            stop_when_idle_s=None if args.stop_after_records else args.stop_when_idle,
         ),
         ConfluentBackend(
             bootstrap_servers=args.bootstrap, group=args.group, client_config=kafka_config
@@ -144,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     def stop(_signum: int, _frame: FrameType | None) -> None:
         engine.request_stop()
 
+    observer.on_enough = engine.request_stop
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     outcome: dict[str, Any] = {}

@@ -75,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, required=True)
     parser.add_argument("--result", required=True)
     parser.add_argument("--latency", action="store_true")
+    parser.add_argument("--state-dir", default="state", help="Quix's local state directory")
     args = parser.parse_args(argv)
 
     dsn = urlsplit(args.dsn)
@@ -100,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         auto_offset_reset="earliest",
         loglevel="WARNING",
         auto_create_topics=False,
+        state_dir=args.state_dir,
     )
     deserializer = "json" if args.encoding == "json" else ConfluentAvroDeserializer()
     topic = app.topic(args.topic, value_deserializer=deserializer, key_deserializer="str")

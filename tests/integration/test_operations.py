@@ -379,7 +379,7 @@ def test_sigterm_in_the_middle_of_a_batch(
         assert sum(after.values()) > sum(held.before.values()), "the in-flight batch is lost"
         assert "shutdown_aborted" not in names
     else:
-        assert code == 4
+        assert code == 5
         assert after == held.before, "an aborted batch moved checkpoints"
         aborted = next(e for e in events if e.get("event") == "shutdown_aborted")
         assert aborted["reason"] == ("second SIGTERM" if how == "second-signal" else "deadline")

@@ -70,19 +70,19 @@ def test_sigint_is_a_stop_request_too() -> None:
     shutdown.disarm()
 
 
-def test_a_second_signal_aborts_with_exit_code_4(log_events: list[dict[str, Any]]) -> None:
+def test_a_second_signal_aborts_with_exit_code_5(log_events: list[dict[str, Any]]) -> None:
     shutdown = GracefulShutdown(deadline_s=30)
     _signal_self(signal.SIGTERM)
 
     with pytest.raises(ShutdownAborted) as caught:
         _signal_self(signal.SIGTERM)
 
-    assert caught.value.code == EXIT_ABORTED == 4
+    assert caught.value.code == EXIT_ABORTED == 5
     assert caught.value.reason == "second SIGTERM"
     assert isinstance(caught.value, SystemExit)
     [aborted] = [e for e in log_events if e["event"] == "shutdown_aborted"]
     assert aborted["reason"] == "second SIGTERM"
-    assert aborted["exit_code"] == 4
+    assert aborted["exit_code"] == 5
     shutdown.disarm()
 
 
