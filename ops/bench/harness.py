@@ -41,6 +41,7 @@ import report
 import services as services_mod
 import verify
 import workload
+from timing import peak_rss_kib
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parents[1]
@@ -92,6 +93,37 @@ class Settings:
     encodings: tuple[str, ...] = ("json", "avro")
 
 
+class Children:
+    """Every contender process this harness starts, so that none outlives it (killed by PID)."""
+
+    def __init__(self) -> None:
+        self._live: set[subprocess.Popen[bytes]] = set()
+
+    def start(
+        self, argv: list[str], log_path: Path, env: dict[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        with log_path.open("w") as log:
+            process = subprocess.Popen(
+                argv,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=BENCH,
+                env={**os.environ, **(env or {})},
+            )
+        self._live.add(process)
+        return process
+
+    def kill(self, process: subprocess.Popen[bytes]) -> None:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGKILL)
+            process.wait()
+        self._live.discard(process)
+
+    def kill_all(self) -> None:
+        for process in list(self._live):
+            self.kill(process)
+
+
 @dataclass
 class Context:
     settings: Settings
@@ -99,6 +131,7 @@ class Context:
     dsn: str
     work: Path
     log: Callable[[str], None]
+    children: Children = field(default_factory=Children)
     ends: dict[str, dict[int, int]] = field(default_factory=dict)
     expected: dict[str, workload.Expected] = field(default_factory=dict)
 
@@ -112,29 +145,30 @@ def log_line(message: str) -> None:
 
 
 def run_process(
-    argv: list[str], log_path: Path, timeout_s: float, env: dict[str, str] | None = None
-) -> tuple[int, float, float]:
-    """Run one contender process; returns (exit code, peak RSS in MiB, wall seconds). The
-    peak RSS is the child's own ru_maxrss, from wait4() on its PID."""
+    ctx: Context,
+    argv: list[str],
+    log_path: Path,
+    timeout_s: float,
+    env: dict[str, str] | None = None,
+) -> tuple[int, float | None, float]:
+    """Run one contender process; returns (exit code, peak RSS in MiB, wall seconds). The peak
+    RSS is the process's VmHWM, sampled from /proc every 50 ms (the contenders also report
+    their own at exit, which is preferred; see timing.py)."""
     started = time.monotonic()
-    with log_path.open("w") as log:
-        process = subprocess.Popen(
-            argv, stdout=log, stderr=subprocess.STDOUT, cwd=BENCH, env={**os.environ, **(env or {})}
-        )
+    process = ctx.children.start(argv, log_path, env)
     deadline = started + timeout_s
-    while True:
-        pid, status, usage = os.wait4(process.pid, os.WNOHANG)
-        if pid:
-            break
+    peak: int | None = None
+    while process.poll() is None:
+        sample = peak_rss_kib(process.pid)
+        if sample is not None:
+            peak = max(peak or 0, sample)
         if time.monotonic() > deadline:
             log_line(f"  timeout after {timeout_s:.0f}s: killing pid {process.pid}")
-            os.kill(process.pid, signal.SIGKILL)
-            _pid, status, usage = os.wait4(process.pid, 0)
             break
         time.sleep(0.05)
-    code = os.waitstatus_to_exitcode(status)
-    process.returncode = code  # reaped by wait4 above: Popen must not wait for it again
-    return code, usage.ru_maxrss / 1024.0, time.monotonic() - started
+    ctx.children.kill(process)
+    code = process.returncode
+    return code, None if peak is None else peak / 1024.0, time.monotonic() - started
 
 
 def reset_pg(dsn: str) -> None:
@@ -228,8 +262,8 @@ def throughput_run(
         records=records,
         sqlite_path=sqlite_path,
     )
-    code, rss, wall = run_process(
-        argv, run_dir / "log.txt", timeout_s=max(300.0, records / 500), env=env
+    code, sampled_rss, wall = run_process(
+        ctx, argv, run_dir / "log.txt", timeout_s=max(300.0, records / 500), env=env
     )
     if contender.kind == "ok-cli":
         result = cli_result(run_dir / "log.txt")
@@ -238,13 +272,15 @@ def throughput_run(
             result = json.loads((run_dir / "result.json").read_text())
         except (OSError, ValueError):
             result = {"records": 0, "records_per_s": None}
+    own = result.get("peak_rss_kib")
+    rss = own / 1024.0 if own else sampled_rss
     run = {
         "round": round_no,
         "exit_code": code,
         "records": result.get("records"),
         "busy_s": result.get("busy_s"),
         "records_per_s": result.get("records_per_s"),
-        "peak_rss_mib": round(rss, 1),
+        "peak_rss_mib": None if rss is None else round(rss, 1),
         "wall_s": round(wall, 2),
         "records_target": records,
     }
@@ -331,7 +367,7 @@ def throughput(ctx: Context, contenders: list[Contender]) -> dict[str, Any]:
                 ok = all(c.get("ok") for c in run.get("checks", {}).values())
                 log_line(
                     f"  round {round_no} {encoding:4} {contender.name:28} "
-                    f"{(rate or 0):>10,.0f} rec/s  rss {run['peak_rss_mib']:6.1f} MiB"
+                    f"{(rate or 0):>10,.0f} rec/s  rss {run['peak_rss_mib'] or 0:6.1f} MiB"
                     + ("" if "checks" not in run else ("  checks ok" if ok else "  CHECKS FAILED"))
                 )
     return runs
@@ -364,14 +400,7 @@ def latency(ctx: Context, contenders: list[Contender]) -> dict[str, Any]:
             sqlite_path=sqlite_path,
             latency=True,
         )
-        with (run_dir / "log.txt").open("w") as log_file:
-            process = subprocess.Popen(
-                argv,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                cwd=BENCH,
-                env={**os.environ, **env},
-            )
+        process = ctx.children.start(argv, run_dir / "log.txt", env)
         try:
             produce.wait_group_ready(ctx.bootstrap, group, timeout_s=90)
             time.sleep(1.0)
@@ -380,8 +409,7 @@ def latency(ctx: Context, contenders: list[Contender]) -> dict[str, Any]:
             producer.join()
             code = process.wait(timeout=120)
         except (TimeoutError, subprocess.TimeoutExpired) as exc:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
+            ctx.children.kill(process)
             results[contender.name] = {"error": str(exc)}
             log_line(f"  latency {contender.name}: {exc}")
             continue
@@ -441,8 +469,7 @@ def recovery_trial(ctx: Context, mode: str, trial: int) -> dict[str, Any]:
             sqlite_path=None,
             extra=(*extra, "--first-commit-file", str(run_dir / f"{tag}.first")),
         )
-        with (run_dir / f"{tag}.log").open("w") as log_file:
-            return subprocess.Popen(argv, stdout=log_file, stderr=subprocess.STDOUT, cwd=BENCH)
+        return ctx.children.start(argv, run_dir / f"{tag}.log")
 
     producer = produce.RateProducer(
         ctx.bootstrap, topic, "json", s.latency_rate, s.latency_rate * 600
@@ -454,8 +481,7 @@ def recovery_trial(ctx: Context, mode: str, trial: int) -> dict[str, Any]:
         _wait_file(run_dir / "a.first", 90, first)
         time.sleep(2.0)  # steady state: several batches committed
         killed_at = time.time()
-        os.kill(first.pid, signal.SIGKILL)
-        first.wait()
+        ctx.children.kill(first)  # SIGKILL, by PID
         replacement = start("b")
         committed = _wait_file(run_dir / "b.first", 120, replacement)
         recovery_s = committed["first_commit_at"] - killed_at
@@ -466,9 +492,8 @@ def recovery_trial(ctx: Context, mode: str, trial: int) -> dict[str, Any]:
     finally:
         producer.stop()
         for process in (first, replacement):
-            if process is not None and process.poll() is None:
-                os.kill(process.pid, signal.SIGKILL)
-                process.wait()
+            if process is not None:
+                ctx.children.kill(process)
     b = json.loads((run_dir / "b.json").read_text())
     ends = produce.end_offsets(ctx.bootstrap, topic)
     expected = workload.expected(producer.sent, "json")
@@ -529,7 +554,7 @@ def profile(ctx: Context) -> dict[str, Any]:
             sqlite_path=None,
             extra=("--profile", str(stats)),
         )
-        code, _rss, _wall = run_process(argv, run_dir / "log.txt", timeout_s=1800, env=env)
+        code, _rss, _wall = run_process(ctx, argv, run_dir / "log.txt", timeout_s=1800, env=env)
         if code != 0 or not stats.exists():
             out[contender.name] = {"error": f"exit code {code}"}
             continue
@@ -753,12 +778,15 @@ def main(argv: list[str] | None = None) -> int:
     svc = services_mod.start(log_line)
     # Stop the servers on SIGTERM too (SIGINT raises KeyboardInterrupt, handled by finally).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ctx: Context | None = None
     try:
         work = Path(tempfile.mkdtemp(prefix="okbench-work-"))
         work.chmod(0o755)
         ctx = Context(settings=s, bootstrap=svc.bootstrap, dsn=svc.dsn, work=work, log=log_line)
         found = phases(ctx, set(filter(None, args.skip.split(","))))
     finally:
+        if ctx is not None:
+            ctx.children.kill_all()
         log_line("stopping Kafka and PostgreSQL")
         svc.stop()
     doc = report.build(

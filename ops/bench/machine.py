@@ -85,7 +85,7 @@ def describe(dsn: str, peer_version: str | None) -> dict[str, Any]:
         "python": platform.python_version(),
         "offsetkeeper": _version("offsetkeeper"),
         "offsetkeeper_commit": _git_commit(),
-        "confluent_kafka": confluent_kafka.version()[0],
+        "confluent_kafka": _version("confluent-kafka"),
         "librdkafka": confluent_kafka.libversion()[0],
         "psycopg": psycopg.__version__,
         "fastavro": _version("fastavro"),

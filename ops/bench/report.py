@@ -47,7 +47,9 @@ def _summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "records_per_s_runs": [round(r) for r in rates],
         "runs": len(runs),
         "records_per_run": runs[0]["records_target"] if runs else None,
-        "peak_rss_mib_max": max((r["peak_rss_mib"] for r in runs), default=None),
+        "peak_rss_mib_max": max(
+            (r["peak_rss_mib"] for r in runs if r.get("peak_rss_mib")), default=None
+        ),
         "checked": any("checks" in r for r in runs),
         "correct": _runs_ok(runs),
         "raw": runs,
@@ -248,6 +250,8 @@ def _header(doc: dict[str, Any]) -> list[str]:
         f"{w['value_bytes']} bytes, {w['repeated_keys']}. Rate = records / (last commit - "
         f"first record), median of {w['repetitions']} run(s). Batches of up to "
         f"{w['batch_max_records']} records. aiokafka backend: {doc['aiokafka_backend']}.",
+        "",
+        "How each figure is taken, and what each contender is: ops/bench/README.md.",
     ]
 
 

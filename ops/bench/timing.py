@@ -8,6 +8,8 @@ Stdlib only: the peer contender imports it from its own venv.
 - throughput = records / (last_commit_at - first_record_at): joining the group, and idling
   after the end, are not throughput (the engine's own `consumer_stopped` figure is the same);
 - latency samples: per record, the commit time minus the `ts_ms` the producer stamped on it;
+- `peak_rss_kib`: the process's VmHWM just before it writes its result (/proc/self/status; not
+  wait4()'s ru_maxrss, which also counts the parent's memory at fork time);
 - `first_commit_at` is also written at once to `first_commit_file` (recovery runs read it while
   the process is still running).
 """
@@ -19,6 +21,18 @@ import os
 import time
 from pathlib import Path
 from typing import Any
+
+
+def peak_rss_kib(pid: int | str) -> int | None:
+    """VmHWM (peak resident set) of a process: its own, not the forking parent's."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        return None
+    return None
 
 
 class RunClock:
@@ -68,6 +82,7 @@ class RunClock:
             "busy_s": busy,
             "records_per_s": (self.records / busy) if busy and busy > 0 else None,
             "latencies_ms": self.latencies_ms if self.latency else None,
+            "peak_rss_kib": peak_rss_kib("self"),
             **self.extra,
         }
 
