@@ -139,8 +139,9 @@ class Engine:
     # -- the steps every driver runs: start, step per poll, finish ---------------------------
 
     def start(self) -> None:
-        """Open the sink (creating its tables) before the driver subscribes."""
-        self._sink.open(self._app.tables)
+        """Open the sink (creating its tables) before the driver subscribes. A sink that is not
+        up yet, or DDL that lost a deadlock to a running member, is retried like any sink call."""
+        self._with_sink_retry("open", lambda: self._sink.open(self._app.tables))
         log.info(
             "consumer_starting",
             app=self._app.name,

@@ -125,7 +125,10 @@ class PostgresSink:
                 )
                 # Format v2 columns; a table created by v1 code gets them here (its rows keep
                 # format_version 1 and are upgraded when read).
+                present = _existing_columns(cursor, self._checkpoint_name)
                 for column in CHECKPOINT_V2_COLUMNS:
+                    if column in present:
+                        continue  # ALTER takes an exclusive lock even when it changes nothing
                     cursor.execute(
                         sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
                             self._checkpoints, sql.Identifier(column), sql.SQL(_V2_TYPES[column])
@@ -165,7 +168,12 @@ class PostgresSink:
                 sql.Identifier(table.name), columns, key
             )
         )
+        present = _existing_columns(cursor, table.name)
         for column, column_type in table.columns.items():
+            if column in present:
+                # ALTER would take an ACCESS EXCLUSIVE lock even with IF NOT EXISTS, and
+                # deadlock with running members' batches; only migrate what is missing.
+                continue
             cursor.execute(
                 sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
                     sql.Identifier(table.name),
@@ -232,12 +240,7 @@ class PostgresSink:
         self, cursor: psycopg.Cursor[Any], group: str
     ) -> dict[TopicPartition, Checkpoint]:
         # A v1 table opened read-only has no v2 columns: read them as NULL.
-        cursor.execute(
-            "SELECT column_name FROM information_schema.columns"
-            " WHERE table_schema = current_schema() AND table_name = %s",
-            (self._checkpoint_name,),
-        )
-        present = {str(row[0]) for row in cursor.fetchall()}
+        present = _existing_columns(cursor, self._checkpoint_name)
         v2 = sql.SQL(", ").join(
             sql.Identifier(c) if c in present else sql.SQL("NULL AS {}").format(sql.Identifier(c))
             for c in CHECKPOINT_V2_COLUMNS
@@ -504,6 +507,15 @@ class PostgresSink:
         except psycopg.Error:
             # A broken session cannot roll back; closing it discards the transaction.
             connection.close()
+
+
+def _existing_columns(cursor: psycopg.Cursor[Any], table: str) -> set[str]:
+    cursor.execute(
+        "SELECT column_name FROM information_schema.columns"
+        " WHERE table_schema = current_schema() AND table_name = %s",
+        (table,),
+    )
+    return {str(row[0]) for row in cursor.fetchall()}
 
 
 def _refuse_stale_epochs(

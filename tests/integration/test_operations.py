@@ -498,7 +498,15 @@ def test_connection_failures_are_one_clear_line_and_never_show_the_password(
     topic = unique_name("ops-down")
     create_topic(kafka.address, topic, 1)
     failing = ConsumerProcess(
-        _args("tests.apps.chaos:app", kafka, unique_name("ops-down"), topic, url),
+        _args(
+            "tests.apps.chaos:app",
+            kafka,
+            unique_name("ops-down"),
+            topic,
+            url,
+            "--sink-retry-deadline",
+            "1",
+        ),
         tmp_path / "failing.log",
     )
     consumers.append(failing)
@@ -509,6 +517,11 @@ def test_connection_failures_are_one_clear_line_and_never_show_the_password(
     plain = [line for line in output.splitlines() if not line.startswith("{")]
     assert len(plain) == 1, output
     assert plain[0].startswith("offsetkeeper: error: cannot connect to PostgreSQL"), plain
-    failed = [e for e in _json_lines(output.replace(plain[0], "")) if e["level"] == "error"]
-    assert failed[-1]["event"] == "offsetkeeper_failed"
+    events = _json_lines(output.replace(plain[0], ""))
+    retries = [e for e in events if e["event"] == "sink_retry"]
+    assert retries, "a sink that is not reachable at start is retried until the deadline"
+    assert {e["action"] for e in retries} == {"open"}
+    assert all(":***@" in e["error"] for e in retries)
+    failed = [e for e in events if e["level"] == "error"]
+    assert [e["event"] for e in failed] == ["sink_gave_up", "offsetkeeper_failed"]
     assert ":***@" in failed[-1]["error"], failed[-1]

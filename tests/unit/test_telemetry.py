@@ -168,6 +168,18 @@ def test_sink_retries_are_counted_and_the_failing_gauge_resets(tmp_path: Path) -
     assert o.telemetry.health.readiness().ok
 
 
+def test_a_sink_that_is_not_up_at_start_is_retried_not_fatal(tmp_path: Path) -> None:
+    flaky = FlakySink(tmp_path / "telemetry.db", failures=0, open_failures=2)
+    o = _observed(tmp_path, [Assign([P0])], sink=flaky)
+    o.backend.append(P0, event("a", 1))
+
+    assert o.engine.run() == EXIT_OK
+
+    assert o.value("offsetkeeper_sink_retries_total", action="open") == 2
+    assert o.value("offsetkeeper_sink_duration_seconds_count", action="open") == 1
+    assert checkpoints(o.db, GROUP) == {(TOPIC, 0): 1}
+
+
 def test_a_sink_failing_longer_than_the_readiness_timeout_is_reported(tmp_path: Path) -> None:
     readiness: list[tuple[bool, list[str]]] = []
     flaky = FlakySink(tmp_path / "telemetry.db", failures=1_000)
@@ -233,6 +245,32 @@ def test_revocation_drops_the_partition_gauges_but_keeps_its_counters(tmp_path: 
     assert o.before_close("offsetkeeper_consumer_lag", **_tp(P0)) == 0
     assert o.value("offsetkeeper_records_committed_total", **_tp(P1)) == 1  # counters stay
     assert o.telemetry.positions() == {}
+
+
+def test_a_fencing_rejection_is_counted_and_the_partition_released(tmp_path: Path) -> None:
+    from tests.fixtures.apps import EVENTS  # noqa: PLC0415 - one test needs it
+
+    o = _observed(tmp_path, [])
+
+    def newer_owner_takes_p1() -> None:
+        rival = SqliteSink(o.db)
+        rival.open([EVENTS])
+        rival.acquire(GROUP, [P1])  # bumps P1's epoch behind the engine's back
+        rival.close()
+
+    o.backend.then(Assign([P0, P1]), Call(o.sample_lag), Call(newer_owner_takes_p1), Fetch())
+    o.backend.append(P0, event("a", 1))
+    o.backend.append(P1, event("b", 2))
+
+    assert o.engine.run() == EXIT_OK
+
+    assert o.value("offsetkeeper_fenced_partitions_total", **_tp(P1)) == 1
+    assert o.value("offsetkeeper_fenced_partitions_total", **_tp(P0)) is None
+    assert o.before_close("offsetkeeper_assigned_partitions") == 1
+    assert o.before_close("offsetkeeper_consumer_lag", **_tp(P1)) is None  # not ours any more
+    assert o.value("offsetkeeper_records_committed_total", **_tp(P0)) == 1
+    assert o.value("offsetkeeper_records_committed_total", **_tp(P1)) is None
+    assert o.value("offsetkeeper_records_consumed_total", **_tp(P1)) == 1  # fetched, rolled back
 
 
 def test_an_empty_assignment_means_joined_and_ready_but_not_assigned_for_idleness(
