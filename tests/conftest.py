@@ -17,10 +17,23 @@ from tests.fixtures.services import Service, kafka_service, postgres_service
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+# What this run used, printed in the run's summary (output during fixture set-up is captured).
+_SERVICES_USED: list[str] = []
+
+
 def _announce(config: pytest.Config, text: str) -> None:
+    _SERVICES_USED.append(text.strip())
     reporter = config.pluginmanager.get_plugin("terminalreporter")
     if reporter is not None:
         reporter.write_line(text)
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    terminalreporter.section("services used by this run")
+    if not _SERVICES_USED:
+        terminalreporter.write_line("no Kafka broker or database was needed")
+    for line in _SERVICES_USED:
+        terminalreporter.write_line(line)
 
 
 def _obtain(request: pytest.FixtureRequest, what: str, starter, work_dir: Path) -> Service:  # type: ignore[no-untyped-def]
