@@ -109,6 +109,23 @@ def _kafka_tp(tp: TopicPartition) -> aiokafka.TopicPartition:
     return aiokafka.TopicPartition(tp.topic, tp.partition)
 
 
+async def _watermarks(
+    consumer: aiokafka.AIOKafkaConsumer, partition: TopicPartition, timeout_s: float
+) -> tuple[int, int]:
+    async def ends() -> tuple[int, int]:
+        tp = _kafka_tp(partition)
+        low = await consumer.beginning_offsets([tp])
+        high = await consumer.end_offsets([tp])
+        return int(low[tp]), int(high[tp])
+
+    try:
+        return await asyncio.wait_for(ends(), timeout_s)
+    except (aiokafka.errors.KafkaError, TimeoutError) as exc:
+        raise translate(
+            exc, "cannot read watermarks", topic=partition.topic, partition=partition.partition
+        ) from exc
+
+
 class AiokafkaBridge:
     """The `ClientBackend` the engine sees; every call is made from the engine's worker thread
     and carried out on the event loop."""
@@ -162,18 +179,7 @@ class AiokafkaBridge:
             asyncio.run_coroutine_threadsafe(commit(), self._loop)  # not awaited: advisory
 
     def watermarks(self, partition: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
-        async def ends() -> tuple[int, int]:
-            tp = _kafka_tp(partition)
-            low = await self._consumer.beginning_offsets([tp])
-            high = await self._consumer.end_offsets([tp])
-            return int(low[tp]), int(high[tp])
-
-        try:
-            return self._run(asyncio.wait_for(ends(), timeout_s))
-        except (aiokafka.errors.KafkaError, TimeoutError) as exc:
-            raise translate(
-                exc, "cannot read watermarks", topic=partition.topic, partition=partition.partition
-            ) from exc
+        return self._run(_watermarks(self._consumer, partition, timeout_s))
 
     def close(self) -> None:
         """The driver stops the consumer (leaving the group) on the loop."""
@@ -358,18 +364,7 @@ class AiokafkaReader:
         return sorted(found)
 
     def watermarks(self, partition: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
-        async def ends() -> tuple[int, int]:
-            tp = _kafka_tp(partition)
-            low = await self._consumer.beginning_offsets([tp])
-            high = await self._consumer.end_offsets([tp])
-            return int(low[tp]), int(high[tp])
-
-        try:
-            return self._run(asyncio.wait_for(ends(), timeout_s))
-        except (aiokafka.errors.KafkaError, TimeoutError) as exc:
-            raise translate(
-                exc, "cannot read watermarks", topic=partition.topic, partition=partition.partition
-            ) from exc
+        return self._run(_watermarks(self._consumer, partition, timeout_s))
 
     def offsets_for_time(
         self, partitions: Sequence[TopicPartition], timestamp_ms: int

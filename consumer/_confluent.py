@@ -224,17 +224,7 @@ class ConfluentBackend:
             log.info("advisory_commit_failed", error=str(translate(exc, "commit failed")))
 
     def watermarks(self, partition: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
-        try:
-            low, high = self._consumer.get_watermark_offsets(
-                confluent_kafka.TopicPartition(partition.topic, partition.partition),
-                timeout=timeout_s,
-                cached=False,
-            )
-        except confluent_kafka.KafkaException as exc:
-            raise translate(
-                exc, "cannot read watermarks", topic=partition.topic, partition=partition.partition
-            ) from exc
-        return int(low), int(high)
+        return _watermarks(self._consumer, partition, timeout_s)
 
     def close(self) -> None:
         if self._closed:
@@ -244,6 +234,20 @@ class ConfluentBackend:
             self._consumer.close()
         except (confluent_kafka.KafkaException, RuntimeError) as exc:
             log.warning("kafka_close_failed", error=str(exc))
+
+
+def _watermarks(consumer: Any, partition: TopicPartition, timeout_s: float) -> tuple[int, int]:
+    try:
+        low, high = consumer.get_watermark_offsets(
+            confluent_kafka.TopicPartition(partition.topic, partition.partition),
+            timeout=timeout_s,
+            cached=False,
+        )
+    except confluent_kafka.KafkaException as exc:
+        raise translate(
+            exc, "cannot read watermarks", topic=partition.topic, partition=partition.partition
+        ) from exc
+    return int(low), int(high)
 
 
 def _raw_record(message: Any) -> RawRecord:
@@ -310,17 +314,7 @@ class ConfluentReader:
         return sorted(found.partitions)
 
     def watermarks(self, partition: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
-        try:
-            low, high = self._consumer.get_watermark_offsets(
-                confluent_kafka.TopicPartition(partition.topic, partition.partition),
-                timeout=timeout_s,
-                cached=False,
-            )
-        except confluent_kafka.KafkaException as exc:
-            raise translate(
-                exc, "cannot read watermarks", topic=partition.topic, partition=partition.partition
-            ) from exc
-        return int(low), int(high)
+        return _watermarks(self._consumer, partition, timeout_s)
 
     def offsets_for_time(
         self, partitions: Sequence[TopicPartition], timestamp_ms: int
