@@ -19,7 +19,12 @@ from tests.fixtures.kafka_tools import (
     produce,
     unique_name,
 )
-from tests.fixtures.processes import FAST_GROUP_SETTINGS, OFFSETKEEPER, ConsumerProcess, wait_until
+from tests.fixtures.processes import (
+    OFFSETKEEPER,
+    ConsumerProcess,
+    run_args,
+    wait_until,
+)
 from tests.fixtures.services import Service
 from tests.integration.conftest import sqlite_checkpoints, sqlite_rows
 
@@ -35,20 +40,16 @@ def _run_args(
     return [
         "--backend",
         backend,
-        "--app",
-        "consumer.examples.orders:app",
-        "--bootstrap-servers",
-        kafka.address,
-        "--group",
-        group,
-        "--topic",
-        topic,
-        "--sink",
-        f"sqlite:///{db}",
-        "--batch-max-records",
-        "500",
-        *FAST_GROUP_SETTINGS,
-        *extra,
+        *run_args(
+            "consumer.examples.orders:app",
+            kafka.address,
+            group,
+            topic,
+            f"sqlite:///{db}",
+            "--batch-max-records",
+            "500",
+            *extra,
+        ),
     ]
 
 

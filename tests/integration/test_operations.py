@@ -31,7 +31,7 @@ from tests.fixtures.kafka_tools import (
 )
 from tests.fixtures.ops_http import OPS_ARGS, OpsEndpoint, ops_endpoint
 from tests.fixtures.pg import checkpoints, create_database, query
-from tests.fixtures.processes import FAST_GROUP_SETTINGS, ConsumerProcess, wait_until
+from tests.fixtures.processes import ConsumerProcess, run_args, wait_until
 from tests.fixtures.services import Service, free_port
 from tests.integration.conftest import sqlite_checkpoints, sqlite_rows
 
@@ -39,20 +39,7 @@ pytestmark = [pytest.mark.integration]
 
 
 def _args(app: str, kafka: Service, group: str, topic: str, sink: str, *extra: str) -> list[str]:
-    return [
-        "--app",
-        app,
-        "--bootstrap-servers",
-        kafka.address,
-        "--group",
-        group,
-        "--topic",
-        topic,
-        "--sink",
-        sink,
-        *FAST_GROUP_SETTINGS,
-        *extra,
-    ]
+    return run_args(app, kafka.address, group, topic, sink, *extra)
 
 
 def _wait_ready(ops: OpsEndpoint, process: ConsumerProcess, timeout: float = 60) -> dict[str, Any]:

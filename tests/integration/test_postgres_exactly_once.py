@@ -14,7 +14,7 @@ from tests.fixtures.chaos import PacedProducer, verify_chaos_sink
 from tests.fixtures.control import require_control
 from tests.fixtures.kafka_tools import create_topic, end_offsets, produce, unique_name
 from tests.fixtures.pg import checkpoints, create_database, query
-from tests.fixtures.processes import FAST_GROUP_SETTINGS, ConsumerProcess, wait_until
+from tests.fixtures.processes import ConsumerProcess, run_args, wait_until
 from tests.fixtures.services import Service
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -33,20 +33,16 @@ def _args(
     return [
         "--backend",
         backend,
-        "--app",
-        "tests.apps.chaos:app",
-        "--bootstrap-servers",
-        kafka.address,
-        "--group",
-        group,
-        "--topic",
-        topic,
-        "--sink",
-        dsn,
-        "--batch-max-records",
-        "500",
-        *FAST_GROUP_SETTINGS,
-        *extra,
+        *run_args(
+            "tests.apps.chaos:app",
+            kafka.address,
+            group,
+            topic,
+            dsn,
+            "--batch-max-records",
+            "500",
+            *extra,
+        ),
     ]
 
 

@@ -22,10 +22,10 @@ from tests.fixtures.kafka_tools import (
     unique_name,
 )
 from tests.fixtures.processes import (
-    FAST_GROUP_SETTINGS,
     OFFSETKEEPER,
     REPO,
     ConsumerProcess,
+    run_args,
     wait_until,
 )
 from tests.fixtures.services import Service
@@ -75,19 +75,7 @@ def test_replay_beside_a_live_group_leaves_the_group_untouched(
     first = {f"a-{i}": order_event(f"a-{i}", 1) for i in range(3_000)}
     produce(kafka.address, topic, ((k.encode(), encode(e)) for k, e in first.items()))
     live = ConsumerProcess(
-        [
-            "--app",
-            "consumer.examples.orders:app",
-            "--bootstrap-servers",
-            kafka.address,
-            "--group",
-            group,
-            "--topic",
-            topic,
-            "--sink",
-            sink.url,
-            *FAST_GROUP_SETTINGS,
-        ],
+        run_args("consumer.examples.orders:app", kafka.address, group, topic, sink.url),
         tmp_path / "live.log",
     )
     consumers.append(live)
@@ -323,19 +311,7 @@ def test_checkpoint_reset_refuses_a_live_group_then_moves_an_idle_one(
     )
     db = tmp_path / "reset.db"
     sink_url = f"sqlite:///{db}"
-    run = [
-        "--app",
-        "consumer.examples.orders:app",
-        "--bootstrap-servers",
-        kafka.address,
-        "--group",
-        group,
-        "--topic",
-        topic,
-        "--sink",
-        sink_url,
-        *FAST_GROUP_SETTINGS,
-    ]
+    run = run_args("consumer.examples.orders:app", kafka.address, group, topic, sink_url)
     live = ConsumerProcess(run, tmp_path / "live.log")
     consumers.append(live)
 

@@ -18,7 +18,13 @@ from confluent_kafka.admin import AdminClient
 
 from tests.fixtures.kafka_tools import create_topic, encode, end_offsets, unique_name
 from tests.fixtures.pg import create_database, query
-from tests.fixtures.processes import FAST_GROUP_SETTINGS, OFFSETKEEPER, REPO, ConsumerProcess
+from tests.fixtures.processes import (
+    FAST_GROUP_SETTINGS,
+    OFFSETKEEPER,
+    REPO,
+    ConsumerProcess,
+    run_args,
+)
 from tests.fixtures.services import Service
 from tests.integration.conftest import SinkUnderTest
 
@@ -166,21 +172,15 @@ def test_a_newer_checkpoint_format_is_refused_and_left_untouched(
     producer = Producer({"bootstrap.servers": kafka.address})
     producer.produce(topic, value=encode(golden_event(1)))
     producer.flush(10)
-    args = [
-        "--app",
+    args = run_args(
         "consumer.examples.orders:app",
-        "--bootstrap-servers",
         kafka.address,
-        "--group",
         group,
-        "--topic",
         topic,
-        "--sink",
         sink.url,
         "--stop-when-idle",
         "2",
-        *FAST_GROUP_SETTINGS,
-    ]
+    )
     first = ConsumerProcess(args, tmp_path / "first.log")
     consumers.append(first)
     assert first.wait(timeout=60) == 0
@@ -224,23 +224,17 @@ def test_state_upgrade_continues_the_totals(
 
     def run(app: str, name: str) -> ConsumerProcess:
         process = ConsumerProcess(
-            [
-                "--app",
+            run_args(
                 app,
-                "--bootstrap-servers",
                 kafka.address,
-                "--group",
                 group,
-                "--topic",
                 topic,
-                "--sink",
                 sink.url,
                 "--stop-when-idle",
                 "2",
                 "--batch-max-records",
                 "300",
-                *FAST_GROUP_SETTINGS,
-            ],
+            ),
             tmp_path / f"{name}.log",
         )
         consumers.append(process)
@@ -262,21 +256,15 @@ def test_state_upgrade_continues_the_totals(
     # Replaying offsets already counted adds nothing: the total lives in the state, which
     # moves with the offsets.
     killed = ConsumerProcess(
-        [
-            "--app",
+        run_args(
             "consumer.examples.totals:app",
-            "--bootstrap-servers",
             kafka.address,
-            "--group",
             group,
-            "--topic",
             topic,
-            "--sink",
             sink.url,
             "--batch-max-records",
             "200",
-            *FAST_GROUP_SETTINGS,
-        ],
+        ),
         tmp_path / "killed.log",
         env={
             "OFFSETKEEPER_TEST_CRASH_POINT": "after-rows",
@@ -360,21 +348,15 @@ def test_adopt_from_a_kafka_group_an_offsets_file_and_a_spark_checkpoint(
 
     # The adopted group continues exactly from there: 30 + 20 + 0 records.
     consumer = ConsumerProcess(
-        [
-            "--app",
+        run_args(
             "consumer.examples.orders:app",
-            "--bootstrap-servers",
             kafka.address,
-            "--group",
             group,
-            "--topic",
             topic,
-            "--sink",
             sink.url,
             "--stop-when-idle",
             "2",
-            *FAST_GROUP_SETTINGS,
-        ],
+        ),
         tmp_path / "adopted.log",
     )
     consumers.append(consumer)
@@ -512,19 +494,7 @@ def test_export_import_round_trip_and_import_refuses_a_live_group(
     assert sink.checkpoints(copy) == {0: 11, 1: 22}
 
     live = ConsumerProcess(
-        [
-            "--app",
-            "consumer.examples.orders:app",
-            "--bootstrap-servers",
-            kafka.address,
-            "--group",
-            copy,
-            "--topic",
-            topic,
-            "--sink",
-            sink.url,
-            *FAST_GROUP_SETTINGS,
-        ],
+        run_args("consumer.examples.orders:app", kafka.address, copy, topic, sink.url),
         tmp_path / "live.log",
     )
     consumers.append(live)
