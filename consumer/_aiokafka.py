@@ -181,6 +181,12 @@ class AiokafkaBridge:
     def watermarks(self, partition: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
         return self._run(_watermarks(self._consumer, partition, timeout_s))
 
+    def group_metadata(self) -> object:
+        raise ConfigError(
+            "the transactional Kafka sink commits offsets with confluent-kafka's group "
+            "metadata: use --backend confluent with a kafka:// sink"
+        )
+
     def close(self) -> None:
         """The driver stops the consumer (leaving the group) on the loop."""
 

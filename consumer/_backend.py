@@ -58,6 +58,11 @@ class ClientBackend(Protocol):
         """(low, high) offsets of the partition's log, asked of the broker."""
         ...
 
+    def group_metadata(self) -> object:
+        """The client's current consumer group metadata, for a sink that commits offsets in a
+        Kafka transaction (`sinks.GroupBoundSink`). ConfigError where the client cannot."""
+        ...
+
     def close(self) -> None:
         """Leave the group and release the client. Safe to call twice."""
         ...

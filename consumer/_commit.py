@@ -19,12 +19,14 @@ import signal
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import Any
 
+from consumer._app import Table
 from consumer._batch import PartitionWork, merge_rows
 from consumer._checkpoint import Checkpoint, writer_version
 from consumer._records import TopicPartition
 from consumer._state import encode_state
-from sinks import Sink
+from sinks import RowsOrigin, Sink
 
 # Fault injection for the crash tests: the engine reads it once at start-up, never at import.
 # Values: "after-rows" (outputs written, no COMMIT yet) or "after-commit" (COMMIT done, no
@@ -78,7 +80,16 @@ def commit_batch(
     `state_version` is the app's state schema version when the app keeps state: each
     partition's state after the batch is then saved in its checkpoint.
     """
-    merged = merge_rows(works)  # 1
+    # 1 (a sink that names its output by partition gets each partition's rows on their own)
+    writes: list[tuple[RowsOrigin | None, Mapping[str, tuple[Table, list[Mapping[str, Any]]]]]]
+    if sink.writes_per_partition:
+        writes = [
+            (RowsOrigin(work.partition, work.first_offset, work.next_offset), merge_rows([work]))
+            for work in works
+            if work.rows
+        ]
+    else:
+        writes = [(None, merge_rows(works))]
     now = datetime.now(tz=UTC)
     version = writer_version()
     checkpoints = [
@@ -100,9 +111,10 @@ def commit_batch(
     rows = 0
     sink.begin()  # 2
     try:
-        for table, table_rows in merged.values():  # 3
-            sink.write_rows(table, table_rows)
-            rows += len(table_rows)
+        for origin, merged in writes:  # 3
+            for table, table_rows in merged.values():
+                sink.write_rows(table, table_rows, origin)
+                rows += len(table_rows)
         crash.at("after-rows")
         sink.save_checkpoints(  # 4
             group,

@@ -226,6 +226,9 @@ class ConfluentBackend:
     def watermarks(self, partition: TopicPartition, timeout_s: float = 10.0) -> tuple[int, int]:
         return _watermarks(self._consumer, partition, timeout_s)
 
+    def group_metadata(self) -> object:
+        return self._consumer.consumer_group_metadata()
+
     def close(self) -> None:
         if self._closed:
             return

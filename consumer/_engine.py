@@ -26,7 +26,7 @@ from consumer._errors import CheckpointError, FencedError, KafkaError, RecordErr
 from consumer._observer import EngineObserver, NullObserver
 from consumer._records import RawRecord, TopicPartition
 from consumer._state import load_state
-from sinks import Sink
+from sinks import GroupBoundSink, Sink
 
 log = structlog.get_logger("offsetkeeper.engine")
 
@@ -141,6 +141,9 @@ class Engine:
     def start(self) -> None:
         """Open the sink (creating its tables) before the driver subscribes. A sink that is not
         up yet, or DDL that lost a deadlock to a running member, is retried like any sink call."""
+        if isinstance(self._sink, GroupBoundSink):
+            # Its transaction commits the offsets to Kafka: no advisory commit after it.
+            self._sink.bind_group_metadata(self._backend.group_metadata)
         self._with_sink_retry("open", lambda: self._sink.open(self._app.tables))
         log.info(
             "consumer_starting",
@@ -250,7 +253,8 @@ class Engine:
         for work in works:
             if work.error is not None:
                 self._stop_partition(work.partition, work.error)
-        self._backend.commit_advisory(committed.next_offsets)  # step 6: advisory only
+        if not isinstance(self._sink, GroupBoundSink):
+            self._backend.commit_advisory(committed.next_offsets)  # step 6: advisory only
 
     def _stop_partition(self, tp: TopicPartition, error: RecordError) -> None:
         self._owned[tp].stopped = error

@@ -8,14 +8,22 @@ Lifecycle and guarantees (the engine calls in this order, from one thread):
     load_checkpoints(group, partitions) on assignment: the stored checkpoints (older formats are
                                         upgraded in memory; a newer format raises)
     begin()                             per batch
-      write_rows(table, rows)           zero or more times; rows are upserted by the table's key
-                                        (the engine already deduplicated keys within the batch)
+      write_rows(table, rows, origin)   zero or more times; rows are upserted by the table's key
+                                        (the engine already deduplicated keys within the batch).
+                                        A sink with `writes_per_partition` gets one call per
+                                        (table, partition) with `origin` naming the partition and
+                                        the batch's offset range; others get one call per table
+                                        with rows merged across partitions and origin None
       save_checkpoints(group, checkpoints, epochs)
                                         conditional on every epoch still being current; raises
                                         `FencedError` naming the stale partitions otherwise
     commit() | rollback()               commit makes rows and checkpoints durable together;
                                         after any exception inside a batch the engine rolls back
     close()                             once; nothing is called after it
+
+A sink that commits consumer offsets to Kafka itself (the transactional Kafka sink) also
+implements `GroupBoundSink`: the engine hands it the consumer's group metadata before it
+subscribes, and does not make its advisory offset commit (the sink's commit is the real one).
 
 Replay jobs keep their plan in the sink (`create_job` / `load_job`, each its own transaction);
 the document is opaque JSON to the sink.
@@ -27,8 +35,9 @@ and checkpoints) or none of it. Exceptions are `SinkError` (or `FencedError`), c
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
 
 from consumer._app import Table
 from consumer._checkpoint import Checkpoint
@@ -43,8 +52,22 @@ JOB_TABLE = "offsetkeeper_replay_jobs"
 CHECKPOINT_V2_COLUMNS = ("epoch", "leader_epoch", "writer_version", "state", "state_version")
 
 
+@dataclass(frozen=True, slots=True)
+class RowsOrigin:
+    """Where a `write_rows` call's rows came from: one partition's records in
+    [first_offset, next_offset) of this batch (for sinks with `writes_per_partition`)."""
+
+    partition: TopicPartition
+    first_offset: int
+    next_offset: int
+
+
 class Sink(Protocol):
     """A transactional store for output rows and the checkpoints that produced them."""
+
+    # True: write_rows is called per (table, partition) with a RowsOrigin (file sinks name
+    # their files by it); False: per table, rows merged across the batch's partitions.
+    writes_per_partition: bool
 
     @property
     def description(self) -> str:
@@ -70,7 +93,9 @@ class Sink(Protocol):
 
     def begin(self) -> None: ...
 
-    def write_rows(self, table: Table, rows: Sequence[Mapping[str, Any]]) -> None: ...
+    def write_rows(
+        self, table: Table, rows: Sequence[Mapping[str, Any]], origin: RowsOrigin | None = None
+    ) -> None: ...
 
     def save_checkpoints(
         self,
@@ -100,3 +125,15 @@ class Sink(Protocol):
     def load_job(self, job_id: str) -> str | None: ...
 
     def close(self) -> None: ...
+
+
+@runtime_checkable
+class GroupBoundSink(Protocol):
+    """A sink that commits the consumed offsets to Kafka inside its own transaction, so it
+    needs the consumer's group metadata (which fences a zombie member's commit)."""
+
+    def bind_group_metadata(self, group_metadata: Callable[[], object]) -> None:
+        """`group_metadata()` returns the client's current consumer group metadata (the
+        confluent-kafka `ConsumerGroupMetadata`); called at each commit, as it changes with
+        every rebalance."""
+        ...

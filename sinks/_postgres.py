@@ -24,6 +24,7 @@ from sinks._contract import (
     DEFAULT_CHECKPOINT_TABLE,
     DEFAULT_LEASE_TABLE,
     JOB_TABLE,
+    RowsOrigin,
 )
 
 _V2_TYPES = {
@@ -50,6 +51,8 @@ _DDL_LOCK_KEY = 0x6F6B_6464  # "okdd"
 
 class PostgresSink:
     """Writes rows and checkpoints to PostgreSQL in one transaction per batch."""
+
+    writes_per_partition = False
 
     def __init__(
         self,
@@ -285,7 +288,9 @@ class PostgresSink:
             self._staged.add(table.name)
         return staging
 
-    def write_rows(self, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    def write_rows(
+        self, table: Table, rows: Sequence[Mapping[str, Any]], origin: RowsOrigin | None = None
+    ) -> None:
         if not rows:
             return
         columns = list(table.columns)

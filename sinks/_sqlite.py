@@ -24,6 +24,7 @@ from sinks._contract import (
     DEFAULT_CHECKPOINT_TABLE,
     DEFAULT_LEASE_TABLE,
     JOB_TABLE,
+    RowsOrigin,
 )
 
 _V2_TYPES = {
@@ -51,6 +52,8 @@ def _quote(identifier: str) -> str:
 
 class SqliteSink:
     """Writes rows and checkpoints to one SQLite database file in a single transaction."""
+
+    writes_per_partition = False
 
     def __init__(
         self,
@@ -253,7 +256,9 @@ class SqliteSink:
                 "cannot begin a transaction", sink=self.description, reason=str(exc)
             ) from exc
 
-    def write_rows(self, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    def write_rows(
+        self, table: Table, rows: Sequence[Mapping[str, Any]], origin: RowsOrigin | None = None
+    ) -> None:
         if not rows:
             return
         sql = self._upsert_sql[table.name]

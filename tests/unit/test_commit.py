@@ -20,7 +20,7 @@ from consumer._commit import (
     commit_batch,
 )
 from consumer._decode import decoder_for
-from sinks import SqliteSink
+from sinks import RowsOrigin, SqliteSink
 from tests.fixtures.apps import EVENTS, event, events_app
 from tests.fixtures.fake_backend import raw
 from tests.fixtures.sqlite_db import checkpoints, table_rows
@@ -85,8 +85,10 @@ def test_a_partition_without_progress_gets_no_checkpoint(sink: SqliteSink, db: P
 
 
 class _FailingWrites(SqliteSink):
-    def write_rows(self, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
-        super().write_rows(table, rows)
+    def write_rows(
+        self, table: Table, rows: Sequence[Mapping[str, Any]], origin: RowsOrigin | None = None
+    ) -> None:
+        super().write_rows(table, rows, origin)
         raise SinkError("write failed after the rows went in (injected)")
 
 
