@@ -15,7 +15,7 @@ ColumnType = Literal["text", "bigint", "integer", "double", "boolean", "bytes", 
 COLUMN_TYPES: frozenset[str] = frozenset(
     ("text", "bigint", "integer", "double", "boolean", "bytes", "json")
 )
-DecodeName = Literal["json", "bytes", "utf8"]
+DecodeName = Literal["json", "bytes", "utf8", "avro", "avro-local"]
 
 _IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
 
@@ -131,15 +131,31 @@ class App:
 
     name: str
     tables: tuple[Table, ...]
-    decode: DecodeName = "json"
+    # How record values are decoded: one decoder for every topic, or one per topic (a topic
+    # not in the mapping is refused at start-up). `--decode TOPIC=NAME` overrides it.
+    decode: DecodeName | Mapping[str, DecodeName] = "json"
     processor: Processor | None = None
     state: StateSchema | None = None
+    # Avro: the schema (an .avsc path) records are read as, for every topic or per topic;
+    # records written with an older writer schema are resolved to it. `--reader-schema` overrides.
+    reader_schema: str | Mapping[str, str] | None = None
     _tables_by_name: dict[str, Table] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self._tables_by_name = {table.name: table for table in self.tables}
         if len(self._tables_by_name) != len(self.tables):
             raise ConfigError("table names must be unique", app=self.name)
+
+    def decode_for(self, topic: str) -> str | None:
+        """The decoder name this app declares for `topic` (None: the mapping omits the topic)."""
+        if isinstance(self.decode, str):
+            return self.decode
+        return self.decode.get(topic)
+
+    def reader_schema_for(self, topic: str) -> str | None:
+        if self.reader_schema is None or isinstance(self.reader_schema, str):
+            return self.reader_schema
+        return self.reader_schema.get(topic)
 
     def process(self, fn: Processor) -> Processor:
         """Decorator that registers the processor function."""

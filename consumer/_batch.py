@@ -1,22 +1,56 @@
 """Turning fetched records into per-partition work: decode, process, key the output rows.
 
-Pure logic, no I/O: the same rules serve every backend and every sink.
+Pure logic, no I/O (apart from the retry pauses of the bad-record policy): the same rules serve
+every backend and every sink.
+
+A record that fails to decode or whose processing raises is retried per `BadRecordPolicy`
+(count, capped exponential backoff). After the last attempt it either stops the partition
+(rows end before it, the checkpoint points at it) or becomes a `DeadLetter`: the partition goes
+on, and the engine writes the dead letter to its topic before it commits an offset past it.
+Errors that are not about the record (a schema registry outage, a misconfiguration) are never
+retried here nor dead-lettered: they propagate to the engine.
 """
 
 from __future__ import annotations
 
 import inspect
+import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
+
+import structlog
 
 from consumer._app import App, Table
 from consumer._decode import Decoder
-from consumer._errors import ConfigError, InvalidRecordError, RecordError
+from consumer._errors import ConfigError, InvalidRecordError, OffsetkeeperError, RecordError
 from consumer._records import RawRecord, Record, Row, TopicPartition
 from consumer._state import copy_state
 
+log = structlog.get_logger("offsetkeeper.batch")
+
 KeyedRow = tuple[Table, tuple[Any, ...], Mapping[str, Any]]
+BadRecordAction = Literal["stop", "dead-letter"]
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecordPolicy:
+    """What happens to a record that fails: `retries` more attempts (pausing `backoff_s`,
+    doubling up to `max_backoff_s`), then `action`."""
+
+    action: BadRecordAction = "stop"
+    retries: int = 0
+    backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record given up on: the untouched original, why it failed, and how often it was tried."""
+
+    record: RawRecord
+    error: RecordError
+    attempts: int
 
 
 @dataclass(slots=True)
@@ -34,6 +68,8 @@ class PartitionWork:
     state: Any = None
     # Kafka leader epoch of the last processed record, where the client reported it.
     leader_epoch: int | None = None
+    # Records given up on (policy "dead-letter"), in offset order; counted in `records`.
+    dead_letters: list[DeadLetter] = field(default_factory=list)
 
 
 def group_by_partition(records: Iterable[RawRecord]) -> dict[TopicPartition, list[RawRecord]]:
@@ -57,8 +93,10 @@ def process_partition(
     state: Any = None,
     *,
     resolve: Callable[[Any], Any] | None = None,
+    policy: BadRecordPolicy = BadRecordPolicy(),
+    sleep: Callable[[float], None] = time.sleep,
 ) -> PartitionWork:
-    """Run the app over one partition's records in order, stopping at the first bad record.
+    """Run the app over one partition's records in order (see the module docstring for bad ones).
 
     For a stateful app, `state` is the partition's state before these records; the processor
     works on a copy, and `PartitionWork.state` is the state after the last good record.
@@ -74,31 +112,71 @@ def process_partition(
     # Decided once per batch, not per record: the check is measurable at 100k records/s.
     is_async = inspect.iscoroutinefunction(processor)
     working = copy_state(state) if stateful else None
-    for index, raw in enumerate(records):
-        try:
-            record = _decoded(decode, raw)
-            produced = processor(record, working) if stateful else processor(record)
-            if is_async:
-                produced = _await(produced, resolve)
-            keyed = _keyed_rows(app, produced, raw)
-        except Exception as exc:  # a processor bug must stop the partition, named, never vanish
-            work.error = _located(exc, raw)
-            if stateful:
-                # The bad record may have half-changed the copy: rebuild the state of the good
-                # prefix from the untouched start (processors are deterministic).
-                working = copy_state(state)
-                for good in records[:index]:
-                    replayed = processor(_decoded(decode, good), working)
-                    if is_async:
-                        _await(replayed, resolve)
-                work.state = working
-            return work
-        work.rows.extend(keyed)
+    good: list[RawRecord] = []  # the records whose effects the state holds (for rebuilding it)
+    for raw in records:
+        attempt = 0
+        backoff = policy.backoff_s
+        while True:
+            attempt += 1
+            try:
+                record = _decoded(decode, raw)
+                produced = processor(record, working) if stateful else processor(record)
+                if is_async:
+                    produced = _await(produced, resolve)
+                keyed: list[KeyedRow] | None = _keyed_rows(app, produced, raw)
+                break
+            except Exception as exc:  # a processor bug must be handled by policy, never vanish
+                if isinstance(exc, OffsetkeeperError) and not isinstance(exc, RecordError):
+                    raise  # about the setup, not this record: the engine handles it
+                error = _located(exc, raw)
+                if stateful:
+                    # The failed attempt may have half-changed the copy: rebuild the state of
+                    # the good records from the untouched start (processors are deterministic).
+                    working = _rebuilt_state(processor, decode, state, good, is_async, resolve)
+                if attempt <= policy.retries:
+                    log.warning(
+                        "record_retry",
+                        topic=raw.topic,
+                        partition=raw.partition,
+                        offset=raw.offset,
+                        attempt=attempt,
+                        backoff_s=backoff,
+                        error=str(error),
+                    )
+                    sleep(backoff)
+                    backoff = min(backoff * 2, policy.max_backoff_s)
+                    continue
+                if policy.action == "stop":
+                    work.error = error
+                    work.state = working
+                    return work
+                work.dead_letters.append(DeadLetter(record=raw, error=error, attempts=attempt))
+                keyed = None
+                break
+        if keyed is not None:
+            work.rows.extend(keyed)
+            good.append(raw)
         work.records += 1
         work.next_offset = raw.offset + 1
         work.leader_epoch = raw.leader_epoch
     work.state = working
     return work
+
+
+def _rebuilt_state(  # noqa: PLR0917 - private helper; the call site names what it passes
+    processor: Any,
+    decode: Decoder,
+    start: Any,
+    good: Sequence[RawRecord],
+    is_async: bool,
+    resolve: Callable[[Any], Any] | None,
+) -> Any:
+    state = copy_state(start)
+    for raw in good:
+        replayed = processor(_decoded(decode, raw), state)
+        if is_async:
+            _await(replayed, resolve)
+    return state
 
 
 def _await(awaitable: Any, resolve: Callable[[Any], Any] | None) -> Any:
@@ -139,7 +217,10 @@ def _keyed_rows(app: App, produced: Row | Iterable[Row] | None, raw: RawRecord) 
     rows = [produced] if isinstance(produced, Row) else list(produced)
     keyed: list[KeyedRow] = []
     for index, row in enumerate(rows):
-        table = app.table(row.table)
+        try:
+            table = app.table(row.table)
+        except ConfigError as exc:  # the processor's bug, shown on the record that hit it
+            raise InvalidRecordError(exc.message, **exc.context) from None
         values = row.values
         if table.mode == "append":
             values = {

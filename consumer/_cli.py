@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import structlog
 
 from consumer._cli_checkpoint import add_checkpoint_parser
+from consumer._cli_dlq import add_dlq_parser
 from consumer._cli_replay import add_replay_parser
 from consumer._cli_run import add_run_parser
 from consumer._engine import EXIT_FAILED
@@ -26,6 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_run_parser(commands)
     add_checkpoint_parser(commands)
     add_replay_parser(commands)
+    add_dlq_parser(commands)
     return parser
 
 

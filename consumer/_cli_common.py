@@ -7,6 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from consumer._config import DecodingSettings
+from consumer._topic_decoders import DecodeSettings
+
 COMMON_SETTINGS = ("bootstrap_servers", "sink", "kafka_config", "log_level", "log_format")
 
 
@@ -36,10 +39,53 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-format", choices=["auto", "json", "console"])
 
 
+DECODING_SETTINGS = ("decode", "reader_schema", "schema_registry_url", "schema_dir")
+
+# Settings given as repeatable KEY=VALUE flags, gathered into a dict.
+_PAIR_SETTINGS = ("kafka_config", "decode", "reader_schema")
+
+
+def add_decoding_arguments(parser: argparse.ArgumentParser) -> None:
+    decoding = parser.add_argument_group("decoding (README: Decoding)")
+    decoding.add_argument(
+        "--decode",
+        action="append",
+        type=_key_value,
+        metavar="TOPIC=NAME",
+        help="decoder for a topic, overriding the app: json, utf8, bytes, avro, avro-local "
+        "(repeatable)",
+    )
+    decoding.add_argument(
+        "--reader-schema",
+        dest="reader_schema",
+        action="append",
+        type=_key_value,
+        metavar="TOPIC=FILE.avsc",
+        help="Avro schema to read a topic's records as (schema evolution; repeatable)",
+    )
+    decoding.add_argument(
+        "--schema-registry-url", metavar="URL", help="schema registry for the avro decoder"
+    )
+    decoding.add_argument(
+        "--schema-dir", metavar="DIR", help="writer schemas for avro-local (default schemas)"
+    )
+
+
 def cli_values(args: argparse.Namespace, names: Sequence[str]) -> dict[str, Any]:
     """The given flags as settings values (None for a flag not given)."""
     values = {name: getattr(args, name, None) for name in names}
-    pairs = values.get("kafka_config")
-    if pairs is not None:
-        values["kafka_config"] = dict(pairs)
+    for name in _PAIR_SETTINGS:
+        pairs = values.get(name)
+        if pairs is not None:
+            values[name] = dict(pairs)
     return values
+
+
+def decode_settings(settings: DecodingSettings) -> DecodeSettings:
+    registry = settings.schema_registry_url
+    return DecodeSettings(
+        schema_registry_url=None if registry is None else registry.get_secret_value(),
+        schema_dir=settings.schema_dir,
+        decode=settings.decode,
+        reader_schema=settings.reader_schema,
+    )

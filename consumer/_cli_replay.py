@@ -12,7 +12,14 @@ import structlog
 
 from consumer._app import load_app
 from consumer._backend import PartitionReader
-from consumer._cli_common import COMMON_SETTINGS, add_common_arguments, cli_values
+from consumer._cli_common import (
+    COMMON_SETTINGS,
+    DECODING_SETTINGS,
+    add_common_arguments,
+    add_decoding_arguments,
+    cli_values,
+    decode_settings,
+)
 from consumer._config import ReplaySettings, load_settings
 from consumer._confluent import ConfluentReader
 from consumer._errors import ConfigError
@@ -27,6 +34,7 @@ from consumer._replay import (
     resolve_plan,
     run_replay,
 )
+from consumer._topic_decoders import TopicDecoders
 from sinks import Sink, open_sink
 
 log = structlog.get_logger("offsetkeeper.cli")
@@ -42,6 +50,7 @@ def add_replay_parser(commands: Any) -> None:
         help="replay a range of a topic into the sink; the live group is untouched",
     )
     add_common_arguments(replay)
+    add_decoding_arguments(replay)
     replay.add_argument("--app", help="the app to run, MODULE:ATTR")
     replay.add_argument("--topic", help="the topic to replay")
     replay.add_argument(
@@ -112,6 +121,7 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
                 "job_id",
                 "batch_max_records",
                 "backend",
+                *DECODING_SETTINGS,
             ),
         ),
         args.config,
@@ -125,6 +135,8 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
         to_timestamp=args.to_timestamp,
     )
     app = load_app(settings.app)
+    decoders = TopicDecoders(app, decode_settings(settings))
+    decoders.check([settings.topic])  # a bad decoder setting fails before anything is read
     fingerprint = request_fingerprint(settings.topic, settings.partitions, settings.app, request)
     job_id = settings.job_id or default_job_id(fingerprint)
     sink = open_sink(settings.sink.get_secret_value())
@@ -177,6 +189,7 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
             batch_max_records=settings.batch_max_records,
             poll_timeout_s=settings.poll_timeout_s,
             should_stop=lambda: bool(interrupted),
+            decoders=decoders,
         )
     finally:
         reader.close()

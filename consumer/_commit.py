@@ -29,11 +29,14 @@ from consumer._state import encode_state
 from sinks import RowsOrigin, Sink
 
 # Fault injection for the crash tests: the engine reads it once at start-up, never at import.
-# Values: "after-rows" (outputs written, no COMMIT yet) or "after-commit" (COMMIT done, no
-# advisory Kafka commit yet). OFFSETKEEPER_TEST_CRASH_AFTER_BATCHES picks which batch (default 1).
+# Values: "after-rows" (outputs written, no COMMIT yet), "after-commit" (COMMIT done, no
+# advisory Kafka commit yet) or "after-dead-letters" (the batch's dead letters acknowledged by
+# the broker, nothing committed yet). OFFSETKEEPER_TEST_CRASH_AFTER_BATCHES picks which batch
+# (default 1).
 CRASH_POINT_ENV = "OFFSETKEEPER_TEST_CRASH_POINT"
 CRASH_AFTER_ENV = "OFFSETKEEPER_TEST_CRASH_AFTER_BATCHES"
-CRASH_POINTS = frozenset({"after-rows", "after-commit"})
+# "file-after-data": inside the file sink's commit, data files renamed, checkpoint not yet.
+CRASH_POINTS = frozenset({"after-rows", "after-commit", "after-dead-letters", "file-after-data"})
 
 
 @dataclass(slots=True)

@@ -35,7 +35,20 @@ class CommonSettings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = "auto"
 
 
-class RunSettings(CommonSettings):
+class DecodingSettings(CommonSettings):
+    """How record values are decoded (the app's declaration, overridden per topic here)."""
+
+    # Per topic, overriding the app: decoder names (json, utf8, bytes, avro, avro-local) and
+    # Avro reader schema files (.avsc).
+    decode: dict[str, str] = Field(default_factory=dict)
+    reader_schema: dict[str, str] = Field(default_factory=dict)
+    # Decoder "avro": a Confluent-compatible schema registry (may carry user:password@).
+    schema_registry_url: SecretStr | None = None
+    # Decoder "avro-local": the directory of writer schema files (*.avsc).
+    schema_dir: str = "schemas"
+
+
+class RunSettings(DecodingSettings):
     """`offsetkeeper run`."""
 
     app: str
@@ -57,6 +70,13 @@ class RunSettings(CommonSettings):
     lag_interval_s: float = Field(default=10.0, gt=0)
     readiness_timeout_s: float = Field(default=30.0, gt=0)
     liveness_timeout_s: float = Field(default=120.0, gt=0)
+    # Bad records (README "Bad records"): retried, then they stop their partition or go to the
+    # dead-letter topic ({group} and {topic} are filled in).
+    on_bad_record: Literal["stop", "dead-letter"] = "stop"
+    dead_letter_topic: str = "{group}.dlq"
+    bad_record_retries: int = Field(default=2, ge=0, le=100)
+    bad_record_backoff_s: float = Field(default=0.2, ge=0)
+    bad_record_max_backoff_s: float = Field(default=5.0, ge=0)
 
     @field_validator("topics", mode="before")
     @classmethod
@@ -80,7 +100,15 @@ class CheckpointSettings(CommonSettings):
     group: str
 
 
-class ReplaySettings(CommonSettings):
+class DeadLetterSettings(DecodingSettings):
+    """`offsetkeeper dlq show|replay`."""
+
+    dead_letter_topic: str
+    # `dlq replay --to pipeline`: the app whose processor re-handles the records.
+    app: str | None = None
+
+
+class ReplaySettings(DecodingSettings):
     """`offsetkeeper replay` (the range itself is given by flags, per invocation)."""
 
     app: str
@@ -132,6 +160,7 @@ _ALL_FIELDS = (
     set(RunSettings.model_fields)
     | set(CheckpointSettings.model_fields)
     | set(ReplaySettings.model_fields)
+    | set(DeadLetterSettings.model_fields)
 )
 
 

@@ -11,21 +11,30 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
 import structlog
 
 from consumer._app import App
 from consumer._backend import ClientBackend, StartPosition
-from consumer._batch import PartitionWork, group_by_partition, process_partition
+from consumer._batch import BadRecordPolicy, PartitionWork, group_by_partition, process_partition
 from consumer._checkpoint import Checkpoint
 from consumer._commit import CrashInjector, commit_batch
-from consumer._decode import decoder_for
-from consumer._errors import CheckpointError, FencedError, KafkaError, RecordError, SinkError
+from consumer._dead_letters import DeadLetterWriter
+from consumer._errors import (
+    CheckpointError,
+    ConfigError,
+    FencedError,
+    KafkaError,
+    RecordError,
+    SchemaRegistryError,
+    SinkError,
+)
 from consumer._observer import EngineObserver, NullObserver
 from consumer._records import RawRecord, TopicPartition
 from consumer._state import load_state
+from consumer._topic_decoders import TopicDecoders
 from sinks import GroupBoundSink, Sink
 
 log = structlog.get_logger("offsetkeeper.engine")
@@ -55,6 +64,8 @@ class EngineSettings:
     # How long sink failures are retried (capped exponential backoff) before giving up.
     sink_retry_deadline_s: float = 120.0
     sink_retry_max_backoff_s: float = 5.0
+    # A record that fails: retried, then it stops its partition or becomes a dead letter.
+    bad_records: BadRecordPolicy = field(default_factory=BadRecordPolicy)
 
 
 @dataclass(slots=True)
@@ -80,12 +91,17 @@ class Engine:
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
         observer: EngineObserver | None = None,
+        decoders: TopicDecoders | None = None,
+        dead_letters: DeadLetterWriter | None = None,
     ) -> None:
         self._app = app
         self._settings = settings
         self._backend = backend
         self._sink = sink
-        self._decode = decoder_for(app.decode)
+        self._decoders = decoders or TopicDecoders(app)
+        self._dead_letters = dead_letters
+        if settings.bad_records.action == "dead-letter" and dead_letters is None:
+            raise ConfigError("the dead-letter policy needs a dead-letter topic writer")
         self._clock = clock
         self._sleep = sleep
         self._owned: dict[TopicPartition, _Owned] = {}
@@ -141,6 +157,14 @@ class Engine:
     def start(self) -> None:
         """Open the sink (creating its tables) before the driver subscribes. A sink that is not
         up yet, or DDL that lost a deadlock to a running member, is retried like any sink call."""
+        self._decoders.check(self._settings.topics)
+        if self._dead_letters is not None:
+            dead_letters = self._dead_letters
+            self._with_retry(
+                "prepare_dead_letters",
+                lambda: dead_letters.prepare(self._settings.topics),
+                retry_on=(KafkaError,),
+            )
         if isinstance(self._sink, GroupBoundSink):
             # Its transaction commits the offsets to Kafka: no advisory commit after it.
             self._sink.bind_group_metadata(self._backend.group_metadata)
@@ -203,12 +227,42 @@ class Engine:
             if not fresh:
                 continue
             self._observer.records_fetched(tp, len(fresh))
-            work = process_partition(
-                self._app, self._decode, tp, fresh, owned.state, resolve=self.resolve_awaitable
-            )
-            works.append(work)
+            works.append(self._process(tp, fresh, owned.state))
         if works:
+            self._write_dead_letters(works)
             self._commit(works)
+
+    def _process(
+        self, tp: TopicPartition, records: Sequence[RawRecord], state: Any
+    ) -> PartitionWork:
+        """Process one partition's records; a schema registry outage is waited out (to the sink
+        retry deadline), not blamed on the records."""
+        decode = self._decoders.for_topic(tp.topic)
+        return self._with_retry(
+            "decode",
+            lambda: process_partition(
+                self._app,
+                decode,
+                tp,
+                records,
+                state,
+                resolve=self.resolve_awaitable,
+                policy=self._settings.bad_records,
+                sleep=self._sleep,
+            ),
+            retry_on=(SchemaRegistryError,),
+        )
+
+    def _write_dead_letters(self, works: Sequence[PartitionWork]) -> None:
+        """Step 0 of the commit: every dead letter acknowledged before any offset past it."""
+        letters = [letter for work in works for letter in work.dead_letters]
+        if not letters:
+            return
+        writer = self._dead_letters
+        if writer is None:  # process_partition makes letters only under the dead-letter policy
+            raise ConfigError("dead letters without a dead-letter topic writer")
+        self._with_retry("dead_letters", lambda: writer.write(letters), retry_on=(KafkaError,))
+        self._crash.at("after-dead-letters")
 
     def _commit(self, works: list[PartitionWork]) -> None:
         while works:
@@ -286,6 +340,19 @@ class Engine:
 
     def _with_sink_retry(self, what: str, action: Callable[[], T]) -> T:
         """Run `action`, retrying SinkError (not FencedError) with capped backoff to a deadline."""
+        return self._with_retry(what, action, retry_on=(SinkError,))
+
+    def _with_retry(
+        self,
+        what: str,
+        action: Callable[[], T],
+        *,
+        retry_on: tuple[type[Exception], ...],
+    ) -> T:
+        """Run `action`, retrying `retry_on` errors (never FencedError) with capped exponential
+        backoff until the sink retry deadline. Logs `<kind>_retry` and `<kind>_gave_up`, where
+        kind is "sink" for sink calls and `what` otherwise."""
+        kind = "sink" if SinkError in retry_on else what
         deadline = self._clock() + self._settings.sink_retry_deadline_s
         backoff = 0.1
         attempt = 0
@@ -296,20 +363,22 @@ class Engine:
                 result = action()
             except FencedError:
                 raise
-            except SinkError as exc:
-                self._observer.sink_failed(what, exc)
+            except retry_on as exc:
+                if isinstance(exc, SinkError):
+                    self._observer.sink_failed(what, exc)
                 if self._clock() + backoff > deadline:
                     log.error(  # noqa: TRY400 - the caller reports the error; no traceback twice
-                        "sink_gave_up", action=what, attempts=attempt, error=str(exc)
+                        f"{kind}_gave_up", action=what, attempts=attempt, error=str(exc)
                     )
                     raise
                 log.warning(
-                    "sink_retry", action=what, attempt=attempt, backoff_s=backoff, error=str(exc)
+                    f"{kind}_retry", action=what, attempt=attempt, backoff_s=backoff, error=str(exc)
                 )
                 self._sleep(backoff)
                 backoff = min(backoff * 2, self._settings.sink_retry_max_backoff_s)
             else:
-                self._observer.sink_succeeded(what, self._clock() - began)
+                if SinkError in retry_on:
+                    self._observer.sink_succeeded(what, self._clock() - began)
                 return result
 
     # -- idleness ------------------------------------------------------------------------------

@@ -139,7 +139,7 @@ class Metrics:
         self.bad_records = Counter(
             "offsetkeeper_bad_records",
             "Records that could not be decoded or processed, by outcome: 'stopped' halts the "
-            "partition at the record.",
+            "partition at the record; 'dead_lettered' went to the dead-letter topic.",
             (*_TP, "error_type", "outcome"),
             registry=r,
         )

@@ -25,10 +25,10 @@ from consumer._app import App
 from consumer._backend import PartitionReader
 from consumer._batch import PartitionWork, group_by_partition, process_partition
 from consumer._commit import CrashInjector, commit_batch
-from consumer._decode import decoder_for
 from consumer._errors import ConfigError, FencedError, RecordError
 from consumer._records import RawRecord, TopicPartition
 from consumer._state import load_state
+from consumer._topic_decoders import TopicDecoders
 from sinks import Sink
 
 log = structlog.get_logger("offsetkeeper.replay")
@@ -351,9 +351,10 @@ def run_replay(
     poll_timeout_s: float = 0.5,
     progress: Progress | None = None,
     should_stop: Callable[[], bool] = lambda: False,
+    decoders: TopicDecoders | None = None,
 ) -> ReplaySummary:
     """Read every planned range to its end, committing rows and the job checkpoint together."""
-    return _ReplayRun(app, reader, sink, plan).run(
+    return _ReplayRun(app, reader, sink, plan, decoders or TopicDecoders(app)).run(
         batch_max_records=batch_max_records,
         poll_timeout_s=poll_timeout_s,
         progress=progress,
@@ -362,7 +363,14 @@ def run_replay(
 
 
 class _ReplayRun:
-    def __init__(self, app: App, reader: PartitionReader, sink: Sink, plan: ReplayPlan) -> None:
+    def __init__(
+        self,
+        app: App,
+        reader: PartitionReader,
+        sink: Sink,
+        plan: ReplayPlan,
+        decoders: TopicDecoders,
+    ) -> None:
         self._app = app
         self._reader = reader
         self._sink = sink
@@ -374,7 +382,7 @@ class _ReplayRun:
         self._states: dict[TopicPartition, Any] = {}
         self._remaining: set[TopicPartition] = set()
         self._stopped: dict[int, RecordError] = {}
-        self._decode = decoder_for(app.decode)
+        self._decode = decoders.for_topic(plan.topic)
         self._crash = CrashInjector.from_environment()
 
     def run(

@@ -53,6 +53,14 @@ class Telemetry:
         self.metrics.consumed(partition).inc(records)
 
     def batch_committed(self, works: Sequence[PartitionWork], committed: CommittedBatch) -> None:
+        for work in works:
+            for letter in work.dead_letters:
+                self.metrics.bad_records.labels(
+                    work.partition.topic,
+                    str(work.partition.partition),
+                    type(letter.error).__name__,
+                    "dead_lettered",
+                ).inc()
         m = self.metrics
         m.batches_committed.inc()
         m.batch_records.observe(committed.records)

@@ -14,14 +14,19 @@ from consumer import (
     App,
     Checkpoint,
     CheckpointError,
+    ConfigError,
     DecodeError,
     FencedError,
     InvalidRecordError,
+    KafkaError,
+    Record,
     Row,
     SinkError,
     Table,
     TopicPartition,
 )
+from consumer._batch import BadRecordPolicy, DeadLetter
+from consumer._dead_letters import DeadLetterWriter
 from consumer._engine import EXIT_OK, EXIT_PARTITIONS_STOPPED, Engine, EngineSettings, ResetPolicy
 from sinks import SqliteSink
 from tests.fixtures.apps import EVENTS, event, events_app
@@ -84,6 +89,8 @@ def make(tmp_path: Path) -> Make:
         sink: SqliteSink | None = None,
         on_commit_advisory: Callable[[Mapping[TopicPartition, int]], None] | None = None,
         sink_retry_deadline_s: float = 120.0,
+        bad_records: BadRecordPolicy | None = None,
+        dead_letters: DeadLetterWriter | None = None,
     ) -> Harness:
         db = tmp_path / "engine.db"
         clock = FakeClock()
@@ -100,11 +107,13 @@ def make(tmp_path: Path) -> Make:
                 poll_timeout_s=0.5,
                 stop_when_idle_s=stop_when_idle_s,
                 sink_retry_deadline_s=sink_retry_deadline_s,
+                bad_records=bad_records or BadRecordPolicy(),
             ),
             backend,
             real_sink,
             clock=clock.now,
             sleep=clock.sleep,
+            dead_letters=dead_letters,
         )
         return Harness(db, clock, backend, real_sink, engine, seen)
 
@@ -701,3 +710,149 @@ def test_an_engine_with_a_json_column_table_writes_decoded_values(tmp_path: Path
     assert table_rows(tmp_path / "docs.db", "docs", order_by="id") == [
         {"id": "d1", "body": '{"id": "d1", "nested": {"x": [1, 2]}}'}
     ]
+
+
+# -- bad records: retries, dead letters -----------------------------------------------------------
+
+
+@dataclass
+class RecordingDeadLetters:
+    """A DeadLetterWriter that keeps the letters, and what the sink had committed when each
+    arrived (so a test can see that letters are written before the offset past them)."""
+
+    db: Path
+    letters: list[DeadLetter] = field(default_factory=list)
+    checkpoints_at_write: list[dict[int, int]] = field(default_factory=list)
+    failures_left: int = 0
+    prepared: list[str] = field(default_factory=list)
+
+    def topic_for(self, source_topic: str) -> str:
+        return f"{GROUP}.dlq"
+
+    def prepare(self, source_topics: Sequence[str]) -> None:
+        self.prepared.extend(source_topics)
+
+    def write(self, letters: Sequence[DeadLetter]) -> None:
+        if self.failures_left:
+            self.failures_left -= 1
+            raise KafkaError("broker did not acknowledge (injected)", retriable=True)
+        self.checkpoints_at_write.append(
+            {p: o for (t, p), o in checkpoints(self.db, GROUP).items() if t == TOPIC}
+            if self.db.exists()
+            else {}
+        )
+        self.letters.extend(letters)
+
+    def close(self) -> None:
+        pass
+
+
+DEAD_LETTER = BadRecordPolicy(action="dead-letter", retries=2, backoff_s=0.5, max_backoff_s=0.8)
+
+
+def test_dead_lettered_records_are_written_before_the_offset_past_them_commits(
+    make: Make, tmp_path: Path, log_events: list[dict[str, Any]]
+) -> None:
+    letters = RecordingDeadLetters(tmp_path / "engine.db")
+    h = make([Assign([P0, P1])], bad_records=DEAD_LETTER, dead_letters=letters)
+    h.backend.append(P0, event("a", 1), b'{"id": "broken", ', event("c", 3))
+    h.backend.append(P0, {"fail": "crash"}, event("e", 5))
+    h.backend.append(P1, event("x", 1), {"fail": "invalid"})
+
+    assert h.run() == EXIT_OK
+
+    assert h.rows() == [
+        _row("a", 1, 0, 0),
+        _row("c", 3, 0, 2),
+        _row("e", 5, 0, 4),
+        _row("x", 1, 1, 0),
+    ]
+    assert h.checkpoints() == {0: 5, 1: 2}, "the partitions went on past their bad records"
+    assert [(d.record.partition, d.record.offset) for d in letters.letters] == [
+        (0, 1),
+        (0, 3),
+        (1, 1),
+    ]
+    assert [type(d.error).__name__ for d in letters.letters] == [
+        "DecodeError",
+        "RecordError",
+        "InvalidRecordError",
+    ]
+    assert all(d.attempts == 3 for d in letters.letters), "first attempt plus two retries"
+    assert letters.letters[0].record.value == b'{"id": "broken", ', "original bytes untouched"
+    assert letters.checkpoints_at_write == [{}], "written before the batch's commit"
+    assert letters.prepared == [TOPIC]
+    # Each bad record paused 0.5 then 0.8 (capped) seconds between its three attempts.
+    assert h.clock.sleeps.count(0.5) >= 3
+    assert h.clock.sleeps.count(0.8) >= 3
+    assert len(_events(log_events, "record_retry")) == 6
+    assert not h.engine.stopped_partitions
+
+
+def test_a_record_that_succeeds_on_a_retry_is_not_a_dead_letter(make: Make, tmp_path: Path) -> None:
+    letters = RecordingDeadLetters(tmp_path / "engine.db")
+    attempts: dict[int, int] = {}
+    h = make([Assign([P0])], bad_records=DEAD_LETTER, dead_letters=letters)
+    app_processor = h.engine._app.processor
+    assert app_processor is not None
+
+    def flaky(record: Record) -> Any:
+        attempts[record.offset] = attempts.get(record.offset, 0) + 1
+        if record.offset == 1 and attempts[1] < 3:
+            raise ConnectionError("downstream lookup timed out")
+        return app_processor(record)  # type: ignore[call-arg]
+
+    h.engine._app.processor = flaky
+    h.backend.append(P0, event("a", 1), event("b", 2))
+
+    assert h.run() == EXIT_OK
+    assert h.rows() == [_row("a", 1, 0, 0), _row("b", 2, 0, 1)]
+    assert attempts == {0: 1, 1: 3}
+    assert letters.letters == []
+
+
+def test_under_the_stop_policy_retries_come_first_then_the_partition_stops(make: Make) -> None:
+    h = make([Assign([P0])], bad_records=BadRecordPolicy(retries=1, backoff_s=0.25))
+    h.backend.append(P0, event("a", 1), {"fail": "invalid"}, event("c", 3))
+
+    assert h.run() == EXIT_PARTITIONS_STOPPED
+    assert h.rows() == [_row("a", 1, 0, 0)]
+    assert h.checkpoints() == {0: 1}
+    assert [o for p, o in h.seen if o == 1] == [1, 1], "tried twice"
+    assert 0.25 in h.clock.sleeps
+
+
+def test_dead_letters_the_broker_does_not_acknowledge_are_retried_and_nothing_commits_before(
+    make: Make, tmp_path: Path, log_events: list[dict[str, Any]]
+) -> None:
+    letters = RecordingDeadLetters(tmp_path / "engine.db", failures_left=2)
+    h = make([Assign([P0])], bad_records=DEAD_LETTER, dead_letters=letters)
+    h.backend.append(P0, event("a", 1), {"fail": "invalid"})
+
+    assert h.run() == EXIT_OK
+    assert [e["attempt"] for e in _events(log_events, "dead_letters_retry")] == [1, 2]
+    assert letters.checkpoints_at_write == [{}]
+    assert h.checkpoints() == {0: 2}
+
+
+def test_dead_letters_that_never_get_through_end_the_run_with_nothing_committed(
+    make: Make, tmp_path: Path
+) -> None:
+    letters = RecordingDeadLetters(tmp_path / "engine.db", failures_left=10_000)
+    h = make(
+        [Assign([P0])],
+        bad_records=DEAD_LETTER,
+        dead_letters=letters,
+        sink_retry_deadline_s=5.0,
+    )
+    h.backend.append(P0, event("a", 1), {"fail": "invalid"})
+
+    with pytest.raises(KafkaError, match="did not acknowledge"):
+        h.run()
+    assert h.checkpoints() == {}
+    assert h.rows() == []
+
+
+def test_the_dead_letter_policy_needs_a_writer(make: Make) -> None:
+    with pytest.raises(ConfigError, match="dead-letter"):
+        make([Assign([P0])], bad_records=DEAD_LETTER)
