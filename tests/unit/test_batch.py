@@ -14,11 +14,19 @@ from consumer import (
     Record,
     RecordError,
     Row,
+    StateSchema,
     Table,
     TopicPartition,
 )
-from consumer._batch import PartitionWork, group_by_partition, merge_rows, process_partition
+from consumer._batch import (
+    BadRecordPolicy,
+    PartitionWork,
+    group_by_partition,
+    merge_rows,
+    process_partition,
+)
 from consumer._decode import decoder_for
+from consumer._errors import SchemaRegistryError
 from tests.fixtures.apps import EVENTS, event, events_app
 from tests.fixtures.fake_backend import raw
 
@@ -352,3 +360,99 @@ def test_merge_rows_of_works_without_rows_is_empty() -> None:
 def test_process_partition_without_a_processor_is_refused() -> None:
     with pytest.raises(InvalidRecordError, match="no processor"):
         process_partition(App(name="empty", tables=(EVENTS,)), JSON, TP0, _records(TP0, [{}]))
+
+
+# -- the bad-record policy ------------------------------------------------------------------------
+
+
+def _counting_app(state: bool = False) -> App:
+    """Sums amounts per id in the state (when stateful); 'fail' records half-change the state
+    and then raise, like a processor bug in the middle of its work."""
+    totals = Table(name="totals", columns={"id": "text", "total": "bigint"}, key=("id",))
+    app = App(
+        name="counting",
+        tables=(totals,),
+        state=StateSchema(version=1) if state else None,
+    )
+
+    def count(record: Record, totals_state: Any = None) -> Row:
+        value = record.value
+        if totals_state is not None:
+            totals_state[value["id"]] = totals_state.get(value["id"], 0) + value["amount"]
+        if value.get("fail"):
+            raise ValueError("boom after changing the state")
+        total = totals_state[value["id"]] if totals_state is not None else value["amount"]
+        return Row("totals", {"id": value["id"], "total": total})
+
+    app.process(count)
+    return app
+
+
+def test_a_dead_lettered_record_lets_the_partition_go_on_and_keeps_its_original_bytes() -> None:
+    app = _counting_app()
+    records = _records(TP0, [event("a", 1), b"{not json", event("b", 2)], first_offset=10)
+    policy = BadRecordPolicy(action="dead-letter")
+
+    work = process_partition(app, JSON, TP0, records, policy=policy)
+
+    assert work.error is None
+    assert (work.first_offset, work.next_offset, work.records) == (10, 13, 3)
+    assert [key for _t, key, _v in work.rows] == [("a",), ("b",)]
+    assert [letter.record for letter in work.dead_letters] == [records[1]]
+    letter = work.dead_letters[0]
+    assert isinstance(letter.error, DecodeError)
+    assert (letter.error.topic, letter.error.partition, letter.error.offset) == ("events", 0, 11)
+    assert letter.attempts == 1
+
+
+def test_retries_pause_with_capped_doubling_backoff_before_the_policy_applies() -> None:
+    pauses: list[float] = []
+    policy = BadRecordPolicy(action="dead-letter", retries=4, backoff_s=1.0, max_backoff_s=3.0)
+
+    work = process_partition(
+        _counting_app(),
+        JSON,
+        TP0,
+        _records(TP0, [{"id": "x", "amount": 1, "fail": True}]),
+        policy=policy,
+        sleep=pauses.append,
+    )
+
+    assert pauses == [1.0, 2.0, 3.0, 3.0]
+    assert work.dead_letters[0].attempts == 5
+
+
+def test_a_dead_lettered_record_leaves_no_trace_in_the_state() -> None:
+    app = _counting_app(state=True)
+    records = _records(
+        TP0,
+        [event("a", 1), {"id": "a", "amount": 100, "fail": True}, event("a", 2)],
+    )
+
+    work = process_partition(
+        app,
+        JSON,
+        TP0,
+        records,
+        {"a": 10},
+        policy=BadRecordPolicy(action="dead-letter", retries=2),
+        sleep=lambda _s: None,
+    )
+
+    assert work.state == {"a": 13}, "the failed attempts' +100 is gone"
+    assert [values["total"] for _t, _k, values in work.rows] == [11, 13]
+    assert len(work.dead_letters) == 1
+
+
+def test_errors_about_the_setup_are_not_blamed_on_a_record() -> None:
+    def unreachable(_value: bytes | None) -> Any:
+        raise SchemaRegistryError("schema registry unreachable", url="http://127.0.0.1:1")
+
+    with pytest.raises(SchemaRegistryError):
+        process_partition(
+            _counting_app(),
+            unreachable,
+            TP0,
+            _records(TP0, [event("a", 1)]),
+            policy=BadRecordPolicy(action="dead-letter", retries=3),
+        )
