@@ -28,7 +28,8 @@ def _row(record: Record) -> Row:
         "poison_orders",
         {
             "order_id": order["order_id"],
-            "amount": order["amount"],
+            # JSON orders carry "amount"; the Avro example orders carry "amount_cents".
+            "amount": order["amount"] if "amount" in order else order["amount_cents"],
             "currency": order.get("currency"),
         },
     )

@@ -22,7 +22,7 @@ from consumer._dead_letters import (
 )
 from tests.fixtures.dead_letters import Message, offsetkeeper, read_topic
 from tests.fixtures.kafka_tools import create_topic, end_offsets, partition_contents, unique_name
-from tests.fixtures.processes import ConsumerProcess, run_args
+from tests.fixtures.processes import REPO, ConsumerProcess, run_args, wait_until
 from tests.fixtures.services import Service
 from tests.integration.conftest import sqlite_checkpoints, sqlite_rows
 
@@ -262,3 +262,94 @@ def test_dead_letters_are_re_driven_once_into_the_pipeline_and_into_their_source
         (partition, key, value) for (partition, _offset), (key, value) in poison.items()
     ), "each original back in its own partition, bytes untouched, once"
     assert all(not name.startswith("offsetkeeper.dlq.") for m in copies for name in m.headers)
+
+
+def test_avro_with_evolution_bad_frames_and_a_registry_outage(
+    kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]
+) -> None:
+    """v1 and v2 records interleaved, read as v2 (defaults applied); a bad magic byte, an
+    unknown schema id and a truncated body are dead-lettered; a registry answering 503 at
+    start-up is waited out, and dead-letters nothing."""
+    from consumer._avro import encode_confluent  # noqa: PLC0415
+    from tests.fixtures.kafka_tools import produce  # noqa: PLC0415
+    from tests.fixtures.schema_registry import FakeSchemaRegistry  # noqa: PLC0415
+
+    v1 = json.loads((REPO / "schemas/examples/orders-v1.avsc").read_text())
+    v2 = json.loads((REPO / "schemas/examples/orders-v2.avsc").read_text())
+    topic, group = unique_name("avro-poison"), unique_name("avro-poison")
+    create_topic(kafka.address, topic, 2)
+    with FakeSchemaRegistry() as registry:
+        id1 = registry.register(f"{topic}-value", v1)
+        id2 = registry.register(f"{topic}-value", v2)
+
+        def order(i: int, schema_id: int) -> bytes:
+            base = {"order_id": f"o{i}", "customer": "c", "amount_cents": i, "status": "paid"}
+            if schema_id == id1:
+                return encode_confluent(v1, id1, {**base, "coupon": None})
+            return encode_confluent(v2, id2, {**base, "currency": "USD"})
+
+        messages: list[tuple[bytes | None, bytes | None]] = [
+            (f"k{i}".encode(), order(i, id1 if i % 2 else id2)) for i in range(30)
+        ]
+        good = list(messages)
+        bad = [
+            (b"bad-magic", b"\x01" + order(100, id2)[1:]),
+            (
+                b"unknown-id",
+                encode_confluent(
+                    v2,
+                    999,
+                    {
+                        "order_id": "o101",
+                        "customer": "c",
+                        "amount_cents": 1,
+                        "status": "s",
+                        "currency": "EUR",
+                    },
+                ),
+            ),
+            (b"truncated", order(102, id1)[:-4]),
+            (POISON, order(103, id2)),
+        ]
+        for position, message in zip((3, 11, 17, 24), bad, strict=True):
+            messages.insert(position, message)
+        produce(kafka.address, topic, messages)
+
+        registry.fail_with(503)
+        db = tmp_path / "avro.db"
+        process = ConsumerProcess(
+            run_args("tests.apps.poison:app", kafka.address, group, topic, f"sqlite:///{db}")
+            + list(DEAD_LETTER_FLAGS)
+            + [
+                "--decode",
+                f"{topic}=avro",
+                "--schema-registry-url",
+                registry.url,
+                "--reader-schema",
+                f"{topic}={REPO / 'schemas/examples/orders-v2.avsc'}",
+            ],
+            tmp_path / "avro.log",
+        )
+        consumers.append(process)
+        wait_until(
+            lambda: any(e.get("event") == "decode_retry" for e in process.events()),
+            timeout=60,
+            what="the consumer to wait out the registry outage",
+        )
+        registry.fail_with(None)
+        assert process.wait(timeout=120) == 0, process.log_path.read_text()[-3000:]
+
+    rows = sqlite_rows(db, "SELECT order_id, amount, currency FROM poison_orders ORDER BY order_id")
+    expected = sorted((f"o{i}", float(i), "EUR" if i % 2 else "USD") for i in range(30))
+    assert sorted(rows) == expected, "v1 records read as v2 get the default currency"
+    assert len(good) == 30
+    letters = read_topic(kafka.address, f"{group}.dlq")
+    by_key = {m.key: m for m in letters}
+    assert sorted(by_key) == sorted(key for key, _v in bad), "each bad record once, no other"
+    assert len(letters) == len(bad)
+    assert dict(bad)[b"truncated"] == by_key[b"truncated"].value
+    messages_by_key = {k: m.headers[HEADER_ERROR_MESSAGE].decode() for k, m in by_key.items()}
+    assert "magic byte" in messages_by_key[b"bad-magic"]
+    assert "999" in messages_by_key[b"unknown-id"]
+    assert by_key[POISON].headers[HEADER_ERROR_CLASS] == b"ValueError"
+    assert by_key[b"truncated"].headers[HEADER_ERROR_CLASS] == b"DecodeError"
