@@ -11,6 +11,8 @@ import prometheus_client
 import pytest
 
 from consumer import TopicPartition
+from consumer._batch import BadRecordPolicy, DeadLetter
+from consumer._dead_letters import DeadLetterWriter
 from consumer._engine import EXIT_OK, EXIT_PARTITIONS_STOPPED, Engine, EngineSettings
 from consumer._health import Health, Verdict
 from consumer._lag import LagSampler
@@ -67,6 +69,7 @@ def _observed(
     sink: Sink | None = None,
     batch_max_records: int = 4,
     readiness_timeout_s: float = 30.0,
+    dead_letters: DeadLetterWriter | None = None,
 ) -> Observed:
     clock = FakeClock()
     backend = FakeBackend(script, clock=clock)
@@ -86,12 +89,14 @@ def _observed(
             batch_max_records=batch_max_records,
             poll_timeout_s=0.5,
             stop_when_idle_s=1.0,
+            bad_records=BadRecordPolicy(action="stop" if dead_letters is None else "dead-letter"),
         ),
         backend,
         sink or SqliteSink(db),
         clock=clock.now,
         sleep=clock.sleep,
         observer=telemetry,
+        dead_letters=dead_letters,
     )
     sampler = LagSampler(telemetry, lambda: backend, interval_s=1.0)
     observed = Observed(engine, backend, clock, telemetry, sampler, db)
@@ -379,3 +384,36 @@ def test_metrics_live_in_their_own_registry_never_the_global_one() -> None:
         if isinstance(value, prometheus_client.metrics.MetricWrapperBase)
     ]
     assert defined_at_import == []
+
+
+class _KeptDeadLetters:
+    def __init__(self) -> None:
+        self.letters: list[DeadLetter] = []
+
+    def topic_for(self, source_topic: str) -> str:
+        return "dlq"
+
+    def prepare(self, source_topics: Sequence[str]) -> None:
+        pass
+
+    def write(self, letters: Sequence[DeadLetter]) -> None:
+        self.letters.extend(letters)
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_dead_lettered_record_is_counted_and_the_consumer_stays_ready(tmp_path: Path) -> None:
+    kept = _KeptDeadLetters()
+    o = _observed(tmp_path, [Assign([P0])], dead_letters=kept)
+    o.backend.append(P0, event("a", 1), {"fail": "invalid"}, event("c", 3))
+
+    assert o.engine.run() == EXIT_OK
+
+    labels = {**_tp(P0), "error_type": "InvalidRecordError", "outcome": "dead_lettered"}
+    assert o.value("offsetkeeper_bad_records_total", **labels) == 1
+    assert o.value("offsetkeeper_records_committed_total", **_tp(P0)) == 3
+    assert len(kept.letters) == 1
+    verdict = o.ready_at_close
+    assert verdict is not None
+    assert verdict.ok
