@@ -7,7 +7,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from consumer._config import DecodingSettings
+from consumer._batch import BadRecordPolicy
+from consumer._config import ConsumingSettings, DecodingSettings
+from consumer._dead_letters import KafkaDeadLetterWriter
 from consumer._topic_decoders import DecodeSettings
 
 COMMON_SETTINGS = ("bootstrap_servers", "sink", "kafka_config", "log_level", "log_format")
@@ -40,6 +42,13 @@ def add_common_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 DECODING_SETTINGS = ("decode", "reader_schema", "schema_registry_url", "schema_dir")
+BAD_RECORD_SETTINGS = (
+    "on_bad_record",
+    "dead_letter_topic",
+    "bad_record_retries",
+    "bad_record_backoff_s",
+    "bad_record_max_backoff_s",
+)
 
 # Settings given as repeatable KEY=VALUE flags, gathered into a dict.
 _PAIR_SETTINGS = ("kafka_config", "decode", "reader_schema")
@@ -89,3 +98,65 @@ def decode_settings(settings: DecodingSettings) -> DecodeSettings:
         decode=settings.decode,
         reader_schema=settings.reader_schema,
     )
+
+
+def add_bad_record_arguments(parser: argparse.ArgumentParser) -> None:
+    bad = parser.add_argument_group("bad records (README: Bad records and dead letters)")
+    bad.add_argument(
+        "--on-bad-record",
+        choices=["stop", "dead-letter"],
+        help="after the retries: stop the partition at the record (default), or send it to the "
+        "dead-letter topic and go on",
+    )
+    bad.add_argument(
+        "--dead-letter-topic",
+        metavar="NAME",
+        help="dead-letter topic; {group} and {topic} are filled in (default {group}.dlq)",
+    )
+    bad.add_argument(
+        "--bad-record-retries",
+        type=int,
+        metavar="N",
+        help="attempts after the first before a record counts as bad (default 2)",
+    )
+    bad.add_argument(
+        "--bad-record-backoff",
+        dest="bad_record_backoff_s",
+        type=float,
+        metavar="SECONDS",
+        help="pause before the first retry, doubling after each (default 0.2)",
+    )
+    bad.add_argument(
+        "--bad-record-max-backoff",
+        dest="bad_record_max_backoff_s",
+        type=float,
+        metavar="SECONDS",
+        help="longest pause between retries (default 5)",
+    )
+
+
+def bad_record_policy(settings: ConsumingSettings) -> BadRecordPolicy:
+    return BadRecordPolicy(
+        action=settings.on_bad_record,
+        retries=settings.bad_record_retries,
+        backoff_s=settings.bad_record_backoff_s,
+        max_backoff_s=settings.bad_record_max_backoff_s,
+    )
+
+
+def dead_letter_writer(
+    settings: ConsumingSettings, *, group: str, topics: Sequence[str]
+) -> KafkaDeadLetterWriter | None:
+    """The writer the dead-letter policy needs (None under "stop"); a bad topic template fails
+    here, before the broker is asked anything."""
+    if settings.on_bad_record != "dead-letter":
+        return None
+    writer = KafkaDeadLetterWriter(
+        bootstrap_servers=settings.bootstrap_servers,
+        group=group,
+        topic_template=settings.dead_letter_topic,
+        client_config=settings.kafka_config,
+    )
+    for topic in topics:
+        writer.topic_for(topic)
+    return writer

@@ -13,11 +13,15 @@ import structlog
 from consumer._app import load_app
 from consumer._backend import PartitionReader
 from consumer._cli_common import (
+    BAD_RECORD_SETTINGS,
     COMMON_SETTINGS,
     DECODING_SETTINGS,
+    add_bad_record_arguments,
     add_common_arguments,
     add_decoding_arguments,
+    bad_record_policy,
     cli_values,
+    dead_letter_writer,
     decode_settings,
 )
 from consumer._config import ReplaySettings, load_settings
@@ -51,6 +55,7 @@ def add_replay_parser(commands: Any) -> None:
     )
     add_common_arguments(replay)
     add_decoding_arguments(replay)
+    add_bad_record_arguments(replay)
     replay.add_argument("--app", help="the app to run, MODULE:ATTR")
     replay.add_argument("--topic", help="the topic to replay")
     replay.add_argument(
@@ -122,6 +127,7 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
                 "batch_max_records",
                 "backend",
                 *DECODING_SETTINGS,
+                *BAD_RECORD_SETTINGS,
             ),
         ),
         args.config,
@@ -139,6 +145,7 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
     decoders.check([settings.topic])  # a bad decoder setting fails before anything is read
     fingerprint = request_fingerprint(settings.topic, settings.partitions, settings.app, request)
     job_id = settings.job_id or default_job_id(fingerprint)
+    dead_letters = dead_letter_writer(settings, group=f"replay-{job_id}", topics=[settings.topic])
     sink = open_sink(settings.sink.get_secret_value())
     reader = _reader(settings, job_id)
     try:
@@ -181,6 +188,8 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
             records=plan.records,
             ranges={r.partition: (r.start, r.end) for r in plan.ranges},
         )
+        if dead_letters is not None:
+            dead_letters.prepare([settings.topic])
         summary = run_replay(
             app,
             reader,
@@ -190,10 +199,14 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
             poll_timeout_s=settings.poll_timeout_s,
             should_stop=lambda: bool(interrupted),
             decoders=decoders,
+            bad_records=bad_record_policy(settings),
+            dead_letters=dead_letters,
         )
     finally:
         reader.close()
         sink.close()
+        if dead_letters is not None:
+            dead_letters.close()
     return _report(out, summary, interrupted=bool(interrupted))
 
 
@@ -262,7 +275,9 @@ def _report(out: TextIO, summary: ReplaySummary, *, interrupted: bool) -> int:
         out.write(f"resumed job {summary.job_id} from offsets {summary.resumed_from}\n")
     out.write(
         f"replay job {summary.job_id}: {summary.records} records, {summary.rows} rows written "
-        f"in {summary.duration_s:.1f}s ({summary.rate_per_s:,.0f} records/s)\n"
+        f"in {summary.duration_s:.1f}s ({summary.rate_per_s:,.0f} records/s)"
+        + (f", {summary.dead_lettered} dead-lettered" if summary.dead_lettered else "")
+        + "\n"
     )
     log.info(
         "replay_finished",
@@ -272,6 +287,7 @@ def _report(out: TextIO, summary: ReplaySummary, *, interrupted: bool) -> int:
         duration_s=round(summary.duration_s, 3),
         rate_per_s=round(summary.rate_per_s, 1),
         stopped_partitions=sorted(summary.stopped),
+        dead_lettered=summary.dead_lettered,
         interrupted=interrupted,
     )
     if summary.stopped:

@@ -11,18 +11,20 @@ import structlog
 
 from consumer._app import load_app
 from consumer._backend import ClientBackend
-from consumer._batch import BadRecordPolicy
 from consumer._cli_common import (
+    BAD_RECORD_SETTINGS,
     COMMON_SETTINGS,
     DECODING_SETTINGS,
+    add_bad_record_arguments,
     add_common_arguments,
     add_decoding_arguments,
+    bad_record_policy,
     cli_values,
+    dead_letter_writer,
     decode_settings,
 )
 from consumer._config import RunSettings, load_settings
 from consumer._confluent import ConfluentBackend
-from consumer._dead_letters import KafkaDeadLetterWriter
 from consumer._engine import Engine, EngineSettings
 from consumer._logging import configure_logging
 from consumer._operations import start_operations
@@ -54,11 +56,7 @@ RUN_SETTINGS = (
     "lag_interval_s",
     "readiness_timeout_s",
     "liveness_timeout_s",
-    "on_bad_record",
-    "dead_letter_topic",
-    "bad_record_retries",
-    "bad_record_backoff_s",
-    "bad_record_max_backoff_s",
+    *BAD_RECORD_SETTINGS,
     *DECODING_SETTINGS,
 )
 
@@ -114,44 +112,9 @@ def add_run_parser(commands: Any) -> None:
         help="Kafka client: confluent (librdkafka, default) or aiokafka (asyncio)",
     )
     add_decoding_arguments(run)
-    _add_bad_record_arguments(run)
+    add_bad_record_arguments(run)
     _add_operations_arguments(run)
     run.set_defaults(handler=run_command)
-
-
-def _add_bad_record_arguments(run: argparse.ArgumentParser) -> None:
-    bad = run.add_argument_group("bad records (README: Bad records and dead letters)")
-    bad.add_argument(
-        "--on-bad-record",
-        choices=["stop", "dead-letter"],
-        help="after the retries: stop the partition at the record (default), or send it to the "
-        "dead-letter topic and go on",
-    )
-    bad.add_argument(
-        "--dead-letter-topic",
-        metavar="NAME",
-        help="dead-letter topic; {group} and {topic} are filled in (default {group}.dlq)",
-    )
-    bad.add_argument(
-        "--bad-record-retries",
-        type=int,
-        metavar="N",
-        help="attempts after the first before a record counts as bad (default 2)",
-    )
-    bad.add_argument(
-        "--bad-record-backoff",
-        dest="bad_record_backoff_s",
-        type=float,
-        metavar="SECONDS",
-        help="pause before the first retry, doubling after each (default 0.2)",
-    )
-    bad.add_argument(
-        "--bad-record-max-backoff",
-        dest="bad_record_max_backoff_s",
-        type=float,
-        metavar="SECONDS",
-        help="longest pause between retries (default 5)",
-    )
 
 
 def _add_operations_arguments(run: argparse.ArgumentParser) -> None:
@@ -211,27 +174,10 @@ def run_command(args: argparse.Namespace) -> int:
         poll_timeout_s=settings.poll_timeout_s,
         stop_when_idle_s=settings.stop_when_idle_s,
         sink_retry_deadline_s=settings.sink_retry_deadline_s,
-        bad_records=BadRecordPolicy(
-            action=settings.on_bad_record,
-            retries=settings.bad_record_retries,
-            backoff_s=settings.bad_record_backoff_s,
-            max_backoff_s=settings.bad_record_max_backoff_s,
-        ),
+        bad_records=bad_record_policy(settings),
     )
     decoders = TopicDecoders(app, decode_settings(settings))
-    dead_letters = (
-        KafkaDeadLetterWriter(
-            bootstrap_servers=settings.bootstrap_servers,
-            group=settings.group,
-            topic_template=settings.dead_letter_topic,
-            client_config=settings.kafka_config,
-        )
-        if settings.on_bad_record == "dead-letter"
-        else None
-    )
-    if dead_letters is not None:
-        for topic in settings.topics:
-            dead_letters.topic_for(topic)  # a bad template fails now, before the broker is asked
+    dead_letters = dead_letter_writer(settings, group=settings.group, topics=settings.topics)
 
     def make_engine(backend: ClientBackend) -> Engine:
         engine = Engine(

@@ -48,7 +48,20 @@ class DecodingSettings(CommonSettings):
     schema_dir: str = "schemas"
 
 
-class RunSettings(DecodingSettings):
+class ConsumingSettings(DecodingSettings):
+    """Settings of the commands that process records (`run`, `replay`): decoding, bad records."""
+
+    # Bad records (README "Bad records and dead letters"): retried, then they stop their
+    # partition or go to the dead-letter topic ({group} and {topic} are filled in; in a replay,
+    # {group} is "replay-<job id>").
+    on_bad_record: Literal["stop", "dead-letter"] = "stop"
+    dead_letter_topic: str = "{group}.dlq"
+    bad_record_retries: int = Field(default=2, ge=0, le=100)
+    bad_record_backoff_s: float = Field(default=0.2, ge=0)
+    bad_record_max_backoff_s: float = Field(default=5.0, ge=0)
+
+
+class RunSettings(ConsumingSettings):
     """`offsetkeeper run`."""
 
     app: str
@@ -70,13 +83,6 @@ class RunSettings(DecodingSettings):
     lag_interval_s: float = Field(default=10.0, gt=0)
     readiness_timeout_s: float = Field(default=30.0, gt=0)
     liveness_timeout_s: float = Field(default=120.0, gt=0)
-    # Bad records (README "Bad records"): retried, then they stop their partition or go to the
-    # dead-letter topic ({group} and {topic} are filled in).
-    on_bad_record: Literal["stop", "dead-letter"] = "stop"
-    dead_letter_topic: str = "{group}.dlq"
-    bad_record_retries: int = Field(default=2, ge=0, le=100)
-    bad_record_backoff_s: float = Field(default=0.2, ge=0)
-    bad_record_max_backoff_s: float = Field(default=5.0, ge=0)
 
     @field_validator("topics", mode="before")
     @classmethod
@@ -108,7 +114,7 @@ class DeadLetterSettings(DecodingSettings):
     app: str | None = None
 
 
-class ReplaySettings(DecodingSettings):
+class ReplaySettings(ConsumingSettings):
     """`offsetkeeper replay` (the range itself is given by flags, per invocation)."""
 
     app: str

@@ -3,6 +3,7 @@
     OffsetkeeperError
      +-- ConfigError                 bad settings, unknown app, unparsable sink URL
      +-- KafkaError                  the broker or client failed (backend errors are mapped here)
+     +-- SchemaRegistryError         the schema registry is unreachable, slow or failing (retried)
      +-- SinkError                   the sink failed to open, write or commit
      |    +-- FencedError            a newer owner took the partition; this consumer must drop it
      +-- CheckpointError             a stored checkpoint cannot be read
@@ -46,6 +47,14 @@ class KafkaError(OffsetkeeperError):
     def __init__(self, message: str, *, retriable: bool = False, **context: Any) -> None:
         super().__init__(message, **context)
         self.retriable = retriable
+
+
+class SchemaRegistryError(OffsetkeeperError):
+    """The schema registry could not be asked: unreachable, timed out, or answered 5xx.
+
+    Not a bad record: the same record decodes once the registry is back, so the engine retries
+    instead of dead-lettering. (A 404 for an unknown schema id is a `DecodeError`.)
+    """
 
 
 class SinkError(OffsetkeeperError):

@@ -23,8 +23,9 @@ import structlog
 
 from consumer._app import App
 from consumer._backend import PartitionReader
-from consumer._batch import PartitionWork, group_by_partition, process_partition
+from consumer._batch import BadRecordPolicy, PartitionWork, group_by_partition, process_partition
 from consumer._commit import CrashInjector, commit_batch
+from consumer._dead_letters import DeadLetterWriter
 from consumer._errors import ConfigError, FencedError, RecordError
 from consumer._records import RawRecord, TopicPartition
 from consumer._state import load_state
@@ -332,6 +333,7 @@ class ReplaySummary:
     resumed_from: dict[int, int]
     stopped: dict[int, RecordError]
     already_complete: bool = False
+    dead_lettered: int = 0
 
     @property
     def rate_per_s(self) -> float:
@@ -352,9 +354,19 @@ def run_replay(
     progress: Progress | None = None,
     should_stop: Callable[[], bool] = lambda: False,
     decoders: TopicDecoders | None = None,
+    bad_records: BadRecordPolicy | None = None,
+    dead_letters: DeadLetterWriter | None = None,
 ) -> ReplaySummary:
-    """Read every planned range to its end, committing rows and the job checkpoint together."""
-    return _ReplayRun(app, reader, sink, plan, decoders or TopicDecoders(app)).run(
+    """Read every planned range to its end, committing rows and the job checkpoint together.
+    Bad records follow `bad_records` (default: stop the partition); dead letters go through
+    `dead_letters` before the batch that skips them commits."""
+    policy = bad_records or BadRecordPolicy()
+    if policy.action == "dead-letter" and dead_letters is None:
+        raise ConfigError("the dead-letter policy needs a dead-letter topic writer")
+    run = _ReplayRun(app, reader, sink, plan, decoders or TopicDecoders(app))
+    run.bad_records = policy
+    run.dead_letters = dead_letters
+    return run.run(
         batch_max_records=batch_max_records,
         poll_timeout_s=poll_timeout_s,
         progress=progress,
@@ -384,6 +396,9 @@ class _ReplayRun:
         self._stopped: dict[int, RecordError] = {}
         self._decode = decoders.for_topic(plan.topic)
         self._crash = CrashInjector.from_environment()
+        self.bad_records = BadRecordPolicy()
+        self.dead_letters: DeadLetterWriter | None = None
+        self.dead_lettered = 0
 
     def run(
         self,
@@ -432,6 +447,7 @@ class _ReplayRun:
             works = self._process(self._reader.poll_batch(batch_max_records, poll_timeout_s))
             if works:
                 idle_polls = 0
+                self._write_dead_letters(works)
                 batch_records, batch_rows = self._commit(works, epochs)
                 records += batch_records
                 rows += batch_rows
@@ -447,6 +463,7 @@ class _ReplayRun:
             time.monotonic() - started,
             resumed_from,
             self._stopped,
+            dead_lettered=self.dead_lettered,
         )
 
     def _process(self, batch: Sequence[RawRecord]) -> list[PartitionWork]:
@@ -458,9 +475,24 @@ class _ReplayRun:
             wanted = [r for r in fetched if position <= r.offset < end]
             if wanted:
                 works.append(
-                    process_partition(self._app, self._decode, tp, wanted, self._states.get(tp))
+                    process_partition(
+                        self._app,
+                        self._decode,
+                        tp,
+                        wanted,
+                        self._states.get(tp),
+                        policy=self.bad_records,
+                    )
                 )
         return works
+
+    def _write_dead_letters(self, works: Sequence[PartitionWork]) -> None:
+        """Before the commit that skips them (see consumer._dead_letters)."""
+        letters = [letter for work in works for letter in work.dead_letters]
+        if letters and self.dead_letters is not None:
+            self.dead_letters.write(letters)
+            self.dead_lettered += len(letters)
+            self._crash.at("after-dead-letters")
 
     def _commit(
         self, works: list[PartitionWork], epochs: dict[TopicPartition, int]

@@ -173,6 +173,36 @@ def test_bad_records_are_dead_lettered_once_each_with_their_origin_and_untouched
     assert "still bad" in redrive.stdout
     assert "not valid JSON" in redrive.stdout
 
+    # A replay (backfill) of the same topic follows the same policy, into its own topic.
+    replay_db = tmp_path / "replay.db"
+    replayed = offsetkeeper(
+        "replay",
+        "--app",
+        "tests.apps.poison:app",
+        "--bootstrap-servers",
+        kafka.address,
+        "--topic",
+        topic,
+        "--from-offset",
+        "0",
+        "--sink",
+        f"sqlite:///{replay_db}",
+        "--job-id",
+        "backfill",
+        "--on-bad-record",
+        "dead-letter",
+        "--dead-letter-topic",
+        "{group}.{topic}.dlq",
+        "--bad-record-retries",
+        "0",
+    )
+    assert replayed.returncode == 0, replayed.stdout + replayed.stderr
+    assert "3 dead-lettered" in replayed.stdout
+    assert _rows(replay_db) == _expected_rows(kafka, topic, skip_keys=(POISON, BROKEN))
+    replay_letters = read_topic(kafka.address, f"replay-backfill.{topic}.dlq")
+    assert sorted(_origin(m) for m in replay_letters) == sorted((topic, p, o) for p, o in bad)
+    assert {m.headers[HEADER_GROUP] for m in replay_letters} == {b"replay-backfill"}
+
 
 def test_a_kill_between_the_dead_letter_write_and_the_commit_loses_no_dead_letter(
     kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]

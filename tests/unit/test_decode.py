@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from consumer import ConfigError, DecodeError
-from consumer._decode import decoder_for
+from consumer._decode import DECODER_NAMES, DecodeOptions, decoder_for
 
 
 def test_json_decoder() -> None:
@@ -42,4 +44,37 @@ def test_bytes_decoder_passes_values_through() -> None:
 def test_unknown_decoder_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="unknown decoder") as caught:
         decoder_for("avro-magic")
-    assert caught.value.context["known"] == ["bytes", "json", "utf8"]
+    assert caught.value.context["known"] == ["avro", "avro-local", "bytes", "json", "utf8"]
+
+
+def test_every_named_decoder_can_be_built_and_decodes_a_tombstone_to_none() -> None:
+    options = DecodeOptions(
+        schema_registry_url="http://127.0.0.1:1",  # never asked: a tombstone has no schema id
+        schema_dir=Path(__file__).resolve().parents[2] / "schemas" / "examples",
+    )
+    assert DECODER_NAMES == ("json", "utf8", "bytes", "avro", "avro-local")
+    for name in DECODER_NAMES:
+        assert decoder_for(name, options)(None) is None, name
+
+
+def test_plain_decoders_ignore_avro_options() -> None:
+    options = DecodeOptions(reader_schema=Path("/nonexistent.avsc"))
+    assert decoder_for("json", options)(b"[1]") == [1]
+
+
+@pytest.mark.parametrize(
+    ("name", "options", "message", "setting"),
+    [
+        ("avro", None, "needs a schema registry URL", "schema_registry_url"),
+        ("avro", DecodeOptions(schema_registry_url=""), "needs a schema registry", None),
+        ("avro-local", None, "needs a schema directory", "schema_dir"),
+        ("avro-local", DecodeOptions(schema_dir=Path("/nonexistent")), "not a directory", None),
+    ],
+)
+def test_avro_decoders_without_their_settings_are_config_errors(
+    name: str, options: DecodeOptions | None, message: str, setting: str | None
+) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        decoder_for(name, options)
+    if setting is not None:
+        assert caught.value.context["setting"] == setting
