@@ -87,7 +87,10 @@ def commit_batch(
     writes: list[tuple[RowsOrigin | None, Mapping[str, tuple[Table, list[Mapping[str, Any]]]]]]
     if sink.writes_per_partition:
         writes = [
-            (RowsOrigin(work.partition, work.first_offset, work.next_offset), merge_rows([work]))
+            (
+                RowsOrigin(group, work.partition, work.first_offset, work.next_offset),
+                merge_rows([work]),
+            )
             for work in works
             if work.rows
         ]

@@ -55,8 +55,10 @@ CHECKPOINT_V2_COLUMNS = ("epoch", "leader_epoch", "writer_version", "state", "st
 @dataclass(frozen=True, slots=True)
 class RowsOrigin:
     """Where a `write_rows` call's rows came from: one partition's records in
-    [first_offset, next_offset) of this batch (for sinks with `writes_per_partition`)."""
+    [first_offset, next_offset) of this batch, committed under `group` (for sinks with
+    `writes_per_partition`)."""
 
+    group: str
     partition: TopicPartition
     first_offset: int
     next_offset: int

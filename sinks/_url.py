@@ -1,9 +1,10 @@
-"""Open a sink from its URL: `sqlite:///relative.db`, `sqlite:////absolute.db`, `postgresql://...`."""
+"""Open a sink from its URL: `sqlite:///relative.db`, `sqlite:////absolute.db`,
+`postgresql://...`, `kafka://HOST:PORT/TOPIC`, `file:///absolute/dir`, `file:relative/dir`."""
 
 from __future__ import annotations
 
 import re
-from urllib.parse import parse_qs, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 from consumer._errors import ConfigError
 from sinks._contract import DEFAULT_CHECKPOINT_TABLE, DEFAULT_LEASE_TABLE, Sink
@@ -40,4 +41,35 @@ def open_sink(url: str) -> Sink:
             checkpoint_table=checkpoint_table,
             lease_table=lease_table,
         )
-    raise ConfigError("unknown sink URL scheme", sink=mask_url(url), known=["sqlite", "postgresql"])
+    if parts.scheme == "file":
+        return _file_sink(url)
+    if parts.scheme == "kafka":
+        # confluent-kafka is always installed (the default backend); the module loads on use.
+        from sinks._kafka import KafkaSink, parse_kafka_url  # noqa: PLC0415
+
+        return KafkaSink(parse_kafka_url(url))
+    raise ConfigError(
+        "unknown sink URL scheme",
+        sink=mask_url(url),
+        known=["sqlite", "postgresql", "file", "kafka"],
+    )
+
+
+def _file_sink(url: str) -> Sink:
+    """`file:///abs/dir` (or `file://localhost/abs/dir`) or `file:relative/dir`; no options."""
+    from sinks._file import FileSink  # noqa: PLC0415 - loaded only when used
+
+    parts = urlsplit(url)
+    if parts.query:
+        raise ConfigError(
+            "the file sink takes no options", options=sorted(parse_qs(parts.query, True))
+        )
+    if parts.netloc not in ("", "localhost"):
+        raise ConfigError(
+            "file sink URL names a host; use file:///absolute/dir or file:relative/dir",
+            sink=url,
+            host=parts.netloc,
+        )
+    if not parts.path:
+        raise ConfigError("file sink URL needs a directory", sink=url)
+    return FileSink(unquote(parts.path))

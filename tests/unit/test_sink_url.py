@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from consumer import ConfigError
-from sinks import SqliteSink, open_sink
+from sinks import FileSink, KafkaSink, SqliteSink, open_sink
 from sinks._postgres import PostgresSink
 from tests.fixtures.sqlite_db import query
 
@@ -65,4 +65,43 @@ def test_an_unknown_scheme_is_a_config_error_without_the_password() -> None:
         open_sink("mysql://root:topsecret@localhost/db")
     assert "topsecret" not in str(caught.value)
     assert caught.value.context["sink"] == "mysql://root:***@localhost/db"
-    assert caught.value.context["known"] == ["sqlite", "postgresql"]
+    assert caught.value.context["known"] == ["sqlite", "postgresql", "file", "kafka"]
+
+
+def test_file_url_with_an_absolute_directory(tmp_path: Path) -> None:
+    sink = open_sink(f"file://{tmp_path}/out")
+    assert isinstance(sink, FileSink)
+    assert sink.directory == tmp_path / "out"
+    assert sink.description == f"file://{tmp_path}/out"
+    assert isinstance(open_sink("file://localhost/srv/out"), FileSink)
+
+
+def test_file_url_with_a_relative_directory() -> None:
+    sink = open_sink("file:data/out%20dir")
+    assert isinstance(sink, FileSink)
+    assert sink.directory == Path("data/out dir")
+    assert sink.description == "file:data/out dir"
+
+
+def test_file_url_options_and_hosts_are_config_errors() -> None:
+    with pytest.raises(ConfigError, match="takes no options") as caught:
+        open_sink("file:///srv/out?format=parquet&fsync=off")
+    assert caught.value.context["options"] == ["format", "fsync"]
+    with pytest.raises(ConfigError, match="names a host"):
+        open_sink("file://data/out")  # meant file:data/out
+    with pytest.raises(ConfigError, match="needs a directory"):
+        open_sink("file://")
+
+
+def test_kafka_url_makes_a_kafka_sink_that_shows_no_client_settings() -> None:
+    sink = open_sink("kafka://k1:9092,k2:9092/orders-out?linger.ms=5&sasl.password=topsecret")
+    assert isinstance(sink, KafkaSink)
+    assert sink.description == "kafka://k1:9092,k2:9092/orders-out"
+
+
+def test_kafka_url_options_are_checked() -> None:
+    with pytest.raises(ConfigError, match="unknown kafka sink options") as caught:
+        open_sink("kafka://k1:9092/out?lease_table=x")
+    assert caught.value.context["options"] == ["lease_table"]
+    with pytest.raises(ConfigError, match="one output topic"):
+        open_sink("kafka://k1:9092")

@@ -1,0 +1,536 @@
+"""sinks._file: data files renamed into place, the checkpoint after them, fencing, the reader."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from consumer import (
+    CURRENT_FORMAT_VERSION,
+    Checkpoint,
+    CheckpointFormatError,
+    ConfigError,
+    FencedError,
+    SinkError,
+    Table,
+    TopicPartition,
+)
+from sinks import FileSink, RowsOrigin, Sink, committed_files, read_committed_rows
+from sinks._file import data_file_name, safe_name
+from tests.apps.chaos import EVENTS
+from tests.fixtures.file_sink import CommittedFileWatcher
+from tests.fixtures.processes import OFFSETKEEPER, REPO
+
+GROUP = "g"
+TP0 = TopicPartition("orders", 0)
+TP1 = TopicPartition("orders", 1)
+WHEN = datetime(2024, 6, 1, 8, 30, 0, 250000, tzinfo=UTC)
+
+PROFILES = Table(
+    name="profiles",
+    columns={
+        "id": "text",
+        "visits": "bigint",
+        "score": "double",
+        "active": "boolean",
+        "avatar": "bytes",
+        "attrs": "json",
+    },
+    key=("id",),
+)
+
+
+def _checkpoint(tp: TopicPartition, next_offset: int, group: str = GROUP) -> Checkpoint:
+    return Checkpoint(
+        group=group,
+        topic=tp.topic,
+        partition=tp.partition,
+        next_offset=next_offset,
+        updated_at=WHEN,
+    )
+
+
+def _rows(*ids: str) -> list[dict[str, Any]]:
+    return [{"id": i, "visits": n, "score": 0.5, "active": True} for n, i in enumerate(ids)]
+
+
+def _batch(
+    sink: FileSink,
+    epochs: dict[TopicPartition, int],
+    ranges: dict[TopicPartition, tuple[int, int]],
+    rows: dict[TopicPartition, list[dict[str, Any]]],
+    *,
+    group: str = GROUP,
+) -> None:
+    """One batch the way consumer/_commit.py drives a per-partition sink, committed."""
+    sink.begin()
+    try:
+        for tp, (first, next_offset) in ranges.items():
+            sink.write_rows(PROFILES, rows[tp], RowsOrigin(group, tp, first, next_offset))
+        sink.save_checkpoints(
+            group,
+            [_checkpoint(tp, next_offset, group) for tp, (_first, next_offset) in ranges.items()],
+            {tp: epochs[tp] for tp in ranges},
+        )
+        sink.commit()
+    except BaseException:
+        sink.rollback()
+        raise
+
+
+def _visible_names(root: Path) -> list[str]:
+    """Every non-hidden file under `root` (what a naive `ls -R` reader would pick up)."""
+    return sorted(
+        str(p.relative_to(root))
+        for p in root.rglob("*")
+        if p.is_file() and not p.name.startswith(".") and "_offsetkeeper" not in p.parts
+    )
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    return tmp_path / "out"
+
+
+@pytest.fixture
+def sink(root: Path) -> Iterator[FileSink]:
+    opened = FileSink(root, lock_timeout_s=1.0)
+    opened.open([PROFILES])
+    yield opened
+    opened.close()
+
+
+def test_the_file_sink_satisfies_the_sink_protocol(root: Path) -> None:
+    typed: Sink = FileSink(root)  # mypy checks the protocol; here: the flag the engine reads
+    assert typed.writes_per_partition is True
+    assert typed.description == f"file://{root}"
+
+
+def test_open_lays_out_the_directory_and_a_second_open_keeps_the_data(root: Path) -> None:
+    first = FileSink(root)
+    first.open([PROFILES])
+    epochs = first.acquire(GROUP, [TP0])
+    _batch(first, epochs, {TP0: (0, 2)}, {TP0: _rows("a", "b")})
+    first.close()
+    assert {p.name for p in (root / "_offsetkeeper").iterdir()} == {
+        "checkpoints",
+        "leases",
+        "jobs",
+        "lock",
+    }
+    again = FileSink(root)
+    again.open([PROFILES])
+    assert again.load_checkpoints(GROUP)[TP0].next_offset == 2
+    assert [r["id"] for r in read_committed_rows(root, "profiles", GROUP)] == ["a", "b"]
+    again.close()
+
+
+def test_a_sink_that_is_not_open_or_read_only_refuses_work(root: Path) -> None:
+    closed = FileSink(root)
+    with pytest.raises(SinkError, match="not open"):
+        closed.acquire(GROUP, [TP0])
+    closed.open_existing()
+    assert closed.load_checkpoints(GROUP) == {}  # nothing there yet: reads answer nothing
+    assert closed.checkpoint_groups() == []
+    assert closed.load_job("j") is None
+    with pytest.raises(SinkError, match="read-only"):
+        closed.acquire(GROUP, [TP0])
+    assert not root.exists(), "a read-only open created the directory"
+
+
+def test_commit_makes_data_files_and_checkpoints_visible_together(
+    sink: FileSink, root: Path
+) -> None:
+    epochs = sink.acquire(GROUP, [TP0, TP1])
+    sink.begin()
+    sink.write_rows(PROFILES, _rows("a", "b"), RowsOrigin(GROUP, TP0, 0, 5))
+    sink.write_rows(PROFILES, _rows("c"), RowsOrigin(GROUP, TP1, 10, 12))
+    sink.save_checkpoints(GROUP, [_checkpoint(TP0, 5), _checkpoint(TP1, 12)], epochs)
+    # Before COMMIT: only hidden temp files exist, and the reader sees nothing.
+    assert _visible_names(root) == []
+    assert len(list((root / "profiles" / GROUP).glob(".*.tmp"))) == 2
+    assert committed_files(root, PROFILES, GROUP) == []
+    sink.commit()
+
+    files = committed_files(root, PROFILES, GROUP)
+    assert [(f.topic, f.partition, f.first_offset, f.last_offset) for f in files] == [
+        ("orders", 0, 0, 4),
+        ("orders", 1, 10, 11),
+    ]
+    assert [f.path.name for f in files] == [
+        f"orders+0+{0:020d}+{4:020d}.jsonl",
+        f"orders+1+{10:020d}+{11:020d}.jsonl",
+    ]
+    assert list(read_committed_rows(root, PROFILES, GROUP)) == [
+        {"id": "a", "visits": 0, "score": 0.5, "active": True, "avatar": None, "attrs": None},
+        {"id": "b", "visits": 1, "score": 0.5, "active": True, "avatar": None, "attrs": None},
+        {"id": "c", "visits": 0, "score": 0.5, "active": True, "avatar": None, "attrs": None},
+    ]
+    assert not list(root.rglob(".*.tmp")), "a temp file outlived the commit"
+    stored = sink.load_checkpoints(GROUP)
+    assert {tp: cp.next_offset for tp, cp in stored.items()} == {TP0: 5, TP1: 12}
+    assert stored[TP0].epoch == 0  # as given; the engine passes the acquired epoch
+    assert stored[TP0].read_from_format == CURRENT_FORMAT_VERSION
+    assert sink.load_checkpoints(GROUP, [TP1]).keys() == {TP1}
+
+
+def test_rollback_leaves_nothing_visible_and_releases_the_lock(sink: FileSink, root: Path) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
+    sink.begin()
+    sink.write_rows(PROFILES, _rows("a"), RowsOrigin(GROUP, TP0, 0, 1))
+    sink.save_checkpoints(GROUP, [_checkpoint(TP0, 1)], epochs)
+    sink.rollback()
+    assert list((root / "profiles" / GROUP).iterdir()) == []
+    assert sink.load_checkpoints(GROUP) == {}
+    other = FileSink(root, lock_timeout_s=0.2)
+    other.open([])
+    assert other.acquire(GROUP, [TP0]) == {TP0: 2}  # the lock was free
+    other.close()
+
+
+def test_a_checkpoint_without_rows_moves_on_and_writes_no_file(sink: FileSink, root: Path) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
+    _batch(sink, epochs, {TP0: (0, 3)}, {TP0: []})
+    assert sink.load_checkpoints(GROUP)[TP0].next_offset == 3
+    assert _visible_names(root) == []
+
+
+def test_column_types_round_trip_and_bytes_are_base64(sink: FileSink, root: Path) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
+    row = {
+        "id": "x",
+        "visits": 2**62,
+        "score": -1.25,
+        "active": False,
+        "avatar": b"\x00\xffpng",
+        "attrs": {"tags": ["a", "é"], "n": None, "deep": {"k": 1.5}},
+    }
+    odd = {"id": "nan", "score": math.nan, "attrs": [1, "two"]}
+    _batch(sink, epochs, {TP0: (0, 2)}, {TP0: [row, odd]})
+    (data_file,) = committed_files(root, PROFILES, GROUP)
+    lines = data_file.path.read_text(encoding="utf-8").splitlines()
+    assert json.loads(lines[0])["avatar"] == "AP9wbmc="  # base64 of the bytes
+    assert list(json.loads(lines[0])) == list(PROFILES.columns)  # declared column order
+    typed = list(read_committed_rows(root, PROFILES, GROUP))
+    assert typed[0] == row
+    assert typed[1] == {
+        "id": "nan",
+        "visits": None,
+        "score": None,  # JSON has no NaN: written as null
+        "active": None,
+        "avatar": None,
+        "attrs": [1, "two"],
+    }
+    raw = list(read_committed_rows(root, "profiles", GROUP))
+    assert raw[0]["avatar"] == "AP9wbmc="  # without the Table, bytes stay base64
+
+
+def test_a_value_json_cannot_hold_is_a_sink_error_naming_the_table(sink: FileSink) -> None:
+    sink.acquire(GROUP, [TP0])
+    sink.begin()
+    with pytest.raises(SinkError, match="cannot be written as JSON") as caught:
+        sink.write_rows(
+            PROFILES, [{"id": "x", "attrs": {"when": WHEN}}], RowsOrigin(GROUP, TP0, 0, 1)
+        )
+    assert caught.value.context["table"] == "profiles"
+    sink.rollback()
+
+
+def test_rows_need_an_origin_and_an_acquired_partition(sink: FileSink) -> None:
+    sink.begin()
+    with pytest.raises(SinkError, match="needs an origin"):
+        sink.write_rows(PROFILES, _rows("a"))
+    with pytest.raises(SinkError, match="never acquired"):
+        sink.write_rows(PROFILES, _rows("a"), RowsOrigin(GROUP, TP0, 0, 1))
+    sink.rollback()
+
+
+def test_acquire_bumps_epochs_per_group_and_partition(sink: FileSink, root: Path) -> None:
+    assert sink.acquire(GROUP, [TP0, TP1]) == {TP0: 1, TP1: 1}
+    assert sink.acquire(GROUP, [TP0]) == {TP0: 2}
+    assert sink.acquire("other", [TP0]) == {TP0: 1}
+    leases = json.loads((root / "_offsetkeeper" / "leases" / "g.json").read_text())
+    assert leases["epochs"] == [
+        {"topic": "orders", "partition": 0, "epoch": 2},
+        {"topic": "orders", "partition": 1, "epoch": 1},
+    ]
+
+
+def test_a_stale_epoch_is_fenced_and_nothing_of_the_batch_is_visible(root: Path) -> None:
+    zombie = FileSink(root, lock_timeout_s=1.0)
+    zombie.open([PROFILES])
+    old = zombie.acquire(GROUP, [TP0, TP1])
+    successor = FileSink(root, lock_timeout_s=1.0)
+    successor.open([PROFILES])
+    new = successor.acquire(GROUP, [TP0])  # TP1 stays the zombie's
+    with pytest.raises(FencedError) as caught:
+        _batch(zombie, old, {TP0: (0, 2), TP1: (0, 2)}, {TP0: _rows("z0"), TP1: _rows("z1")})
+    assert caught.value.partitions == frozenset({("orders", 0)})
+    assert caught.value.context["group"] == GROUP
+    assert zombie.load_checkpoints(GROUP) == {}
+    assert _visible_names(root) == []
+    assert not list(root.rglob(".*.tmp"))
+    # The successor commits normally; the zombie's unfenced partition still works alone.
+    _batch(successor, new, {TP0: (0, 2)}, {TP0: _rows("s0")})
+    _batch(zombie, old, {TP1: (0, 2)}, {TP1: _rows("z1")})
+    assert [r["id"] for r in read_committed_rows(root, PROFILES, GROUP)] == ["s0", "z1"]
+    zombie.close()
+    successor.close()
+
+
+def test_a_partition_never_acquired_is_fenced(sink: FileSink) -> None:
+    sink.begin()
+    with pytest.raises(FencedError):
+        sink.save_checkpoints(GROUP, [_checkpoint(TP0, 1)], {TP0: 1})
+    sink.rollback()
+
+
+def test_a_batch_that_starts_below_the_checkpoint_is_refused(sink: FileSink, root: Path) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
+    _batch(sink, epochs, {TP0: (0, 10)}, {TP0: _rows("a")})
+    with pytest.raises(SinkError, match="below the stored checkpoint") as caught:
+        _batch(sink, epochs, {TP0: (5, 15)}, {TP0: _rows("dup")})
+    assert caught.value.context["checkpoint"] == 10
+    assert [r["id"] for r in read_committed_rows(root, PROFILES, GROUP)] == ["a"]
+    _batch(sink, epochs, {TP0: (10, 15)}, {TP0: _rows("b")})
+    assert [r["id"] for r in read_committed_rows(root, PROFILES, GROUP)] == ["a", "b"]
+
+
+def test_acquire_removes_files_at_or_beyond_the_checkpoint_and_stale_temps(
+    sink: FileSink, root: Path
+) -> None:
+    epochs = sink.acquire(GROUP, [TP0, TP1])
+    _batch(sink, epochs, {TP0: (0, 10)}, {TP0: _rows("a")})
+    group_dir = root / "profiles" / GROUP
+    committed = group_dir / data_file_name("orders", 0, 0, 9)
+    beyond = group_dir / data_file_name("orders", 0, 10, 19)  # renamed, never checkpointed
+    no_checkpoint = group_dir / data_file_name("orders", 1, 0, 4)
+    temp = group_dir / f".{data_file_name('orders', 0, 20, 29)}.4242.abcdef.tmp"
+    other_group = root / "profiles" / "other" / data_file_name("orders", 0, 10, 19)
+    other_group.parent.mkdir()
+    for path in (beyond, no_checkpoint, temp, other_group):
+        path.write_text('{"id": "left over"}\n')
+    assert [f.path for f in committed_files(root, PROFILES, GROUP)] == [committed]
+
+    successor = FileSink(root, lock_timeout_s=1.0)
+    successor.open([])  # a checkpoint tool knows no tables: every table directory is cleaned
+    successor.acquire(GROUP, [TP0, TP1])
+    successor.close()
+    assert sorted(group_dir.iterdir()) == [committed]
+    assert other_group.exists(), "another group's files are not ours to clean"
+
+
+def test_a_kill_after_the_data_rename_leaves_an_invisible_file_that_acquire_removes(
+    root: Path,
+) -> None:
+    """A real SIGKILL at the "file-after-data" point, in a child process, holding the lock."""
+    script = textwrap.dedent(
+        f"""
+        from consumer import TopicPartition
+        from sinks import FileSink, RowsOrigin
+        from tests.unit.test_file_sink import PROFILES, _batch, _rows
+        sink = FileSink({str(root)!r})
+        sink.open([PROFILES])
+        tp = TopicPartition("orders", 0)
+        epochs = sink.acquire("g", [tp])
+        _batch(sink, epochs, {{tp: (0, 3)}}, {{tp: _rows("a")}})
+        _batch(sink, epochs, {{tp: (3, 7)}}, {{tp: _rows("lost")}})
+        """
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OFFSETKEEPER_TEST_CRASH_POINT": "file-after-data",
+        "OFFSETKEEPER_TEST_CRASH_AFTER_BATCHES": "2",
+    }
+    child = subprocess.run([sys.executable, "-c", script], env=env, timeout=60, check=False)
+    assert child.returncode == -9
+    group_dir = root / "profiles" / GROUP
+    assert sorted(p.name for p in group_dir.iterdir()) == [
+        data_file_name("orders", 0, 0, 2),
+        data_file_name("orders", 0, 3, 6),  # renamed into place, but beyond the checkpoint
+    ]
+    assert [r["id"] for r in read_committed_rows(root, PROFILES, GROUP)] == ["a"]
+
+    successor = FileSink(root, lock_timeout_s=1.0)  # the dead child's lock is gone
+    successor.open([PROFILES])
+    epochs = successor.acquire(GROUP, [TP0])
+    assert [p.name for p in group_dir.iterdir()] == [data_file_name("orders", 0, 0, 2)]
+    _batch(successor, epochs, {TP0: (3, 5)}, {TP0: _rows("b")})  # a different batching
+    assert [r["id"] for r in read_committed_rows(root, PROFILES, GROUP)] == ["a", "b"]
+    successor.close()
+
+
+def test_a_held_lock_times_out_with_a_sink_error(root: Path) -> None:
+    holder = FileSink(root, lock_timeout_s=1.0)
+    holder.open([PROFILES])
+    waiter = FileSink(root, lock_timeout_s=0.1)
+    waiter.open([PROFILES])
+    epochs = holder.acquire(GROUP, [TP0])
+    holder.begin()
+    holder.save_checkpoints(GROUP, [_checkpoint(TP0, 1)], epochs)  # takes the lock until commit
+    with pytest.raises(SinkError, match="lock is held by another writer"):
+        waiter.acquire(GROUP, [TP1])
+    holder.commit()
+    assert waiter.acquire(GROUP, [TP1]) == {TP1: 1}
+    holder.close()
+    waiter.close()
+
+
+def test_replay_jobs_are_created_once(sink: FileSink, root: Path) -> None:
+    assert sink.load_job("replay/1:x") is None
+    assert sink.create_job("replay/1:x", '{"from": 1}') == '{"from": 1}'
+    assert sink.create_job("replay/1:x", '{"from": 2}') == '{"from": 1}'
+    assert sink.load_job("replay/1:x") == '{"from": 1}'
+    assert [p.name for p in (root / "_offsetkeeper" / "jobs").iterdir()] == ["replay%2F1%3Ax.json"]
+
+
+def test_group_names_are_made_file_system_safe(sink: FileSink, root: Path) -> None:
+    assert safe_name("replay:job-1") == "replay%3Ajob-1"
+    assert safe_name("..") == "%2E."
+    assert safe_name("a/b") == "a%2Fb"
+    with pytest.raises(ConfigError):
+        safe_name("")
+    group = "replay:job/1"
+    epochs = sink.acquire(group, [TP0])
+    _batch(sink, epochs, {TP0: (0, 1)}, {TP0: _rows("r")}, group=group)
+    assert (root / "profiles" / "replay%3Ajob%2F1").is_dir()
+    assert sink.checkpoint_groups() == [group]
+    assert [r["id"] for r in read_committed_rows(root, PROFILES, group)] == ["r"]
+    assert list(read_committed_rows(root, PROFILES, GROUP)) == []
+
+
+def test_a_table_named_like_the_sink_directory_is_refused(root: Path) -> None:
+    with pytest.raises(ConfigError, match="reserved"):
+        FileSink(root).open([Table(name="_offsetkeeper", columns={"a": "text"}, key=("a",))])
+
+
+def _write_checkpoint_document(root: Path, group: str, records: list[dict[str, Any]]) -> Path:
+    path = root / "_offsetkeeper" / "checkpoints" / f"{group}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(
+        json.dumps(
+            {
+                "kind": "offsetkeeper-file-checkpoints",
+                "document_version": 1,
+                "group": group,
+                "checkpoints": records,
+            }
+        )
+    )
+    return path
+
+
+V1_RECORD = {
+    "format_version": 1,
+    "group": "old",
+    "topic": "orders",
+    "partition": 3,
+    "next_offset": 77,
+    "updated_at": 1741964966535,
+}
+
+
+def test_a_checkpoint_of_a_newer_format_is_refused_on_load(sink: FileSink, root: Path) -> None:
+    _write_checkpoint_document(
+        root, GROUP, [{**V1_RECORD, "group": GROUP, "format_version": CURRENT_FORMAT_VERSION + 1}]
+    )
+    with pytest.raises(CheckpointFormatError, match="newer than this code knows"):
+        sink.load_checkpoints(GROUP)
+    with pytest.raises(CheckpointFormatError):
+        committed_files(root, PROFILES, GROUP)  # the reader refuses it too
+
+
+def test_an_older_format_is_upgraded_on_load_and_rewritten_by_migrate(
+    sink: FileSink, root: Path
+) -> None:
+    path = _write_checkpoint_document(root, "old", [V1_RECORD])
+    loaded = sink.load_checkpoints("old")[TopicPartition("orders", 3)]
+    assert (loaded.next_offset, loaded.epoch, loaded.read_from_format) == (77, 0, 1)
+    assert loaded.updated_at == datetime(2025, 3, 14, 15, 9, 26, 535000, tzinfo=UTC)
+
+    assert sink.migrate_checkpoints(dry_run=True) == [loaded]
+    assert json.loads(path.read_text())["checkpoints"][0]["format_version"] == 1
+    assert sink.migrate_checkpoints() == [loaded]
+    record = json.loads(path.read_text())["checkpoints"][0]
+    assert record["format_version"] == CURRENT_FORMAT_VERSION
+    assert record["next_offset"] == 77
+    assert record["writer_version"] == "unknown"
+    assert sink.migrate_checkpoints() == []
+
+
+def _offsetkeeper(*args: str) -> str:
+    """Run the real `offsetkeeper` command (its logging set-up stays in its own process)."""
+    done = subprocess.run(
+        [OFFSETKEEPER, *args], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+def test_checkpoint_export_and_migrate_commands_work_on_a_file_sink(
+    sink: FileSink, root: Path, tmp_path: Path
+) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
+    _batch(sink, epochs, {TP0: (0, 4)}, {TP0: _rows("a")})
+    _write_checkpoint_document(root, "old", [V1_RECORD])
+    url = f"file://{root}"
+
+    exported = json.loads(_offsetkeeper("checkpoint", "export", "--sink", url, "--group", GROUP))
+    assert [(c["topic"], c["partition"], c["next_offset"]) for c in exported["checkpoints"]] == [
+        ("orders", 0, 4)
+    ]
+    assert exported["source"] == url
+
+    dry = _offsetkeeper("checkpoint", "migrate", "--sink", url, "--dry-run")
+    assert "1 checkpoint(s) would be rewritten" in dry
+    backup = tmp_path / "backup.json"
+    done = _offsetkeeper("checkpoint", "migrate", "--sink", url, "--backup", str(backup))
+    assert "migrated 1 checkpoint(s)" in done
+    assert len(json.loads(backup.read_text())["checkpoints"]) == 2
+    reopened = FileSink(root)
+    reopened.open_existing()
+    assert reopened.load_checkpoints("old")[TopicPartition("orders", 3)].read_from_format == 2
+
+
+def test_the_crash_tests_reader_reports_duplicates_and_changed_files(root: Path) -> None:
+    """tests/fixtures/file_sink.CommittedFileWatcher is the crash test's eye: it must see."""
+    sink = FileSink(root)
+    sink.open([EVENTS])
+    epochs = sink.acquire(GROUP, [TP0])
+
+    def event(offset: int) -> dict[str, Any]:
+        return {"source_partition": 0, "source_offset": offset, "writer": "w", "event_key": "k"}
+
+    def commit(first: int, next_offset: int, offsets: list[int]) -> None:
+        sink.begin()
+        sink.write_rows(
+            EVENTS, [event(o) for o in offsets], RowsOrigin(GROUP, TP0, first, next_offset)
+        )
+        sink.save_checkpoints(GROUP, [_checkpoint(TP0, next_offset)], epochs)
+        sink.commit()
+
+    watcher = CommittedFileWatcher(root, EVENTS, GROUP)
+    commit(0, 2, [0, 1])
+    watcher.poll()
+    assert watcher.violations == []
+    assert set(watcher.seen_records) == {(0, 0), (0, 1)}
+    commit(2, 4, [1, 3])  # offset 1 again, and outside this file's range
+    (first_file,) = [f for f in committed_files(root, EVENTS, GROUP) if f.first_offset == 0]
+    first_file.path.write_text(first_file.path.read_text()[:-5])  # a torn, shorter file
+    watcher.poll()
+    sink.close()
+    assert len(watcher.violations) == 3, watcher.violations
+    assert "changed size" in watcher.violations[0]
+    assert "outside the range" in watcher.violations[1]
+    assert "in both" in watcher.violations[2]

@@ -1,0 +1,308 @@
+"""sinks._kafka, the parts that need no broker: URL, row <-> message, checkpoint <-> offset
+metadata, group metadata parsing, and what each transactional error means."""
+
+from __future__ import annotations
+
+import json
+import struct
+from datetime import UTC, datetime
+
+import confluent_kafka
+import pytest
+
+from consumer import ConfigError
+from consumer._app import Table
+from consumer._checkpoint import CURRENT_FORMAT_VERSION, Checkpoint
+from consumer._errors import CheckpointFormatError, FencedError, SinkError
+from sinks import KafkaSink, decode_row, encode_row, open_sink
+from sinks._kafka import (
+    DEFAULT_TRANSACTION_TIMEOUT_MS,
+    OFFSET_METADATA_MAX_BYTES,
+    TransactionFailure,
+    classify,
+    decode_committed_offset,
+    encode_checkpoint_metadata,
+    parse_group_metadata,
+    parse_kafka_url,
+)
+
+EVENTS = Table(
+    name="events",
+    columns={"id": "text", "n": "bigint", "blob": "bytes", "doc": "json", "ok": "boolean"},
+    key=("id",),
+)
+
+
+def test_url_names_bootstrap_servers_topic_and_defaults() -> None:
+    settings = parse_kafka_url("kafka://a:9092,b:9093/out.events")
+    assert settings.bootstrap_servers == "a:9092,b:9093"
+    assert settings.topic == "out.events"
+    assert settings.transactional_id is None
+    assert settings.transaction_timeout_ms == DEFAULT_TRANSACTION_TIMEOUT_MS
+    assert settings.jobs_topic is None
+    assert settings.client_config == {}
+    assert settings.description == "kafka://a:9092,b:9093/out.events"
+
+
+def test_url_options_and_librdkafka_keys_are_separated() -> None:
+    settings = parse_kafka_url(
+        "kafka://h:1/t?transactional_id=pod-0&transaction_timeout_ms=15000"
+        "&jobs_topic=jobs&linger.ms=20&security.protocol=SSL"
+    )
+    assert settings.transactional_id == "pod-0"
+    assert settings.transaction_timeout_ms == 15000
+    assert settings.jobs_topic == "jobs"
+    assert settings.client_config == {"linger.ms": "20", "security.protocol": "SSL"}
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("kafka:///t", "needs HOST:PORT"),
+        ("kafka://u:pw@h:1/t", "needs HOST:PORT"),
+        ("kafka://h:1", "one output topic"),
+        ("kafka://h:1/a/b", "one output topic"),
+        ("kafka://h:1/t?batch=5", "unknown kafka sink options"),
+        ("kafka://h:1/t?checkpoint_table=x", "unknown kafka sink options"),
+        ("kafka://h:1/t?transactional.id=x", "sets these client settings itself"),
+        ("kafka://h:1/t?enable.idempotence=false", "sets these client settings itself"),
+        ("kafka://h:1/t?transaction_timeout_ms=soon", "whole number"),
+        ("kafka://h:1/t?transaction_timeout_ms=10", "too small"),
+        ("kafka://h:1/t?transactional_id=", "must not be empty"),
+    ],
+)
+def test_invalid_urls_are_config_errors(url: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_kafka_url(url)
+
+
+def test_open_sink_makes_a_kafka_sink() -> None:
+    sink = open_sink("kafka://127.0.0.1:9092/out?sasl.password=secret")
+    assert isinstance(sink, KafkaSink)
+    assert sink.description == "kafka://127.0.0.1:9092/out"
+    assert sink.jobs_topic == "out.offsetkeeper-jobs"
+    assert sink.writes_per_partition is False
+
+
+def test_a_row_becomes_a_json_value_keyed_by_the_key_columns() -> None:
+    row = {"id": "a-1", "n": 7, "blob": b"\x00\xff", "doc": {"x": [1, 2]}, "ok": True}
+    key, value = encode_row(EVENTS, row)
+    assert json.loads(key) == {"id": "a-1"}
+    assert json.loads(value) == {
+        "id": "a-1",
+        "n": 7,
+        "blob": "AP8=",
+        "doc": {"x": [1, 2]},
+        "ok": True,
+    }
+    assert decode_row(EVENTS, value) == row
+
+
+def test_missing_columns_are_null_and_the_same_key_encodes_the_same() -> None:
+    key_one, value = encode_row(EVENTS, {"id": "k"})
+    key_two, _ = encode_row(EVENTS, {"id": "k", "n": 1})
+    assert key_one == key_two, "one key must always land on one partition"
+    assert decode_row(EVENTS, value) == {
+        "id": "k",
+        "n": None,
+        "blob": None,
+        "doc": None,
+        "ok": None,
+    }
+
+
+def test_a_value_json_cannot_hold_is_a_sink_error_naming_the_table() -> None:
+    with pytest.raises(SinkError, match="cannot be written as JSON") as caught:
+        encode_row(EVENTS, {"id": "k", "doc": {1, 2}})
+    assert caught.value.context["table"] == "events"
+
+
+def test_a_message_that_is_not_a_row_is_a_sink_error() -> None:
+    with pytest.raises(SinkError, match="not a JSON object"):
+        decode_row(EVENTS, b"[1]")
+    with pytest.raises(SinkError, match="not base64"):
+        decode_row(EVENTS, b'{"id": "k", "blob": "***"}')
+
+
+def _checkpoint(state: bytes | None = b"\x01state") -> Checkpoint:
+    return Checkpoint(
+        group="g",
+        topic="in",
+        partition=3,
+        next_offset=120,
+        updated_at=datetime(2026, 1, 2, 3, 4, 5, 678000, tzinfo=UTC),
+        epoch=4,
+        leader_epoch=9,
+        writer_version="1.2.3",
+        state=state,
+        state_version=2,
+    )
+
+
+def test_checkpoint_metadata_round_trips_through_the_committed_offset() -> None:
+    checkpoint = _checkpoint()
+    metadata = encode_checkpoint_metadata(checkpoint, sink_topic="out")
+    assert json.loads(metadata)["sink"] == "out"
+    assert " " not in metadata, "compact JSON: the broker limits the metadata's size"
+    decoded = decode_committed_offset("g", "in", 3, 120, metadata)
+    assert decoded == checkpoint
+    assert decoded.read_from_format == CURRENT_FORMAT_VERSION
+
+
+def test_a_plain_kafka_offset_reads_as_a_format_1_checkpoint() -> None:
+    for metadata in (None, "", "some other tool's note", '{"not": "ours"}'):
+        decoded = decode_committed_offset("g", "in", 0, 55, metadata)
+        assert decoded.next_offset == 55
+        assert decoded.read_from_format == 1
+        assert decoded.epoch == 0
+        assert decoded.state is None
+
+
+def test_metadata_of_a_newer_format_is_refused() -> None:
+    metadata = json.dumps({"offsetkeeper": CURRENT_FORMAT_VERSION + 1})
+    with pytest.raises(CheckpointFormatError):
+        decode_committed_offset("g", "in", 0, 1, metadata)
+
+
+def test_a_state_too_large_for_offset_metadata_names_partition_and_size() -> None:
+    state = b"x" * OFFSET_METADATA_MAX_BYTES
+    with pytest.raises(SinkError, match="too large for Kafka offset metadata") as caught:
+        encode_checkpoint_metadata(_checkpoint(state), sink_topic="out")
+    context = caught.value.context
+    assert (context["topic"], context["partition"]) == ("in", 3)
+    assert context["metadata_bytes"] > OFFSET_METADATA_MAX_BYTES
+    assert context["state_bytes"] == len(state)
+    # Just below the limit fits.
+    fitting = b"x" * 2900
+    assert len(encode_checkpoint_metadata(_checkpoint(fitting), sink_topic="out")) <= 4096
+
+
+def _serialized(generation: int, member: str, instance: str | None = None) -> bytes:
+    tail = b"\x01" if instance is None else b"\x00" + instance.encode() + b"\x00"
+    return b"CGMDv2:" + struct.pack("=i", generation) + b"g\x00" + member.encode() + b"\x00" + tail
+
+
+def test_group_metadata_says_generation_and_member() -> None:
+    member = parse_group_metadata(_serialized(7, "rdkafka-1"))
+    assert member is not None
+    assert (member.group, member.generation, member.member_id) == ("g", 7, "rdkafka-1")
+    assert member.is_member
+    static = parse_group_metadata(_serialized(2, "inst-1-x", "inst-1"))
+    assert static is not None
+    assert static.member_id == "inst-1-x"
+
+
+def test_group_metadata_of_an_evicted_consumer_is_not_a_member() -> None:
+    evicted = parse_group_metadata(_serialized(-1, ""))
+    assert evicted is not None
+    assert not evicted.is_member
+    assert parse_group_metadata(b"something else") is None
+    assert parse_group_metadata(object()) is None
+
+
+def test_real_client_group_metadata_parses_as_not_yet_a_member() -> None:
+    consumer = confluent_kafka.Consumer(
+        {"bootstrap.servers": "127.0.0.1:9", "group.id": "parse-check"}
+    )
+    try:
+        parsed = parse_group_metadata(consumer.consumer_group_metadata())
+    finally:
+        consumer.close()
+    assert parsed is not None
+    assert parsed.group == "parse-check"
+    assert not parsed.is_member
+
+
+def _error(code: int, **flags: bool) -> confluent_kafka.KafkaError:
+    return confluent_kafka.KafkaError(code, "test", **flags)
+
+
+@pytest.mark.parametrize(
+    ("error", "failure"),
+    [
+        (_error(confluent_kafka.KafkaError.UNKNOWN_MEMBER_ID, txn_requires_abort=True), "member"),
+        (_error(confluent_kafka.KafkaError.FENCED_INSTANCE_ID, txn_requires_abort=True), "member"),
+        (_error(confluent_kafka.KafkaError.ILLEGAL_GENERATION, txn_requires_abort=True), "gen"),
+        (_error(confluent_kafka.KafkaError.REBALANCE_IN_PROGRESS, retriable=True), "gen"),
+        (_error(confluent_kafka.KafkaError._FENCED, fatal=True), "producer"),
+        (_error(confluent_kafka.KafkaError.PRODUCER_FENCED, fatal=True), "producer"),
+        (_error(confluent_kafka.KafkaError.INVALID_PRODUCER_EPOCH, fatal=True), "producer"),
+        (_error(confluent_kafka.KafkaError._INCONSISTENT, fatal=True), "fatal"),
+        (_error(confluent_kafka.KafkaError._TIMED_OUT, txn_requires_abort=True), "abortable"),
+        (_error(confluent_kafka.KafkaError._TIMED_OUT, retriable=True), "retriable"),
+        (_error(confluent_kafka.KafkaError.UNKNOWN), "abortable"),
+    ],
+)
+def test_each_transactional_error_maps_to_one_action(
+    error: confluent_kafka.KafkaError, failure: str
+) -> None:
+    expected = {
+        "member": TransactionFailure.MEMBER_FENCED,
+        "gen": TransactionFailure.GENERATION_MOVED,
+        "producer": TransactionFailure.PRODUCER_FENCED,
+        "fatal": TransactionFailure.FATAL,
+        "abortable": TransactionFailure.ABORTABLE,
+        "retriable": TransactionFailure.RETRIABLE,
+    }[failure]
+    assert classify(error) is expected
+
+
+class _FailingProducer:
+    """Stands in for confluent_kafka.Producer: send_offsets_to_transaction fails as told."""
+
+    def __init__(self, error: confluent_kafka.KafkaError) -> None:
+        self.error = error
+        self.calls: list[str] = []
+
+    def begin_transaction(self) -> None:
+        self.calls.append("begin")
+
+    def send_offsets_to_transaction(self, *_args: object) -> None:
+        self.calls.append("send_offsets")
+        raise confluent_kafka.KafkaException(self.error)
+
+    def abort_transaction(self, *_args: object) -> None:
+        self.calls.append("abort")
+
+
+def _bound_sink(producer: _FailingProducer, metadata: bytes) -> KafkaSink:
+    sink = KafkaSink(parse_kafka_url("kafka://127.0.0.1:9/out"))
+    sink.bind_group_metadata(lambda: metadata)
+    sink._producer = producer  # no broker in a unit test
+    sink._group = "g"
+    sink.begin()
+    return sink
+
+
+def test_a_member_fenced_by_the_coordinator_raises_fenced_error_for_the_whole_batch() -> None:
+    producer = _FailingProducer(
+        _error(confluent_kafka.KafkaError.UNKNOWN_MEMBER_ID, txn_requires_abort=True)
+    )
+    sink = _bound_sink(producer, _serialized(3, "m-1"))
+    other = Checkpoint(
+        group="g", topic="in", partition=5, next_offset=9, updated_at=datetime.now(UTC)
+    )
+    with pytest.raises(FencedError) as caught:
+        sink.save_checkpoints("g", [_checkpoint(), other], {})
+    assert caught.value.partitions == {("in", 3), ("in", 5)}
+    assert producer.calls == ["begin", "send_offsets", "abort"]
+
+
+def test_an_evicted_consumer_commits_nothing_even_though_the_broker_would_accept_it() -> None:
+    producer = _FailingProducer(_error(confluent_kafka.KafkaError.UNKNOWN))
+    sink = _bound_sink(producer, _serialized(-1, ""))
+    with pytest.raises(FencedError, match="not a member"):
+        sink.save_checkpoints("g", [_checkpoint()], {})
+    assert "send_offsets" not in producer.calls
+
+
+def test_a_new_generation_of_a_member_still_in_the_group_is_retried_not_fenced() -> None:
+    producer = _FailingProducer(
+        _error(confluent_kafka.KafkaError.ILLEGAL_GENERATION, txn_requires_abort=True)
+    )
+    sink = _bound_sink(producer, _serialized(4, "m-1"))
+    with pytest.raises(SinkError) as caught:
+        sink.save_checkpoints("g", [_checkpoint()], {})
+    assert not isinstance(caught.value, FencedError)
+    assert caught.value.context["failure"] == "generation_moved"
+    assert producer.calls[-1] == "abort"
