@@ -1,6 +1,7 @@
 """offsetkeeper: consume Kafka topics into sinks exactly once in effect."""
 
 from consumer._app import SOURCE_COLUMNS, App, ColumnType, StateSchema, Table, TableMode, load_app
+from consumer._avro import encode_confluent, encode_single_object
 from consumer._backend import ClientBackend, RebalanceListener, StartPosition
 from consumer._checkpoint import (
     CURRENT_FORMAT_VERSION,
@@ -20,6 +21,7 @@ from consumer._errors import (
     KafkaError,
     OffsetkeeperError,
     RecordError,
+    SchemaRegistryError,
     SinkError,
 )
 from consumer._records import RawRecord, Record, Row, TopicPartition
@@ -44,6 +46,7 @@ __all__ = [
     "Record",
     "RecordError",
     "Row",
+    "SchemaRegistryError",
     "SinkError",
     "StartPosition",
     "StateSchema",
@@ -52,6 +55,8 @@ __all__ = [
     "TopicPartition",
     "decode_checkpoint",
     "encode_checkpoint",
+    "encode_confluent",
+    "encode_single_object",
     "from_avro",
     "load_app",
     "to_avro",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from importlib import resources
+from pathlib import Path
 
 
 def checkpoint_schema_text(format_version: int) -> str:
@@ -20,3 +21,9 @@ def released_checkpoint_versions() -> list[int]:
         if name.startswith("v") and name.endswith(".avsc") and name[1:-5].isdigit():
             versions.append(int(name[1:-5]))
     return sorted(versions)
+
+
+def examples_dir() -> Path:
+    """The directory of the example event schemas (`orders-v1.avsc`, `orders-v2.avsc`), wherever
+    the package is installed: usable as `--schema-dir` and as a reader schema's directory."""
+    return Path(str(resources.files(__name__).joinpath("examples")))

@@ -8,8 +8,8 @@ table is the JSON example's (consumer/examples/orders.py) plus `currency`.
     offsetkeeper run --app consumer.examples.orders_avro:app --group orders --topic orders \
         --schema-dir schemas/examples --sink sqlite:///orders.db
 
-Run it from the repository root (the reader schema path is relative), or give
-`--reader-schema orders=/path/to/orders-v2.avsc`.
+The reader schema is the installed package's copy of orders-v2.avsc, so the app works from any
+working directory (`schemas.examples_dir()` is also what to give as `--schema-dir` elsewhere).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from consumer import App, InvalidRecordError, Record, Row, Table
+from schemas import examples_dir
 
 ORDERS = Table(
     name="orders",
@@ -30,7 +31,7 @@ ORDERS = Table(
     key=("order_id",),
 )
 
-READER_SCHEMA = "schemas/examples/orders-v2.avsc"
+READER_SCHEMA = str(examples_dir() / "orders-v2.avsc")
 
 app = App(
     name="orders-avro",
