@@ -85,7 +85,8 @@ def commit_batch(
     """
     # 1 (a sink that names its output by partition gets each partition's rows on their own)
     writes: list[tuple[RowsOrigin | None, Mapping[str, tuple[Table, list[Mapping[str, Any]]]]]]
-    if sink.writes_per_partition:
+    # Sinks written before the attribute existed lack it: they get merged rows.
+    if getattr(sink, "writes_per_partition", False):
         writes = [
             (
                 RowsOrigin(group, work.partition, work.first_offset, work.next_offset),

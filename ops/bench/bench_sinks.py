@@ -18,11 +18,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from consumer import Checkpoint, FencedError, Table, TopicPartition
-from sinks import Sink
+from sinks import RowsOrigin, Sink
 
 
 class NullSink:
     """Drops rows; keeps epochs and checkpoints in memory (one process, so never fenced)."""
+
+    writes_per_partition = False
 
     def __init__(self) -> None:
         self._epochs: dict[tuple[str, TopicPartition], int] = {}
@@ -63,7 +65,9 @@ class NullSink:
     def begin(self) -> None:
         self._pending.clear()
 
-    def write_rows(self, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
+    def write_rows(
+        self, table: Table, rows: Sequence[Mapping[str, Any]], origin: RowsOrigin | None = None
+    ) -> None:
         self.rows_written += len(rows)
 
     def save_checkpoints(
@@ -114,6 +118,7 @@ class _Wrapper:
 
     def __init__(self, inner: Sink) -> None:
         self._inner = inner
+        self.writes_per_partition = inner.writes_per_partition
 
     @property
     def description(self) -> str:
@@ -138,8 +143,10 @@ class _Wrapper:
     def begin(self) -> None:
         self._inner.begin()
 
-    def write_rows(self, table: Table, rows: Sequence[Mapping[str, Any]]) -> None:
-        self._inner.write_rows(table, rows)
+    def write_rows(
+        self, table: Table, rows: Sequence[Mapping[str, Any]], origin: RowsOrigin | None = None
+    ) -> None:
+        self._inner.write_rows(table, rows, origin)
 
     def save_checkpoints(
         self,

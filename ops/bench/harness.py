@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 import machine
+import ok_app
 import produce
 import profile_report
 import psycopg
@@ -214,6 +215,8 @@ def command(
         argv = [OK_CLI, "run", "--app", f"ok_app:{encoding}_app", "--bootstrap-servers"]
         argv += [ctx.bootstrap, "--group", group, "--topic", topic, "--sink", url, *idle]
         argv += ["--log-format", "json", "--backend", contender.backend]
+        if encoding == "avro":
+            argv += ["--schema-dir", str(ok_app.write_schema_dir(result.parent / "schemas"))]
         return argv, {"PYTHONPATH": str(BENCH)}
     argv = [PY, "ok_driver.py", *common, "--sink", str(contender.sink), *extra]
     argv += ["--stop-after-records", str(records)] if latency else idle

@@ -15,8 +15,10 @@ import argparse
 import cProfile
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from types import FrameType
 from typing import Any
 
@@ -31,6 +33,7 @@ from consumer._engine import Engine, EngineSettings
 from consumer._errors import RecordError, SinkError
 from consumer._logging import configure_logging
 from consumer._records import TopicPartition
+from consumer._topic_decoders import DecodeSettings, TopicDecoders
 from sinks import Sink, open_sink
 
 SINK_KINDS = ("sqlite", "postgresql", "null", "split", "kafka-offsets")
@@ -134,8 +137,10 @@ def main(argv: list[str] | None = None) -> int:
     kafka_config = dict(item.split("=", 1) for item in args.kafka)
     clock = RunClock(latency=args.latency, first_commit_file=args.first_commit_file)
     observer = BenchObserver(clock, args.stop_after_records)
+    app = ok_app.app_for(args.encoding)
+    schema_dir = ok_app.write_schema_dir(Path(tempfile.mkdtemp(prefix="ok-bench-schemas-")))
     engine = Engine(
-        ok_app.app_for(args.encoding),
+        app,
         EngineSettings(
             group=args.group,
             topics=(args.topic,),
@@ -148,6 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         ),
         make_sink(args.sink, args.sink_url),
         observer=observer,
+        decoders=TopicDecoders(app, DecodeSettings(schema_dir=str(schema_dir))),
     )
 
     def stop(_signum: int, _frame: FrameType | None) -> None:

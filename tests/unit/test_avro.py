@@ -23,6 +23,7 @@ from consumer._avro import (
 from consumer._decode import DecodeOptions, Decoder, decoder_for
 from consumer._errors import SchemaRegistryError
 from consumer.examples import orders_avro
+from schemas import examples_dir
 from tests.fixtures.schema_registry import FakeSchemaRegistry
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "schemas" / "examples"
@@ -481,7 +482,7 @@ def process_order(record: Record) -> Row:
 def test_the_orders_avro_example_writes_v1_and_v2_orders() -> None:
     app = orders_avro.app
     assert app.decode == "avro-local"
-    assert app.reader_schema == "schemas/examples/orders-v2.avsc"
+    assert app.reader_schema == str(examples_dir() / "orders-v2.avsc")
     assert dict(orders_avro.ORDERS.columns)["currency"] == "text"
     assert app.processor is not None
     decode = local_decoder()
