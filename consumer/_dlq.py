@@ -20,6 +20,7 @@ Re-driving, after the cause is fixed:
 from __future__ import annotations
 
 import contextlib
+import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -34,7 +35,7 @@ from consumer._batch import PartitionWork, process_partition
 from consumer._commit import CrashInjector, commit_batch
 from consumer._confluent import translate
 from consumer._dead_letters import DeadLetterOrigin, original_record
-from consumer._errors import ConfigError, RecordError
+from consumer._errors import ConfigError, KafkaError, RecordError
 from consumer._records import RawRecord, TopicPartition
 from consumer._topic_decoders import TopicDecoders
 from sinks import Sink
@@ -44,6 +45,7 @@ log = structlog.get_logger("offsetkeeper.dlq")
 _BATCH = 500
 _POLL_TIMEOUT_S = 0.5
 _TRANSACTION_TIMEOUT_S = 30.0
+_STALL_TIMEOUT_S = 60.0  # no progress towards the end offset for this long: the broker is gone
 
 
 @dataclass(frozen=True, slots=True)
@@ -117,6 +119,7 @@ def _read_to_end(
             continue
         reader.assign({tp: start})
         position = start
+        stalled_since = time.monotonic()
         while position < high:
             records = [
                 r for r in reader.poll_batch(_BATCH, _POLL_TIMEOUT_S) if r.partition == partition
@@ -124,9 +127,19 @@ def _read_to_end(
             records = [r for r in records if position <= r.offset < high]
             if records:
                 position = records[-1].offset + 1
+                stalled_since = time.monotonic()
                 yield partition, records
             elif (reader.position(tp) or position) >= high:
                 break  # the rest of the range was compacted or aborted transaction markers
+            elif time.monotonic() - stalled_since > _STALL_TIMEOUT_S:
+                raise KafkaError(
+                    "no records arrive from the dead-letter topic",
+                    topic=topic,
+                    partition=partition,
+                    position=position,
+                    end=high,
+                    waited_s=_STALL_TIMEOUT_S,
+                )
 
 
 def redrive_group(dead_letter_topic: str) -> str:

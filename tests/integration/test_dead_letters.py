@@ -204,15 +204,23 @@ def test_bad_records_are_dead_lettered_once_each_with_their_origin_and_untouched
     assert {m.headers[HEADER_GROUP] for m in replay_letters} == {b"replay-backfill"}
 
 
+@pytest.mark.parametrize("backend", ["confluent", "aiokafka"])
 def test_a_kill_between_the_dead_letter_write_and_the_commit_loses_no_dead_letter(
-    kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]
+    kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess], backend: str
 ) -> None:
     topic, group = unique_name("poison-kill"), unique_name("poison-kill")
     create_topic(kafka.address, topic, 2)
     _produce_with_bad_records(kafka, topic, broken=True)
     db = tmp_path / "poison.db"
-    args = run_args("tests.apps.poison:app", kafka.address, group, topic, f"sqlite:///{db}") + list(
-        DEAD_LETTER_FLAGS
+    args = run_args(
+        "tests.apps.poison:app",
+        kafka.address,
+        group,
+        topic,
+        f"sqlite:///{db}",
+        *DEAD_LETTER_FLAGS,
+        "--backend",
+        backend,
     )
     crashed = ConsumerProcess(
         args, tmp_path / "crash.log", env={"OFFSETKEEPER_TEST_CRASH_POINT": "after-dead-letters"}
