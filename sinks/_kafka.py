@@ -489,6 +489,18 @@ class KafkaSink:
 
     def open(self, tables: Sequence[Table]) -> None:
         self.open_existing()
+        if (
+            self._group_metadata is not None
+            and parse_group_metadata(self._group_metadata()) is None
+        ):
+            # Without reading the membership, an evicted member could commit (see
+            # save_checkpoints): refuse now, clearly, rather than fence every batch later.
+            raise ConfigError(
+                "cannot read the consumer's group membership from this confluent-kafka "
+                "version's group metadata; the kafka sink cannot fence zombies with it",
+                confluent_kafka=confluent_kafka.version()[0],
+                librdkafka=confluent_kafka.libversion()[0],
+            )
         topics = self._topic_names()
         if self._settings.topic not in topics:
             raise ConfigError(

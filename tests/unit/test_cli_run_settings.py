@@ -150,3 +150,50 @@ def test_the_readme_documents_every_run_setting_with_its_flag_and_variable() -> 
 
 def test_the_operations_settings_are_documented_in_the_readme() -> None:
     assert set(OPERATIONS) <= set(_readme_rows())
+
+
+def test_decoding_and_bad_record_flags_reach_the_settings(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    config = tmp_path / "offsetkeeper.toml"
+    config.write_text('bad_record_retries = 7\n[reader_schema]\norders = "from-file.avsc"\n')
+    monkeypatch.setenv("OFFSETKEEPER_CONFIG", str(config))
+    monkeypatch.setenv("OFFSETKEEPER_DECODE", '{"orders": "avro", "clicks": "json"}')
+    monkeypatch.setenv("OFFSETKEEPER_SCHEMA_REGISTRY_URL", "http://u:secret@127.0.0.1:8081")
+
+    settings = _settings(
+        "--decode",
+        "clicks=avro-local",
+        "--on-bad-record",
+        "dead-letter",
+        "--dead-letter-topic",
+        "{topic}.bad",
+        "--bad-record-backoff",
+        "0.5",
+    )
+
+    # Per-topic maps merge across sources; for one topic the flag beats the environment.
+    assert settings.decode == {"orders": "avro", "clicks": "avro-local"}
+    assert settings.reader_schema == {"orders": "from-file.avsc"}
+    assert settings.schema_registry_url is not None
+    assert "secret" not in str(settings.schema_registry_url)
+    assert settings.on_bad_record == "dead-letter"
+    assert settings.dead_letter_topic == "{topic}.bad"
+    assert settings.bad_record_retries == 7
+    assert settings.bad_record_backoff_s == 0.5
+    assert settings.bad_record_max_backoff_s == 5.0
+
+
+def test_a_decode_flag_without_a_topic_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit):
+        _settings("--decode", "avro")
+    assert "expected KEY=VALUE" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("flag", "value"),
+    [("--on-bad-record", "skip"), ("--bad-record-retries", "-1"), ("--bad-record-backoff", "-2")],
+)
+def test_invalid_bad_record_settings_are_refused(flag: str, value: str) -> None:
+    with pytest.raises((ConfigError, SystemExit)):
+        _settings(flag, value)

@@ -306,3 +306,11 @@ def test_a_new_generation_of_a_member_still_in_the_group_is_retried_not_fenced()
     assert not isinstance(caught.value, FencedError)
     assert caught.value.context["failure"] == "generation_moved"
     assert producer.calls[-1] == "abort"
+
+
+def test_a_client_whose_group_metadata_cannot_be_read_is_refused_at_open() -> None:
+    sink = KafkaSink(parse_kafka_url("kafka://127.0.0.1:9/out"))
+    sink.bind_group_metadata(lambda: b"some-future-serialization")
+    sink._admin = object()  # no broker in a unit test: open() fails before asking it
+    with pytest.raises(ConfigError, match="cannot read the consumer's group membership"):
+        sink.open([])
