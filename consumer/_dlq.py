@@ -278,6 +278,7 @@ def to_pipeline(
     starts = {tp.partition: cp.next_offset for tp, cp in stored.items()}
     crash = CrashInjector.from_environment()
     stopped: list[RecordError] = []
+    reprocessed = [0]  # letters committed through the pipeline (not those after a stop)
 
     def handle(partition: int, acted: list[tuple[int, DeadLetterEntry | None]]) -> None:
         if stopped:
@@ -297,6 +298,7 @@ def to_pipeline(
                     stopped.append(done.error)
                     break
                 work.rows.extend(done.rows)
+                reprocessed[0] += 1
             work.records += 1
             work.next_offset = offset + 1
         if work.next_offset > work.first_offset:
@@ -320,7 +322,7 @@ def to_pipeline(
             error=str(error),
         )
     return RedriveSummary(
-        redriven=len(scanned.entries),
+        redriven=reprocessed[0],
         repeats=scanned.repeats,
         foreign=scanned.foreign,
         stopped=stopped[0] if stopped else None,
