@@ -112,7 +112,8 @@ def process_partition(
     # Decided once per batch, not per record: the check is measurable at 100k records/s.
     is_async = inspect.iscoroutinefunction(processor)
     working = copy_state(state) if stateful else None
-    good: list[RawRecord] = []  # the records whose effects the state holds (for rebuilding it)
+    # Stateful apps: the records whose effects the state holds (for rebuilding it).
+    good: list[RawRecord] = []
     for raw in records:
         attempt = 0
         backoff = policy.backoff_s
@@ -155,7 +156,8 @@ def process_partition(
                 break
         if keyed is not None:
             work.rows.extend(keyed)
-            good.append(raw)
+            if stateful:
+                good.append(raw)
         work.records += 1
         work.next_offset = raw.offset + 1
         work.leader_epoch = raw.leader_epoch

@@ -217,23 +217,18 @@ class KafkaDeadLetterWriter:
 
         for letter in letters:
             raw = letter.record
+            message = {
+                "key": raw.key,
+                "value": raw.value,
+                "headers": dead_letter_headers(letter, self._group),
+                "on_delivery": delivered,
+            }
             try:
-                producer.produce(
-                    self.topic_for(raw.topic),
-                    key=raw.key,
-                    value=raw.value,
-                    headers=dead_letter_headers(letter, self._group),
-                    on_delivery=delivered,
-                )
-            except BufferError:
-                producer.flush(_DELIVERY_TIMEOUT_MS / 1000)
-                producer.produce(
-                    self.topic_for(raw.topic),
-                    key=raw.key,
-                    value=raw.value,
-                    headers=dead_letter_headers(letter, self._group),
-                    on_delivery=delivered,
-                )
+                try:
+                    producer.produce(self.topic_for(raw.topic), **message)
+                except BufferError:  # the local queue is full: drain it, then send this one
+                    producer.flush(_DELIVERY_TIMEOUT_MS / 1000)
+                    producer.produce(self.topic_for(raw.topic), **message)
             except confluent_kafka.KafkaException as exc:
                 raise KafkaError(
                     "cannot send a dead letter",

@@ -53,14 +53,6 @@ class Telemetry:
         self.metrics.consumed(partition).inc(records)
 
     def batch_committed(self, works: Sequence[PartitionWork], committed: CommittedBatch) -> None:
-        for work in works:
-            for letter in work.dead_letters:
-                self.metrics.bad_records.labels(
-                    work.partition.topic,
-                    str(work.partition.partition),
-                    type(letter.error).__name__,
-                    "dead_lettered",
-                ).inc()
         m = self.metrics
         m.batches_committed.inc()
         m.batch_records.observe(committed.records)
@@ -70,6 +62,13 @@ class Telemetry:
         for work in works:
             if work.records:
                 m.committed(work.partition).inc(work.records)
+            for letter in work.dead_letters:
+                m.bad_records.labels(
+                    work.partition.topic,
+                    str(work.partition.partition),
+                    type(letter.error).__name__,
+                    "dead_lettered",
+                ).inc()
         with self._lag_lock:
             for tp, next_offset in committed.next_offsets.items():
                 m.committed_offset.labels(tp.topic, str(tp.partition)).set(next_offset)

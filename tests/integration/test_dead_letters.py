@@ -22,7 +22,7 @@ from consumer._dead_letters import (
 )
 from tests.fixtures.dead_letters import Message, offsetkeeper, read_topic
 from tests.fixtures.kafka_tools import create_topic, end_offsets, partition_contents, unique_name
-from tests.fixtures.processes import REPO, ConsumerProcess, run_args, wait_until
+from tests.fixtures.processes import REPO, ConsumerProcess, run_args
 from tests.fixtures.services import Service
 from tests.integration.conftest import sqlite_checkpoints, sqlite_rows
 
@@ -371,10 +371,8 @@ def test_avro_with_evolution_bad_frames_and_a_registry_outage(
             tmp_path / "avro.log",
         )
         consumers.append(process)
-        wait_until(
-            lambda: any(e.get("event") == "decode_retry" for e in process.events()),
-            timeout=60,
-            what="the consumer to wait out the registry outage",
+        process.wait_for_event(
+            "decode_retry", timeout=60, what="the consumer to wait out the registry outage"
         )
         registry.fail_with(None)
         assert process.wait(timeout=120) == 0, process.log_path.read_text()[-3000:]

@@ -196,12 +196,9 @@ def test_zombie_member_is_fenced_and_its_stale_batch_never_lands(
     settled = checkpoints(pg_dsn, group)
 
     os.kill(zombie.pid, signal.SIGCONT)
-    wait_until(
-        lambda: any(e.get("event") == "partitions_fenced" for e in zombie.events()),
-        timeout=60,
-        what="the zombie's fencing log line",
+    fenced = zombie.wait_for_event(
+        "partitions_fenced", timeout=60, what="the zombie's fencing log line"
     )
-    fenced = next(e for e in zombie.events() if e.get("event") == "partitions_fenced")
     assert f"{topic}[0]" in fenced["partitions"]
     time.sleep(2)  # let anything the zombie might still do happen before we look
     assert checkpoints(pg_dsn, group) == settled, "the zombie moved checkpoints"
