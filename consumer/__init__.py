@@ -1,9 +1,11 @@
-"""offsetkeeper: consume Kafka topics into sinks exactly once in effect."""
+"""offsetkeeper: consume Kafka topics into sinks exactly once in effect.
 
-from consumer._app import SOURCE_COLUMNS, App, ColumnType, StateSchema, Table, TableMode, load_app
-from consumer._avro import encode_confluent, encode_single_object
-from consumer._backend import ClientBackend, RebalanceListener, StartPosition
-from consumer._checkpoint import (
+This module is the public API: everything a user, a sink or a client backend written outside
+this package may import is in `__all__`; the subpackages are private. Public names report
+`consumer` as their module, so a traceback reads `consumer.FencedError`.
+"""
+
+from consumer.checkpoints.model import (
     CURRENT_FORMAT_VERSION,
     Checkpoint,
     decode_checkpoint,
@@ -11,7 +13,18 @@ from consumer._checkpoint import (
     from_avro,
     to_avro,
 )
-from consumer._errors import (
+from consumer.cli.sinks import SINK_ENTRY_POINT_GROUP, open_sink
+from consumer.core.app import (
+    SOURCE_COLUMNS,
+    App,
+    ColumnType,
+    StateSchema,
+    Table,
+    TableMode,
+    check_identifier,
+    load_app,
+)
+from consumer.core.errors import (
     CheckpointError,
     CheckpointFormatError,
     ConfigError,
@@ -24,21 +37,38 @@ from consumer._errors import (
     SchemaRegistryError,
     SinkError,
 )
-from consumer._records import RawRecord, Record, Row, TopicPartition
+from consumer.core.records import RawRecord, Record, Row, TopicPartition
+from consumer.core.urls import mask_url
+from consumer.decoding.avro import encode_confluent, encode_single_object
+from consumer.engine.client import ClientBackend, RebalanceListener, StartPosition
+from consumer.engine.crash import CrashInjector
+from consumer.engine.sink import (
+    CheckpointAdmin,
+    GroupBoundSink,
+    JobStore,
+    RowsOrigin,
+    Sink,
+    check_epochs,
+)
 
 __all__ = [
     "CURRENT_FORMAT_VERSION",
+    "SINK_ENTRY_POINT_GROUP",
     "SOURCE_COLUMNS",
     "App",
     "Checkpoint",
+    "CheckpointAdmin",
     "CheckpointError",
     "CheckpointFormatError",
     "ClientBackend",
     "ColumnType",
     "ConfigError",
+    "CrashInjector",
     "DecodeError",
     "FencedError",
+    "GroupBoundSink",
     "InvalidRecordError",
+    "JobStore",
     "KafkaError",
     "OffsetkeeperError",
     "RawRecord",
@@ -46,18 +76,38 @@ __all__ = [
     "Record",
     "RecordError",
     "Row",
+    "RowsOrigin",
     "SchemaRegistryError",
+    "Sink",
     "SinkError",
     "StartPosition",
     "StateSchema",
     "Table",
     "TableMode",
     "TopicPartition",
+    "check_epochs",
+    "check_identifier",
     "decode_checkpoint",
     "encode_checkpoint",
     "encode_confluent",
     "encode_single_object",
     "from_avro",
     "load_app",
+    "mask_url",
+    "open_sink",
     "to_avro",
 ]
+
+
+import inspect
+
+
+def _report_public_module() -> None:
+    """Public classes and functions say they live in `consumer` (as psycopg does)."""
+    for name in __all__:
+        value = globals()[name]
+        if isinstance(value, type) or inspect.isfunction(value):
+            value.__module__ = __name__
+
+
+_report_public_module()

@@ -1,31 +1,29 @@
-"""Sinks: transactional stores for output rows and the checkpoints that produced them."""
+"""Our sinks: SQLite, PostgreSQL, atomic files and a transactional Kafka topic.
 
-from sinks._contract import (
-    DEFAULT_CHECKPOINT_TABLE,
-    DEFAULT_LEASE_TABLE,
-    GroupBoundSink,
-    RowsOrigin,
-    Sink,
-)
+Each implements `consumer.Sink` and is found by the CLI through the `offsetkeeper.sinks`
+entry-point group (one name per URL scheme), exactly as a third party's sink would be. This
+package imports only consumer's public API.
+"""
+
 from sinks._file import DataFile, FileSink, committed_files, read_committed_rows
 from sinks._kafka import KafkaSink, decode_row, encode_row
+from sinks._sql import DEFAULT_CHECKPOINT_TABLE, DEFAULT_LEASE_TABLE
 from sinks._sqlite import SqliteSink
-from sinks._url import mask_url, open_sink
+from sinks._url import open_file_sink, open_kafka_sink, open_postgres_sink, open_sqlite_sink
 
 __all__ = [
     "DEFAULT_CHECKPOINT_TABLE",
     "DEFAULT_LEASE_TABLE",
     "DataFile",
     "FileSink",
-    "GroupBoundSink",
     "KafkaSink",
-    "RowsOrigin",
-    "Sink",
     "SqliteSink",
     "committed_files",
     "decode_row",
     "encode_row",
-    "mask_url",
-    "open_sink",
+    "open_file_sink",
+    "open_kafka_sink",
+    "open_postgres_sink",
+    "open_sqlite_sink",
     "read_committed_rows",
 ]

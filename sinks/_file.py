@@ -46,16 +46,19 @@ from urllib.parse import quote
 
 import structlog
 
-from consumer._app import Table
-from consumer._checkpoint import (
+from consumer import (
     CURRENT_FORMAT_VERSION,
     Checkpoint,
+    ConfigError,
+    CrashInjector,
+    FencedError,
+    RowsOrigin,
+    SinkError,
+    Table,
+    TopicPartition,
     decode_checkpoint,
     encode_checkpoint,
 )
-from consumer._errors import ConfigError, FencedError, SinkError
-from consumer._records import TopicPartition
-from sinks._contract import RowsOrigin
 
 log = structlog.get_logger("offsetkeeper.sink.file")
 
@@ -388,8 +391,6 @@ class FileSink:
     writes_per_partition = True
 
     def __init__(self, directory: str | Path, *, lock_timeout_s: float = 30.0) -> None:
-        # Imported here: consumer._commit imports this package.
-        from consumer._commit import CrashInjector  # noqa: PLC0415
 
         self._root = Path(directory)
         self._own = self._root / OWN_DIR

@@ -45,11 +45,17 @@ import structlog
 # NewTopic is in confluent_kafka.admin's public API, missing from its type stub's exports.
 from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
-from consumer._app import Table
-from consumer._checkpoint import CURRENT_FORMAT_VERSION, Checkpoint, decode_checkpoint
-from consumer._errors import ConfigError, FencedError, SinkError
-from consumer._records import TopicPartition
-from sinks._contract import RowsOrigin
+from consumer import (
+    CURRENT_FORMAT_VERSION,
+    Checkpoint,
+    ConfigError,
+    FencedError,
+    RowsOrigin,
+    SinkError,
+    Table,
+    TopicPartition,
+    decode_checkpoint,
+)
 
 log = structlog.get_logger("offsetkeeper.sink.kafka")
 

@@ -10,21 +10,24 @@ from psycopg import sql
 from psycopg.conninfo import make_conninfo
 from psycopg.types.json import Jsonb
 
-from consumer._app import Table, check_identifier
-from consumer._checkpoint import (
+from consumer import (
     CURRENT_FORMAT_VERSION,
     Checkpoint,
+    FencedError,
+    RowsOrigin,
+    SinkError,
+    Table,
+    TopicPartition,
+    check_identifier,
     decode_checkpoint,
     encode_checkpoint,
+    mask_url,
 )
-from consumer._errors import FencedError, SinkError
-from consumer._records import TopicPartition
-from sinks._contract import (
+from sinks._sql import (
     CHECKPOINT_V2_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,
     DEFAULT_LEASE_TABLE,
     JOB_TABLE,
-    RowsOrigin,
 )
 
 _V2_TYPES = {
@@ -74,7 +77,6 @@ class PostgresSink:
 
     @property
     def description(self) -> str:
-        from sinks._url import mask_url  # noqa: PLC0415 - avoids an import cycle with _url
 
         return mask_url(self._dsn)
 

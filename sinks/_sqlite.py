@@ -10,21 +10,23 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from consumer._app import Table, check_identifier
-from consumer._checkpoint import (
+from consumer import (
     CURRENT_FORMAT_VERSION,
     Checkpoint,
+    FencedError,
+    RowsOrigin,
+    SinkError,
+    Table,
+    TopicPartition,
+    check_identifier,
     decode_checkpoint,
     encode_checkpoint,
 )
-from consumer._errors import FencedError, SinkError
-from consumer._records import TopicPartition
-from sinks._contract import (
+from sinks._sql import (
     CHECKPOINT_V2_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,
     DEFAULT_LEASE_TABLE,
     JOB_TABLE,
-    RowsOrigin,
 )
 
 _V2_TYPES = {

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from sinks import mask_url
+from consumer import mask_url
 from tests.fixtures.services import Service, kafka_service, postgres_service
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")

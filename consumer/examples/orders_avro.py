@@ -1,6 +1,6 @@
 """Orders in Avro: order events of any schema version upserted into an `orders` table.
 
-Values are Avro single-object encoded (`consumer._avro.encode_single_object`) with
+Values are Avro single-object encoded (`consumer.decoding.avro.encode_single_object`) with
 `schemas/examples/orders-v1.avsc` or `orders-v2.avsc`, and read as version 2: a version-1 order
 gets `currency` "EUR" and loses `coupon`, and its int `amount_cents` is read as a long. The
 table is the JSON example's (consumer/examples/orders.py) plus `currency`.

@@ -31,8 +31,8 @@ import fastavro
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO))  # the schema registry stub lives in tests/fixtures
 
-from consumer._avro import encode_confluent, encode_single_object  # noqa: E402
-from consumer._decode import DecodeOptions, decoder_for  # noqa: E402
+from consumer.decoding.avro import encode_confluent, encode_single_object  # noqa: E402
+from consumer.decoding.decoders import DecodeOptions, decoder_for  # noqa: E402
 from tests.fixtures.schema_registry import FakeSchemaRegistry  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results" / "avro_decode.md"

@@ -17,8 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from consumer import Checkpoint, FencedError, Table, TopicPartition
-from sinks import RowsOrigin, Sink
+from consumer import Checkpoint, FencedError, RowsOrigin, Sink, Table, TopicPartition
 
 
 class NullSink:

@@ -26,15 +26,15 @@ import ok_app
 from bench_sinks import KafkaOffsetsOnlySink, NullSink, SplitTransactionSink
 from timing import RunClock
 
-from consumer._batch import PartitionWork
-from consumer._commit import CommittedBatch
-from consumer._confluent import ConfluentBackend
-from consumer._engine import Engine, EngineSettings
-from consumer._errors import RecordError, SinkError
-from consumer._logging import configure_logging
-from consumer._records import TopicPartition
-from consumer._topic_decoders import DecodeSettings, TopicDecoders
-from sinks import Sink, open_sink
+from consumer import Sink, open_sink
+from consumer.backends.confluent import ConfluentBackend
+from consumer.core.errors import RecordError, SinkError
+from consumer.core.records import TopicPartition
+from consumer.decoding.topics import DecodeSettings, TopicDecoders
+from consumer.engine.batch import PartitionWork
+from consumer.engine.commit import CommittedBatch
+from consumer.engine.loop import Engine, EngineSettings
+from consumer.runtime.logs import configure_logging
 
 SINK_KINDS = ("sqlite", "postgresql", "null", "split", "kafka-offsets")
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer._dead_letters import (
+from consumer.deadletters.writer import (
     HEADER_ATTEMPTS,
     HEADER_ERROR_CLASS,
     HEADER_ERROR_MESSAGE,
@@ -310,7 +310,7 @@ def test_avro_with_evolution_bad_frames_and_a_registry_outage(
     """v1 and v2 records interleaved, read as v2 (defaults applied); a bad magic byte, an
     unknown schema id and a truncated body are dead-lettered; a registry answering 503 at
     start-up is waited out, and dead-letters nothing."""
-    from consumer._avro import encode_confluent  # noqa: PLC0415
+    from consumer.decoding.avro import encode_confluent  # noqa: PLC0415
     from tests.fixtures.kafka_tools import produce  # noqa: PLC0415
     from tests.fixtures.schema_registry import FakeSchemaRegistry  # noqa: PLC0415
 

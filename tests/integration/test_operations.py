@@ -17,7 +17,7 @@ from urllib.parse import urlsplit
 import psycopg
 import pytest
 
-from sinks import mask_url
+from consumer import mask_url
 from tests.fixtures.chaos import chaos_event, verify_chaos_sink
 from tests.fixtures.control import require_control
 from tests.fixtures.kafka_tools import (

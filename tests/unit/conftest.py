@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import structlog
 
-from consumer._commit import CRASH_AFTER_ENV, CRASH_POINT_ENV
+from consumer.engine.crash import CRASH_AFTER_ENV, CRASH_POINT_ENV
 
 
 @pytest.fixture

@@ -1,4 +1,4 @@
-"""consumer._app: declared tables are checked up front; apps load by MODULE:ATTR reference."""
+"""consumer.core.app: declared tables are checked up front; apps load by MODULE:ATTR reference."""
 
 from __future__ import annotations
 

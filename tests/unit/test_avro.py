@@ -1,4 +1,4 @@
-"""consumer._avro: both framings, schema evolution, every bad input, the registry and its cache."""
+"""consumer.decoding.avro: both framings, schema evolution, bad inputs, the registry, its cache."""
 
 from __future__ import annotations
 
@@ -14,14 +14,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer import ConfigError, DecodeError, Record, Row
-from consumer._avro import (
+from consumer.core.errors import SchemaRegistryError
+from consumer.decoding.avro import (
     encode_confluent,
     encode_single_object,
     parse_schema,
     schema_fingerprint,
 )
-from consumer._decode import DecodeOptions, Decoder, decoder_for
-from consumer._errors import SchemaRegistryError
+from consumer.decoding.decoders import DecodeOptions, Decoder, decoder_for
 from consumer.examples import orders_avro
 from schemas import examples_dir
 from tests.fixtures.schema_registry import FakeSchemaRegistry

@@ -1,4 +1,4 @@
-"""consumer._batch: grouping, per-partition processing, the first bad record stops, merging."""
+"""consumer.engine.batch: grouping, per-partition processing, the first bad record stops."""
 
 from __future__ import annotations
 
@@ -18,15 +18,15 @@ from consumer import (
     Table,
     TopicPartition,
 )
-from consumer._batch import (
+from consumer.core.errors import SchemaRegistryError
+from consumer.decoding.decoders import decoder_for
+from consumer.engine.batch import (
     BadRecordPolicy,
     PartitionWork,
     group_by_partition,
     merge_rows,
     process_partition,
 )
-from consumer._decode import decoder_for
-from consumer._errors import SchemaRegistryError
 from tests.fixtures.apps import EVENTS, event, events_app
 from tests.fixtures.fake_backend import raw
 

@@ -1,4 +1,4 @@
-"""consumer._checkpoint: the checkpoint model, its versioned codec, and the released schemas."""
+"""consumer.checkpoints.model: the checkpoint model, its versioned codec, the released schemas."""
 
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from consumer import (
     from_avro,
     to_avro,
 )
-from consumer._checkpoint import upgrade_record
+from consumer.checkpoints.model import upgrade_record
 from schemas import checkpoint_schema_text, released_checkpoint_versions
 
 GOLDEN = Path(__file__).resolve().parents[1] / "fixtures" / "checkpoints"

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from consumer import ConfigError
-from consumer._cli import build_parser
-from consumer._cli_common import cli_values
-from consumer._cli_run import RUN_SETTINGS
-from consumer._config import RunSettings, load_settings
+from consumer.cli.common import cli_values
+from consumer.cli.main import build_parser
+from consumer.cli.run import RUN_SETTINGS
+from consumer.core.settings import RunSettings, load_settings
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 REQUIRED = ("--app", "a:b", "--group", "g", "--topic", "t")

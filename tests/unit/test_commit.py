@@ -1,4 +1,4 @@
-"""consumer._commit: the commit sequence against a real SqliteSink, and the crash switch."""
+"""consumer.engine.commit: the commit sequence against a real SqliteSink, and the crash switch."""
 
 from __future__ import annotations
 
@@ -10,17 +10,12 @@ from typing import Any
 
 import pytest
 
-from consumer import FencedError, SinkError, Table, TopicPartition
-from consumer._batch import PartitionWork, process_partition
-from consumer._commit import (
-    CRASH_AFTER_ENV,
-    CRASH_POINT_ENV,
-    CommittedBatch,
-    CrashInjector,
-    commit_batch,
-)
-from consumer._decode import decoder_for
-from sinks import RowsOrigin, SqliteSink
+from consumer import FencedError, RowsOrigin, SinkError, Table, TopicPartition
+from consumer.decoding.decoders import decoder_for
+from consumer.engine.batch import PartitionWork, process_partition
+from consumer.engine.commit import CommittedBatch, commit_batch
+from consumer.engine.crash import CRASH_AFTER_ENV, CRASH_POINT_ENV, CrashInjector
+from sinks import SqliteSink
 from tests.fixtures.apps import EVENTS, event, events_app
 from tests.fixtures.fake_backend import raw
 from tests.fixtures.sqlite_db import checkpoints, table_rows

@@ -1,4 +1,4 @@
-"""consumer._config: CLI > OFFSETKEEPER_* env > TOML config file > defaults; secrets stay secret."""
+"""consumer.core.settings: CLI > OFFSETKEEPER_* env > TOML file > defaults; secrets stay secret."""
 
 from __future__ import annotations
 
@@ -9,9 +9,8 @@ from typing import Any
 import pytest
 from pydantic import SecretStr
 
-from consumer import ConfigError
-from consumer._config import CONFIG_FILE_ENV, CheckpointSettings, RunSettings, load_settings
-from sinks import mask_url
+from consumer import ConfigError, mask_url
+from consumer.core.settings import CONFIG_FILE_ENV, CheckpointSettings, RunSettings, load_settings
 
 REQUIRED = {"app": "consumer.examples.orders:app", "group": "g", "topics": ["orders"]}
 

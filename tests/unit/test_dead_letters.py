@@ -1,12 +1,11 @@
-"""consumer._dead_letters: the headers a dead letter carries, and reading them back."""
+"""consumer.deadletters.writer: the headers a dead letter carries, and reading them back."""
 
 from __future__ import annotations
 
 import pytest
 
 from consumer import ConfigError, DecodeError, RawRecord, RecordError
-from consumer._batch import DeadLetter
-from consumer._dead_letters import (
+from consumer.deadletters.writer import (
     HEADER_ERROR_CLASS,
     HEADER_ERROR_FIELD,
     HEADER_ERROR_MESSAGE,
@@ -18,6 +17,7 @@ from consumer._dead_letters import (
     original_record,
     resolve_topic,
 )
+from consumer.engine.batch import DeadLetter
 
 ORIGINAL = RawRecord(
     topic="orders",

@@ -1,4 +1,4 @@
-"""consumer._decode: value decoders by name; failures are DecodeErrors."""
+"""consumer.decoding.decoders: value decoders by name; failures are DecodeErrors."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from consumer import ConfigError, DecodeError
-from consumer._decode import DECODER_NAMES, DecodeOptions, decoder_for
+from consumer.decoding.decoders import DECODER_NAMES, DecodeOptions, decoder_for
 
 
 def test_json_decoder() -> None:

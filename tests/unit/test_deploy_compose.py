@@ -9,9 +9,9 @@ from urllib.parse import urlsplit
 
 import pytest
 
-from consumer._cli import build_parser
-from consumer._config import ReplaySettings, RunSettings
-from consumer._shutdown import ABORT_GRACE_S
+from consumer.cli.main import build_parser
+from consumer.core.settings import ReplaySettings, RunSettings
+from consumer.runtime.shutdown import ABORT_GRACE_S
 from tests.fixtures.deploy import (
     REPO,
     compose,

@@ -16,9 +16,9 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
-from consumer._health import Health
-from consumer._metrics import Metrics
-from consumer._ops_server import OpsServer
+from consumer.runtime.health import Health
+from consumer.runtime.metrics import Metrics
+from consumer.runtime.ops_server import OpsServer
 from tests.fixtures.deploy import (
     REPO,
     Instruction,
@@ -89,7 +89,8 @@ def test_the_build_stage_installs_the_project_constrained_by_the_lock() -> None:
         ]
     ]
     # Every package setuptools ships must come from a directory the image copies.
-    shipped = {name.split(".")[0] for name in PYPROJECT["tool"]["setuptools"]["packages"]}
+    found = PYPROJECT["tool"]["setuptools"]["packages"]["find"]["include"]
+    shipped = {name.split(".")[0] for name in found}
     assert shipped == {"consumer", "sinks", "schemas"}
 
 
@@ -148,16 +149,16 @@ def test_the_entrypoint_is_the_console_script_the_tests_run() -> None:
     assert _only("CMD", final).exec_form() == ["run"]
     assert _only("STOPSIGNAL", final).text == "SIGTERM"
     # The name the image runs is the project's console script ...
-    assert PYPROJECT["project"]["scripts"] == {"offsetkeeper": "consumer._cli:main"}
+    assert PYPROJECT["project"]["scripts"] == {"offsetkeeper": "consumer.cli.main:main"}
     (script,) = [
         ep
         for ep in importlib.metadata.distribution("offsetkeeper").entry_points
         if ep.group == "console_scripts"
     ]
-    assert (script.name, script.value) == ("offsetkeeper", "consumer._cli:main")
+    assert (script.name, script.value) == ("offsetkeeper", "consumer.cli.main:main")
     # ... and the very executable every integration test starts.
     assert OFFSETKEEPER.endswith("/offsetkeeper")
-    assert "from consumer._cli import main" in Path(OFFSETKEEPER).read_text(encoding="utf-8")
+    assert "from consumer.cli.main import main" in Path(OFFSETKEEPER).read_text(encoding="utf-8")
 
 
 def test_the_metrics_port_is_exposed_and_served_on_all_interfaces() -> None:

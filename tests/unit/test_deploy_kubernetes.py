@@ -12,13 +12,13 @@ from typing import Any
 
 import pytest
 
-from consumer._cli import build_parser
-from consumer._cli_replay import EXIT_PARTITIONS_STOPPED as REPLAY_EXIT_PARTITIONS_STOPPED
-from consumer._config import ReplaySettings, RunSettings
-from consumer._health import Health
-from consumer._metrics import Metrics
-from consumer._ops_server import ENDPOINTS, OpsServer
-from consumer._shutdown import ABORT_GRACE_S
+from consumer.cli.main import build_parser
+from consumer.cli.replay import EXIT_PARTITIONS_STOPPED as REPLAY_EXIT_PARTITIONS_STOPPED
+from consumer.core.settings import ReplaySettings, RunSettings
+from consumer.runtime.health import Health
+from consumer.runtime.metrics import Metrics
+from consumer.runtime.ops_server import ENDPOINTS, OpsServer
+from consumer.runtime.shutdown import ABORT_GRACE_S
 from tests.fixtures.deploy import (
     REPO,
     dockerfile,

@@ -1,4 +1,4 @@
-"""consumer._engine with the in-memory FakeBackend and a real SqliteSink on tmp_path."""
+"""consumer.engine.loop with the in-memory FakeBackend and a real SqliteSink on tmp_path."""
 
 from __future__ import annotations
 
@@ -25,9 +25,15 @@ from consumer import (
     Table,
     TopicPartition,
 )
-from consumer._batch import BadRecordPolicy, DeadLetter
-from consumer._dead_letters import DeadLetterWriter
-from consumer._engine import EXIT_OK, EXIT_PARTITIONS_STOPPED, Engine, EngineSettings, ResetPolicy
+from consumer.deadletters.writer import DeadLetterWriter
+from consumer.engine.batch import BadRecordPolicy, DeadLetter
+from consumer.engine.loop import (
+    EXIT_OK,
+    EXIT_PARTITIONS_STOPPED,
+    Engine,
+    EngineSettings,
+    ResetPolicy,
+)
 from sinks import SqliteSink
 from tests.fixtures.apps import EVENTS, event, events_app
 from tests.fixtures.fake_backend import (

@@ -1,4 +1,4 @@
-"""consumer._errors: one root, a small tree, and context that names what an error is about."""
+"""consumer.core.errors: one root, a small tree, and context that names what an error is about."""
 
 from __future__ import annotations
 

@@ -21,11 +21,13 @@ from consumer import (
     CheckpointFormatError,
     ConfigError,
     FencedError,
+    RowsOrigin,
+    Sink,
     SinkError,
     Table,
     TopicPartition,
 )
-from sinks import FileSink, RowsOrigin, Sink, committed_files, read_committed_rows
+from sinks import FileSink, committed_files, read_committed_rows
 from sinks._file import data_file_name, safe_name
 from tests.apps.chaos import EVENTS
 from tests.fixtures.file_sink import CommittedFileWatcher
@@ -337,7 +339,8 @@ def test_a_kill_after_the_data_rename_leaves_an_invisible_file_that_acquire_remo
     script = textwrap.dedent(
         f"""
         from consumer import TopicPartition
-        from sinks import FileSink, RowsOrigin
+        from consumer import RowsOrigin
+        from sinks import FileSink
         from tests.unit.test_file_sink import PROFILES, _batch, _rows
         sink = FileSink({str(root)!r})
         sink.open([PROFILES])

@@ -1,11 +1,11 @@
-"""consumer._health: liveness and readiness rules, on a fake clock."""
+"""consumer.runtime.health: liveness and readiness rules, on a fake clock."""
 
 from __future__ import annotations
 
 import pytest
 
 from consumer import TopicPartition
-from consumer._health import Health
+from consumer.runtime.health import Health
 from tests.fixtures.fake_backend import FakeClock
 
 P0 = TopicPartition("orders", 0)

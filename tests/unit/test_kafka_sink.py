@@ -10,11 +10,11 @@ from datetime import UTC, datetime
 import confluent_kafka
 import pytest
 
-from consumer import ConfigError
-from consumer._app import Table
-from consumer._checkpoint import CURRENT_FORMAT_VERSION, Checkpoint
-from consumer._errors import CheckpointFormatError, FencedError, SinkError
-from sinks import KafkaSink, decode_row, encode_row, open_sink
+from consumer import ConfigError, open_sink
+from consumer.checkpoints.model import CURRENT_FORMAT_VERSION, Checkpoint
+from consumer.core.app import Table
+from consumer.core.errors import CheckpointFormatError, FencedError, SinkError
+from sinks import KafkaSink, decode_row, encode_row
 from sinks._kafka import (
     DEFAULT_TRANSACTION_TIMEOUT_MS,
     OFFSET_METADATA_MAX_BYTES,

@@ -1,4 +1,4 @@
-"""consumer._ops_server: the real HTTP endpoint on a free local port."""
+"""consumer.runtime.ops_server: the real HTTP endpoint on a free local port."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from dataclasses import dataclass
 import pytest
 
 from consumer import ConfigError, TopicPartition
-from consumer._health import Health
-from consumer._metrics import Metrics
-from consumer._ops_server import ENDPOINTS, OpsServer
+from consumer.runtime.health import Health
+from consumer.runtime.metrics import Metrics
+from consumer.runtime.ops_server import ENDPOINTS, OpsServer
 from tests.fixtures.fake_backend import FakeClock
 
 

@@ -7,8 +7,8 @@ from typing import Any
 import pytest
 
 from consumer import InvalidRecordError, Record, Row, load_app
-from consumer._batch import process_partition
-from consumer._decode import decoder_for
+from consumer.decoding.decoders import decoder_for
+from consumer.engine.batch import process_partition
 from consumer.examples.orders import ORDERS, app
 from consumer.examples.orders import order_row as process
 from tests.fixtures.fake_backend import raw

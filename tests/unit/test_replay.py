@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from consumer import Checkpoint, ConfigError, TopicPartition
-from consumer._replay import (
+from consumer.replay.job import (
     PartitionRange,
     Progress,
     RangeRequest,

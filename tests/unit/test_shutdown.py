@@ -1,4 +1,4 @@
-"""consumer._shutdown: real signals to this process, a real watchdog thread, a fake hard exit."""
+"""consumer.runtime.shutdown: real signals, a real watchdog thread, a fake hard exit."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from consumer._engine import EXIT_ABORTED
-from consumer._shutdown import GracefulShutdown, ShutdownAborted
+from consumer.engine.loop import EXIT_ABORTED
+from consumer.runtime.shutdown import GracefulShutdown, ShutdownAborted
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)
 

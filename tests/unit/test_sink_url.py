@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from consumer import ConfigError
-from sinks import FileSink, KafkaSink, SqliteSink, open_sink
+from consumer import ConfigError, open_sink
+from sinks import FileSink, KafkaSink, SqliteSink
 from sinks._postgres import PostgresSink
 from tests.fixtures.sqlite_db import query
 
@@ -65,7 +65,7 @@ def test_an_unknown_scheme_is_a_config_error_without_the_password() -> None:
         open_sink("mysql://root:topsecret@localhost/db")
     assert "topsecret" not in str(caught.value)
     assert caught.value.context["sink"] == "mysql://root:***@localhost/db"
-    assert caught.value.context["known"] == ["sqlite", "postgresql", "file", "kafka"]
+    assert caught.value.context["known"] == ["file", "kafka", "postgres", "postgresql", "sqlite"]
 
 
 def test_file_url_with_an_absolute_directory(tmp_path: Path) -> None:

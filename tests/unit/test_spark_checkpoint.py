@@ -1,4 +1,4 @@
-"""consumer._spark_checkpoint: adopting a Spark Structured Streaming job's Kafka offsets."""
+"""consumer.checkpoints.spark: adopting a Spark Structured Streaming job's Kafka offsets."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Any
 
 import pytest
 
-from consumer._errors import ConfigError
-from consumer._spark_checkpoint import read_spark_kafka_offsets
+from consumer.checkpoints.spark import read_spark_kafka_offsets
+from consumer.core.errors import ConfigError
 from tests.fixtures.spark_checkpoint import (
     CRC_BYTES,
     SPARK_CONF,

@@ -10,15 +10,15 @@ from pathlib import Path
 import prometheus_client
 import pytest
 
-from consumer import TopicPartition
-from consumer._batch import BadRecordPolicy, DeadLetter
-from consumer._dead_letters import DeadLetterWriter
-from consumer._engine import EXIT_OK, EXIT_PARTITIONS_STOPPED, Engine, EngineSettings
-from consumer._health import Health, Verdict
-from consumer._lag import LagSampler
-from consumer._metrics import Metrics
-from consumer._telemetry import Telemetry
-from sinks import Sink, SqliteSink
+from consumer import Sink, TopicPartition
+from consumer.deadletters.writer import DeadLetterWriter
+from consumer.engine.batch import BadRecordPolicy, DeadLetter
+from consumer.engine.loop import EXIT_OK, EXIT_PARTITIONS_STOPPED, Engine, EngineSettings
+from consumer.runtime.health import Health, Verdict
+from consumer.runtime.lag import LagSampler
+from consumer.runtime.metrics import Metrics
+from consumer.runtime.telemetry import Telemetry
+from sinks import SqliteSink
 from tests.fixtures.apps import event, events_app
 from tests.fixtures.fake_backend import Assign, Call, FakeBackend, FakeClock, Fetch, Idle, Step
 from tests.fixtures.flaky_sink import FlakySink
@@ -376,7 +376,7 @@ def test_metrics_live_in_their_own_registry_never_the_global_one() -> None:
     assert set(prometheus_client.REGISTRY._names_to_collectors) == before
     assert first.registry is not second.registry
     assert first.registry.get_sample_value("process_cpu_seconds_total") is not None
-    import consumer._metrics as module  # noqa: PLC0415
+    import consumer.runtime.metrics as module  # noqa: PLC0415
 
     defined_at_import = [
         name

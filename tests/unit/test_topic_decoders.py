@@ -1,4 +1,4 @@
-"""consumer._topic_decoders: which decoder reads which topic."""
+"""consumer.decoding.topics: which decoder reads which topic."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from consumer import App, ConfigError, DecodeError, Table, encode_single_object
-from consumer._topic_decoders import DecodeSettings, TopicDecoders
+from consumer.decoding.topics import DecodeSettings, TopicDecoders
 from schemas import examples_dir
 
 EVENTS = Table(name="events", columns={"id": "text"}, key=("id",))

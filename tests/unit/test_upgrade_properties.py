@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from consumer import CURRENT_FORMAT_VERSION, StateSchema, decode_checkpoint, encode_checkpoint
-from consumer._checkpoint import from_avro, upgrade_record
-from consumer._state import encode_state, load_state
+from consumer.checkpoints.model import from_avro, upgrade_record
+from consumer.checkpoints.state import encode_state, load_state
 from consumer.examples.totals import state_v1_to_v2
 from schemas import checkpoint_schema_text
 

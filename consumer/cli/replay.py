@@ -1,0 +1,301 @@
+"""`offsetkeeper replay`: backfill or reprocess a chosen range without touching the live group."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from types import FrameType
+from typing import Any, TextIO
+
+import structlog
+
+from consumer.backends.confluent import ConfluentReader
+from consumer.cli.common import (
+    BAD_RECORD_SETTINGS,
+    COMMON_SETTINGS,
+    DECODING_SETTINGS,
+    add_bad_record_arguments,
+    add_common_arguments,
+    add_decoding_arguments,
+    bad_record_policy,
+    cli_values,
+    dead_letter_writer,
+    decode_settings,
+)
+from consumer.cli.sinks import checkpoint_admin, job_store, open_sink
+from consumer.core.app import load_app
+from consumer.core.errors import ConfigError
+from consumer.core.records import TopicPartition
+from consumer.core.settings import ReplaySettings, load_settings
+from consumer.decoding.topics import TopicDecoders
+from consumer.engine.client import PartitionReader
+from consumer.engine.sink import Sink
+from consumer.replay.job import (
+    RangeRequest,
+    ReplayPlan,
+    ReplaySummary,
+    default_job_id,
+    request_fingerprint,
+    resolve_plan,
+    run_replay,
+)
+from consumer.runtime.logs import configure_logging
+
+log = structlog.get_logger("offsetkeeper.cli")
+
+EXIT_COMPLETE = 0
+EXIT_PARTITIONS_STOPPED = 2
+EXIT_INTERRUPTED = 3
+
+
+def add_replay_parser(commands: Any) -> None:
+    replay = commands.add_parser(
+        "replay",
+        help="replay a range of a topic into the sink; the live group is untouched",
+    )
+    add_common_arguments(replay)
+    add_decoding_arguments(replay)
+    add_bad_record_arguments(replay)
+    replay.add_argument("--app", help="the app to run, MODULE:ATTR")
+    replay.add_argument("--topic", help="the topic to replay")
+    replay.add_argument(
+        "--partition",
+        dest="partitions",
+        type=int,
+        action="append",
+        help="replay only this partition (repeatable; default: all)",
+    )
+    start = replay.add_mutually_exclusive_group(required=True)
+    start.add_argument("--from-offset", type=int, metavar="N", help="start at offset N")
+    start.add_argument(
+        "--from-timestamp",
+        metavar="ISO8601",
+        help="start at the first record at or after this time (UTC when no zone is given)",
+    )
+    start.add_argument(
+        "--from-checkpoint", metavar="GROUP", help="start where GROUP's stored checkpoint is"
+    )
+    end = replay.add_mutually_exclusive_group()
+    end.add_argument("--to-offset", type=int, metavar="M", help="stop before offset M")
+    end.add_argument(
+        "--to-timestamp", metavar="ISO8601", help="stop before the first record at this time"
+    )
+    end.add_argument(
+        "--to-end",
+        action="store_true",
+        help="stop at the end offsets as they are when the job starts (the default)",
+    )
+    replay.add_argument(
+        "--job-id", help="the job's id (default: derived from the request, so a rerun resumes)"
+    )
+    replay.add_argument(
+        "--resume", action="store_true", help="require an existing job to resume (error if none)"
+    )
+    replay.add_argument(
+        "--live-group",
+        metavar="GROUP",
+        help="show the overlap of the range with this group's checkpoints (with --dry-run)",
+    )
+    replay.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    replay.add_argument("--batch-max-records", type=int, help="records per batch, at most")
+    replay.add_argument(
+        "--backend", choices=["confluent", "aiokafka"], help="Kafka client (default confluent)"
+    )
+    replay.set_defaults(handler=lambda args: replay_command(args, sys.stdout))
+
+
+def replay_command(args: argparse.Namespace, out: TextIO) -> int:
+    interrupted: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if interrupted:
+            raise SystemExit(128 + signum)
+        interrupted.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    settings = load_settings(
+        ReplaySettings,
+        cli_values(
+            args,
+            (
+                *COMMON_SETTINGS,
+                "app",
+                "topic",
+                "partitions",
+                "job_id",
+                "batch_max_records",
+                "backend",
+                *DECODING_SETTINGS,
+                *BAD_RECORD_SETTINGS,
+            ),
+        ),
+        args.config,
+    )
+    configure_logging(settings.log_level, settings.log_format)
+    request = RangeRequest(
+        from_offset=args.from_offset,
+        from_timestamp=args.from_timestamp,
+        from_checkpoint=args.from_checkpoint,
+        to_offset=args.to_offset,
+        to_timestamp=args.to_timestamp,
+    )
+    app = load_app(settings.app)
+    decoders = TopicDecoders(app, decode_settings(settings))
+    decoders.check([settings.topic])  # a bad decoder setting fails before anything is read
+    fingerprint = request_fingerprint(settings.topic, settings.partitions, settings.app, request)
+    job_id = settings.job_id or default_job_id(fingerprint)
+    dead_letters = dead_letter_writer(settings, group=f"replay-{job_id}", topics=[settings.topic])
+    sink = open_sink(settings.sink.get_secret_value())
+    reader = _reader(settings, job_id)
+    try:
+        if args.dry_run:
+            checkpoint_admin(sink).open_existing()
+        else:
+            sink.open(app.tables)
+        stored = job_store(sink).load_job(job_id)
+        if stored is not None:
+            plan = ReplayPlan.from_document(stored)
+            if plan.request != fingerprint:
+                raise ConfigError(
+                    "this job id belongs to a different replay; choose another --job-id",
+                    job=job_id,
+                    stored_request=plan.request,
+                )
+        elif args.resume:
+            raise ConfigError("unknown job id: nothing to resume", job=job_id)
+        else:
+            plan = resolve_plan(
+                reader,
+                sink,
+                job_id=job_id,
+                topic=settings.topic,
+                partitions=settings.partitions,
+                request=request,
+                fingerprint=fingerprint,
+            )
+        if args.dry_run:
+            _print_plan(
+                out, plan, sink, args.live_group or args.from_checkpoint, stored is not None
+            )
+            return EXIT_COMPLETE
+        if stored is None:
+            plan = ReplayPlan.from_document(job_store(sink).create_job(job_id, plan.to_document()))
+        log.info(
+            "replay_starting",
+            job=job_id,
+            topic=plan.topic,
+            records=plan.records,
+            ranges={r.partition: (r.start, r.end) for r in plan.ranges},
+        )
+        if dead_letters is not None:
+            dead_letters.prepare([settings.topic])
+        summary = run_replay(
+            app,
+            reader,
+            sink,
+            plan,
+            batch_max_records=settings.batch_max_records,
+            poll_timeout_s=settings.poll_timeout_s,
+            should_stop=lambda: bool(interrupted),
+            decoders=decoders,
+            bad_records=bad_record_policy(settings),
+            dead_letters=dead_letters,
+        )
+    finally:
+        reader.close()
+        sink.close()
+        if dead_letters is not None:
+            dead_letters.close()
+    return _report(out, summary, interrupted=bool(interrupted))
+
+
+def _reader(settings: ReplaySettings, job_id: str) -> PartitionReader:
+    if settings.backend == "aiokafka":
+        from consumer.backends.aiokafka import AiokafkaReader  # noqa: PLC0415 - loaded only when chosen
+
+        return AiokafkaReader(
+            bootstrap_servers=settings.bootstrap_servers, client_config=settings.kafka_config
+        )
+    return ConfluentReader(
+        bootstrap_servers=settings.bootstrap_servers,
+        client_id=f"offsetkeeper-replay-{job_id}",
+        client_config=settings.kafka_config,
+    )
+
+
+def _print_plan(
+    out: TextIO, plan: ReplayPlan, sink: Sink, live_group: str | None, stored: bool
+) -> None:
+    live = (
+        sink.load_checkpoints(
+            live_group, [TopicPartition(plan.topic, r.partition) for r in plan.ranges]
+        )
+        if live_group
+        else {}
+    )
+    done = sink.load_checkpoints(f"replay:{plan.job_id}")
+    state = "stored job, would resume" if stored else "new job"
+    out.write(
+        f"replay job {plan.job_id} on topic {plan.topic} ({state}; dry run: nothing written)\n"
+    )
+    header = ["partition", "start", "end", "records", "job_checkpoint"]
+    if live_group:
+        header += [f"{live_group}_checkpoint", "already_processed_by_live_group"]
+    lines = [header]
+    for r in plan.ranges:
+        tp = TopicPartition(plan.topic, r.partition)
+        job_at = done[tp].next_offset if tp in done else None
+        line = [
+            str(r.partition),
+            str(r.start),
+            str(r.end),
+            str(r.records),
+            "-" if job_at is None else str(job_at),
+        ]
+        if live_group:
+            live_at = live[tp].next_offset if tp in live else None
+            overlap = 0 if live_at is None else max(min(r.end, live_at) - r.start, 0)
+            line += ["-" if live_at is None else str(live_at), str(overlap)]
+        lines.append(line)
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        out.write("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n")
+    out.write(f"total records: {plan.records}\n")
+
+
+def _report(out: TextIO, summary: ReplaySummary, *, interrupted: bool) -> int:
+    if summary.already_complete:
+        out.write(
+            f"replay job {summary.job_id} is already complete; nothing to do "
+            "(use a new --job-id to replay the range again)\n"
+        )
+        return EXIT_COMPLETE
+    if summary.resumed_from:
+        out.write(f"resumed job {summary.job_id} from offsets {summary.resumed_from}\n")
+    out.write(
+        f"replay job {summary.job_id}: {summary.records} records, {summary.rows} rows written "
+        f"in {summary.duration_s:.1f}s ({summary.rate_per_s:,.0f} records/s)"
+        + (f", {summary.dead_lettered} dead-lettered" if summary.dead_lettered else "")
+        + "\n"
+    )
+    log.info(
+        "replay_finished",
+        job=summary.job_id,
+        records=summary.records,
+        rows=summary.rows,
+        duration_s=round(summary.duration_s, 3),
+        rate_per_s=round(summary.rate_per_s, 1),
+        stopped_partitions=sorted(summary.stopped),
+        dead_lettered=summary.dead_lettered,
+        interrupted=interrupted,
+    )
+    if summary.stopped:
+        for partition, error in sorted(summary.stopped.items()):
+            out.write(f"partition {partition} stopped: {error}\n")
+        return EXIT_PARTITIONS_STOPPED
+    if interrupted:
+        out.write(f"interrupted; run again with --job-id {summary.job_id} to resume\n")
+        return EXIT_INTERRUPTED
+    return EXIT_COMPLETE

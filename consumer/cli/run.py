@@ -1,0 +1,233 @@
+"""`offsetkeeper run`: consume topics into a sink as a consumer group member."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import structlog
+
+from consumer.backends.confluent import ConfluentBackend
+from consumer.cli.common import (
+    BAD_RECORD_SETTINGS,
+    COMMON_SETTINGS,
+    DECODING_SETTINGS,
+    add_bad_record_arguments,
+    add_common_arguments,
+    add_decoding_arguments,
+    bad_record_policy,
+    cli_values,
+    dead_letter_writer,
+    decode_settings,
+)
+from consumer.cli.sinks import open_sink
+from consumer.core.app import load_app
+from consumer.core.settings import RunSettings, load_settings
+from consumer.decoding.topics import TopicDecoders
+from consumer.engine.client import ClientBackend
+from consumer.engine.loop import Engine, EngineSettings
+from consumer.runtime.logs import configure_logging
+from consumer.runtime.operations import start_operations
+from consumer.runtime.shutdown import GracefulShutdown
+
+if TYPE_CHECKING:
+    from consumer.backends.aiokafka import AiokafkaDriver
+
+log = structlog.get_logger("offsetkeeper.cli")
+
+# The settings `run` takes from its flags (each flag's dest is the setting's name).
+RUN_SETTINGS = (
+    *COMMON_SETTINGS,
+    "app",
+    "group",
+    "topics",
+    "reset_policy",
+    "batch_max_records",
+    "poll_timeout_s",
+    "stop_when_idle_s",
+    "sink_retry_deadline_s",
+    "broker_retry_deadline_s",
+    "backend",
+    "metrics_port",
+    "metrics_host",
+    "shutdown_deadline_s",
+    "lag_interval_s",
+    "readiness_timeout_s",
+    "liveness_timeout_s",
+    *BAD_RECORD_SETTINGS,
+    *DECODING_SETTINGS,
+)
+
+
+def add_run_parser(commands: Any) -> None:
+    run = commands.add_parser("run", help="consume topics into a sink as a consumer group member")
+    add_common_arguments(run)
+    run.add_argument(
+        "--app", help="the app to run, MODULE:ATTR (e.g. consumer.examples.orders:app)"
+    )
+    run.add_argument("--group", help="consumer group id")
+    run.add_argument(
+        "--topic", dest="topics", action="append", help="topic to consume (repeatable)"
+    )
+    run.add_argument(
+        "--reset-policy",
+        choices=["earliest", "latest", "error"],
+        help="where to start a partition with no stored checkpoint (default earliest)",
+    )
+    run.add_argument(
+        "--batch-max-records", type=int, help="records per batch, at most (default 2000)"
+    )
+    run.add_argument(
+        "--poll-timeout",
+        dest="poll_timeout_s",
+        type=float,
+        help="seconds one poll waits for records (default 0.5)",
+    )
+    run.add_argument(
+        "--stop-when-idle",
+        dest="stop_when_idle_s",
+        type=float,
+        metavar="SECONDS",
+        help="exit once no record arrived for SECONDS and every partition is caught up",
+    )
+    run.add_argument(
+        "--sink-retry-deadline",
+        dest="sink_retry_deadline_s",
+        type=float,
+        metavar="SECONDS",
+        help="give up after the sink failed this long (default 120)",
+    )
+    run.add_argument(
+        "--broker-retry-deadline",
+        dest="broker_retry_deadline_s",
+        type=float,
+        metavar="SECONDS",
+        help="give up after no Kafka broker answered this long (default 300)",
+    )
+    run.add_argument(
+        "--backend",
+        choices=["confluent", "aiokafka"],
+        help="Kafka client: confluent (librdkafka, default) or aiokafka (asyncio)",
+    )
+    add_decoding_arguments(run)
+    add_bad_record_arguments(run)
+    _add_operations_arguments(run)
+    run.set_defaults(handler=run_command)
+
+
+def _add_operations_arguments(run: argparse.ArgumentParser) -> None:
+    ops = run.add_argument_group("operations (README: Deploying)")
+    ops.add_argument(
+        "--metrics-port",
+        type=int,
+        metavar="PORT",
+        help="serve /metrics, /healthz and /readyz on this port (0: any free port; default off)",
+    )
+    ops.add_argument("--metrics-host", metavar="ADDRESS", help="bind address (default 0.0.0.0)")
+    ops.add_argument(
+        "--shutdown-deadline",
+        dest="shutdown_deadline_s",
+        type=float,
+        metavar="SECONDS",
+        help="after SIGTERM, abort the in-flight batch and exit 5 if not done by then (default 30)",
+    )
+    ops.add_argument(
+        "--lag-interval",
+        dest="lag_interval_s",
+        type=float,
+        metavar="SECONDS",
+        help="how often partition end offsets are sampled for the lag metric (default 10)",
+    )
+    ops.add_argument(
+        "--readiness-timeout",
+        dest="readiness_timeout_s",
+        type=float,
+        metavar="SECONDS",
+        help="not ready once the sink failed, or a lagging partition committed nothing, this "
+        "long (default 30)",
+    )
+    ops.add_argument(
+        "--liveness-timeout",
+        dest="liveness_timeout_s",
+        type=float,
+        metavar="SECONDS",
+        help="not alive once the partition loop has not run this long (default 120)",
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    # First, before anything slow: no SIGTERM is lost while the process starts.
+    shutdown = GracefulShutdown()
+    settings = load_settings(RunSettings, cli_values(args, RUN_SETTINGS), args.config)
+    shutdown.deadline_s = settings.shutdown_deadline_s
+    configure_logging(settings.log_level, settings.log_format)
+    app = load_app(settings.app)
+    sink = open_sink(settings.sink.get_secret_value())
+    operations = start_operations(settings)
+    engine_settings = EngineSettings(
+        group=settings.group,
+        topics=tuple(settings.topics),
+        reset_policy=settings.reset_policy,
+        batch_max_records=settings.batch_max_records,
+        poll_timeout_s=settings.poll_timeout_s,
+        stop_when_idle_s=settings.stop_when_idle_s,
+        sink_retry_deadline_s=settings.sink_retry_deadline_s,
+        bad_records=bad_record_policy(settings),
+    )
+    decoders = TopicDecoders(app, decode_settings(settings))
+    dead_letters = dead_letter_writer(settings, group=settings.group, topics=settings.topics)
+
+    def make_engine(backend: ClientBackend) -> Engine:
+        engine = Engine(
+            app,
+            engine_settings,
+            backend,
+            sink,
+            observer=None if operations is None else operations.telemetry,
+            decoders=decoders,
+            dead_letters=dead_letters,
+        )
+        shutdown.on_request(engine.request_stop)  # at once, if a signal came before the engine
+        return engine
+
+    try:
+        if settings.backend == "aiokafka":
+            return asyncio.run(_aiokafka_driver(settings, make_engine).run())
+        return make_engine(
+            ConfluentBackend(
+                bootstrap_servers=settings.bootstrap_servers,
+                group=settings.group,
+                client_config=settings.kafka_config,
+                unreachable_deadline_s=settings.broker_retry_deadline_s,
+            )
+        ).run()
+    finally:
+        if dead_letters is not None:
+            dead_letters.close()
+        shutdown.disarm()
+        if operations is not None:
+            operations.stop()
+
+
+def _aiokafka_driver(
+    settings: RunSettings, make_engine: Callable[[ClientBackend], Engine]
+) -> AiokafkaDriver:
+    # Imported here: the confluent path never loads aiokafka.
+    from consumer.backends.aiokafka import AiokafkaBridge, AiokafkaDriver  # noqa: PLC0415
+
+    def engine_for(bridge: AiokafkaBridge) -> Engine:
+        engine = make_engine(bridge)
+        engine.resolve_awaitable = bridge.resolve  # async processors are awaited on the loop
+        return engine
+
+    return AiokafkaDriver(
+        engine_for,
+        bootstrap_servers=settings.bootstrap_servers,
+        group=settings.group,
+        topics=settings.topics,
+        client_config=settings.kafka_config,
+        batch_max_records=settings.batch_max_records,
+        poll_timeout_s=settings.poll_timeout_s,
+    )

@@ -1,0 +1,188 @@
+"""What a user writes: an `App` with declared output tables and a processor function."""
+
+from __future__ import annotations
+
+import importlib
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from consumer.core.errors import ConfigError
+from consumer.core.records import Record, Row
+
+ColumnType = Literal["text", "bigint", "integer", "double", "boolean", "bytes", "json"]
+COLUMN_TYPES: frozenset[str] = frozenset(
+    ("text", "bigint", "integer", "double", "boolean", "bytes", "json")
+)
+DecodeName = Literal["json", "bytes", "utf8", "avro", "avro-local"]
+
+_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+
+ProcessorResult = Row | Iterable[Row] | None
+# A stateless processor takes the record; a stateful one (App.state set) also takes the
+# partition's state, which it may change in place.
+Processor = Callable[[Record], ProcessorResult] | Callable[[Record, Any], ProcessorResult]
+StateUpgrader = Callable[[Any], Any]
+
+
+def check_identifier(name: str, *, what: str) -> str:
+    """Table and column names are spliced into SQL, so only plain identifiers are allowed."""
+    if not _IDENTIFIER.match(name):
+        raise ConfigError(f"{what} must be a plain SQL identifier", name=name)
+    return name
+
+
+TableMode = Literal["upsert", "append"]
+
+# Append tables are keyed by where each row came from, so a replayed record rewrites its rows.
+SOURCE_COLUMNS: Mapping[str, ColumnType] = {
+    "source_topic": "text",
+    "source_partition": "integer",
+    "source_offset": "bigint",
+    "source_row": "integer",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Table:
+    """An output table: columns with types, and the key that makes a write idempotent.
+
+    mode="upsert": rows are upserted by `key` (the last write of a key wins).
+    mode="append": one row per output; offsetkeeper adds the `SOURCE_COLUMNS` (topic,
+    partition, offset, row index within the record) and keys the table by them, so processing
+    a record again never adds a second copy of its rows.
+    """
+
+    name: str
+    columns: Mapping[str, ColumnType]
+    key: tuple[str, ...] = ()
+    mode: TableMode = "upsert"
+
+    def __post_init__(self) -> None:
+        if self.mode == "append":
+            if self.key:
+                raise ConfigError("append tables are keyed by source; give no key", table=self.name)
+            clash = sorted(set(self.columns) & set(SOURCE_COLUMNS))
+            if clash:
+                raise ConfigError(
+                    "column names reserved for append tables", table=self.name, columns=clash
+                )
+            object.__setattr__(self, "columns", {**self.columns, **SOURCE_COLUMNS})
+            object.__setattr__(self, "key", tuple(SOURCE_COLUMNS))
+        elif self.mode != "upsert":
+            raise ConfigError("unknown table mode", table=self.name, mode=self.mode)
+        check_identifier(self.name, what="table name")
+        if not self.columns:
+            raise ConfigError("a table needs at least one column", table=self.name)
+        for column, column_type in self.columns.items():
+            check_identifier(column, what="column name")
+            if column_type not in COLUMN_TYPES:
+                raise ConfigError(
+                    "unknown column type",
+                    table=self.name,
+                    column=column,
+                    type=column_type,
+                    known=sorted(COLUMN_TYPES),
+                )
+        if not self.key:
+            raise ConfigError("a table needs key columns for idempotent writes", table=self.name)
+        missing = [k for k in self.key if k not in self.columns]
+        if missing:
+            raise ConfigError("key columns are not declared columns", table=self.name, key=missing)
+
+
+@dataclass(frozen=True, slots=True)
+class StateSchema:
+    """Per-partition processor state, versioned by the app.
+
+    The state is a JSON value (e.g. a dict of running totals) kept per partition. It is read
+    when the partition is assigned and written in the same sink transaction as the batch's
+    rows and offsets, so it is exactly as durable as they are. `version` is the app's own
+    schema version of it; `upgraders[n]` turns a version-n state into version n+1, and the
+    chain runs when an older state is read. A stored state newer than `version` is refused.
+    """
+
+    version: int = 1
+    upgraders: Mapping[int, StateUpgrader] = field(default_factory=dict)
+    initial: Callable[[], Any] = dict
+
+    def __post_init__(self) -> None:
+        if self.version < 1:
+            raise ConfigError("state version must be 1 or more", version=self.version)
+        missing = [n for n in range(1, self.version) if n not in self.upgraders]
+        if missing:
+            raise ConfigError(
+                "state upgraders must cover every older version",
+                version=self.version,
+                missing_from=missing,
+            )
+
+
+@dataclass(slots=True)
+class App:
+    """A consumer application: how to decode values, what tables to write, how to map records.
+
+    The processor is a pure function of one record: it returns zero or more `Row`s. It must not
+    write anywhere itself; the engine writes its rows and the offsets in one sink transaction.
+    With `state`, it is called as `processor(record, state)` and may update the partition's
+    state in place (see `StateSchema`).
+    """
+
+    name: str
+    tables: tuple[Table, ...]
+    # How record values are decoded: one decoder for every topic, or one per topic (a topic
+    # not in the mapping is refused at start-up). `--decode TOPIC=NAME` overrides it.
+    decode: DecodeName | Mapping[str, DecodeName] = "json"
+    processor: Processor | None = None
+    state: StateSchema | None = None
+    # Avro: the schema (an .avsc path) records are read as, for every topic or per topic;
+    # records written with an older writer schema are resolved to it. `--reader-schema` overrides.
+    reader_schema: str | Mapping[str, str] | None = None
+    _tables_by_name: dict[str, Table] = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        self._tables_by_name = {table.name: table for table in self.tables}
+        if len(self._tables_by_name) != len(self.tables):
+            raise ConfigError("table names must be unique", app=self.name)
+
+    def decode_for(self, topic: str) -> str | None:
+        """The decoder name this app declares for `topic` (None: the mapping omits the topic)."""
+        if isinstance(self.decode, str):
+            return self.decode
+        return self.decode.get(topic)
+
+    def reader_schema_for(self, topic: str) -> str | None:
+        if self.reader_schema is None or isinstance(self.reader_schema, str):
+            return self.reader_schema
+        return self.reader_schema.get(topic)
+
+    def process(self, fn: Processor) -> Processor:
+        """Decorator that registers the processor function."""
+        self.processor = fn
+        return fn
+
+    def table(self, name: str) -> Table:
+        try:
+            return self._tables_by_name[name]
+        except KeyError:
+            raise ConfigError("row for an undeclared table", app=self.name, table=name) from None
+
+
+def load_app(reference: str) -> App:
+    """Import `module.path:attribute` and check that it is an `App` with a processor."""
+    module_name, sep, attribute = reference.partition(":")
+    if not sep or not module_name or not attribute:
+        raise ConfigError("app reference must look like MODULE:ATTR", app=reference)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise ConfigError("cannot import the app's module", app=reference) from exc
+    app = getattr(module, attribute, None)
+    if not isinstance(app, App):
+        raise ConfigError("app reference does not name an offsetkeeper App", app=reference)
+    if app.processor is None:
+        raise ConfigError(
+            "app has no processor (decorate a function with @app.process)", app=reference
+        )
+    return app

@@ -1,0 +1,1 @@
+"""Dead letters: the Kafka dead-letter topic writer, and reading and re-driving it."""

@@ -1,0 +1,107 @@
+"""Value decoders, chosen by name in the app. A failure is a `DecodeError` naming the record.
+
+`json`, `utf8` and `bytes` need no options. `avro` (Confluent framing, a schema registry) and
+`avro-local` (single-object encoding, a directory of .avsc files) are in `consumer.decoding.avro`; a
+problem with their options is a `ConfigError` when the decoder is built, before any record.
+A `None` value (a tombstone) decodes to None whatever the decoder.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from consumer.core.errors import ConfigError, DecodeError
+from consumer.decoding.avro import (
+    LocalAvroDecoder,
+    ReaderSchema,
+    RegistryAvroDecoder,
+    SchemaRegistryClient,
+    load_schema_dir,
+)
+
+Decoder = Callable[[bytes | None], Any]
+
+
+@dataclass(frozen=True, slots=True)
+class DecodeOptions:
+    """What the Avro decoders need; the others ignore it."""
+
+    schema_registry_url: str | None = None  # for "avro"
+    schema_dir: Path | None = None  # for "avro-local"
+    # An .avsc file: the schema records are read AS (Avro schema resolution); None: as written.
+    reader_schema: Path | None = None
+    registry_timeout_s: float = 10.0
+
+
+def _decode_json(value: bytes | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return json.loads(value)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise DecodeError(f"value is not valid JSON: {exc}") from exc
+
+
+def _decode_utf8(value: bytes | None) -> Any:
+    if value is None:
+        return None
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise DecodeError(f"value is not valid UTF-8: {exc}") from exc
+
+
+def _decode_bytes(value: bytes | None) -> Any:
+    return value
+
+
+def _registry_avro(options: DecodeOptions) -> Decoder:
+    if not options.schema_registry_url:
+        raise ConfigError(
+            "decoder avro needs a schema registry URL (--schema-registry-url)",
+            setting="schema_registry_url",
+        )
+    registry = SchemaRegistryClient(
+        options.schema_registry_url, timeout_s=options.registry_timeout_s
+    )
+    return RegistryAvroDecoder(registry, _reader_schema(options))
+
+
+def _local_avro(options: DecodeOptions) -> Decoder:
+    if options.schema_dir is None:
+        raise ConfigError(
+            "decoder avro-local needs a schema directory (--schema-dir)", setting="schema_dir"
+        )
+    schemas = load_schema_dir(options.schema_dir)
+    return LocalAvroDecoder(options.schema_dir, schemas, _reader_schema(options))
+
+
+def _reader_schema(options: DecodeOptions) -> ReaderSchema | None:
+    return None if options.reader_schema is None else ReaderSchema.load(options.reader_schema)
+
+
+_PLAIN_DECODERS: dict[str, Decoder] = {
+    "json": _decode_json,
+    "utf8": _decode_utf8,
+    "bytes": _decode_bytes,
+}
+_AVRO_DECODERS: dict[str, Callable[[DecodeOptions], Decoder]] = {
+    "avro": _registry_avro,
+    "avro-local": _local_avro,
+}
+DECODER_NAMES = ("json", "utf8", "bytes", "avro", "avro-local")
+
+
+def decoder_for(name: str, options: DecodeOptions | None = None) -> Decoder:
+    """The decoder called `name`; Avro decoders are built (schemas loaded) here."""
+    plain = _PLAIN_DECODERS.get(name)
+    if plain is not None:
+        return plain
+    build = _AVRO_DECODERS.get(name)
+    if build is None:
+        raise ConfigError("unknown decoder", decode=name, known=sorted(DECODER_NAMES))
+    return build(options or DecodeOptions())

@@ -1,0 +1,265 @@
+"""Turning fetched records into per-partition work: decode, process, key the output rows.
+
+Pure logic, no I/O (apart from the retry pauses of the bad-record policy): the same rules serve
+every backend and every sink.
+
+A record that fails to decode or whose processing raises is retried per `BadRecordPolicy`
+(count, capped exponential backoff). After the last attempt it either stops the partition
+(rows end before it, the checkpoint points at it) or becomes a `DeadLetter`: the partition goes
+on, and the engine writes the dead letter to its topic before it commits an offset past it.
+Errors that are not about the record (a schema registry outage, a misconfiguration) are never
+retried here nor dead-lettered: they propagate to the engine.
+"""
+
+from __future__ import annotations
+
+import inspect
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+
+from consumer.checkpoints.state import copy_state
+from consumer.core.app import App, Table
+from consumer.core.errors import ConfigError, InvalidRecordError, OffsetkeeperError, RecordError
+from consumer.core.records import RawRecord, Record, Row, TopicPartition
+from consumer.decoding.decoders import Decoder
+
+log = structlog.get_logger("offsetkeeper.batch")
+
+KeyedRow = tuple[Table, tuple[Any, ...], Mapping[str, Any]]
+BadRecordAction = Literal["stop", "dead-letter"]
+
+
+@dataclass(frozen=True, slots=True)
+class BadRecordPolicy:
+    """What happens to a record that fails: `retries` more attempts (pausing `backoff_s`,
+    doubling up to `max_backoff_s`), then `action`."""
+
+    action: BadRecordAction = "stop"
+    retries: int = 0
+    backoff_s: float = 0.1
+    max_backoff_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A record given up on: the untouched original, why it failed, and how often it was tried."""
+
+    record: RawRecord
+    error: RecordError
+    attempts: int
+
+
+@dataclass(slots=True)
+class PartitionWork:
+    """What one batch did for one partition: rows in offset order, and where to resume."""
+
+    partition: TopicPartition
+    first_offset: int
+    next_offset: int
+    records: int = 0
+    rows: list[KeyedRow] = field(default_factory=list)
+    # Set when a record could not be handled: rows stop before it, next_offset points at it.
+    error: RecordError | None = None
+    # Stateful apps: the partition's state after the last processed record.
+    state: Any = None
+    # Kafka leader epoch of the last processed record, where the client reported it.
+    leader_epoch: int | None = None
+    # Records given up on (policy "dead-letter"), in offset order; counted in `records`.
+    dead_letters: list[DeadLetter] = field(default_factory=list)
+
+
+def group_by_partition(records: Iterable[RawRecord]) -> dict[TopicPartition, list[RawRecord]]:
+    """Records per partition, keeping each partition's fetch order (which is offset order)."""
+    grouped: dict[TopicPartition, list[RawRecord]] = {}
+    for record in records:
+        tp = TopicPartition(record.topic, record.partition)
+        bucket = grouped.get(tp)
+        if bucket is None:
+            grouped[tp] = [record]
+        else:
+            bucket.append(record)
+    return grouped
+
+
+def process_partition(
+    app: App,
+    decode: Decoder,
+    partition: TopicPartition,
+    records: Sequence[RawRecord],
+    state: Any = None,
+    *,
+    resolve: Callable[[Any], Any] | None = None,
+    policy: BadRecordPolicy = BadRecordPolicy(),
+    sleep: Callable[[float], None] = time.sleep,
+) -> PartitionWork:
+    """Run the app over one partition's records in order (see the module docstring for bad ones).
+
+    For a stateful app, `state` is the partition's state before these records; the processor
+    works on a copy, and `PartitionWork.state` is the state after the last good record.
+    An `async def` processor's result is awaited through `resolve` (the asyncio driver).
+    """
+    processor: Any = app.processor
+    if processor is None:
+        raise InvalidRecordError("app has no processor", app=app.name)
+    work = PartitionWork(
+        partition=partition, first_offset=records[0].offset, next_offset=records[0].offset
+    )
+    stateful = app.state is not None
+    # Decided once per batch, not per record: the check is measurable at 100k records/s.
+    is_async = inspect.iscoroutinefunction(processor)
+    working = copy_state(state) if stateful else None
+    # Stateful apps: the records whose effects the state holds (for rebuilding it).
+    good: list[RawRecord] = []
+    for raw in records:
+        attempt = 0
+        backoff = policy.backoff_s
+        while True:
+            attempt += 1
+            try:
+                record = _decoded(decode, raw)
+                produced = processor(record, working) if stateful else processor(record)
+                if is_async:
+                    produced = _await(produced, resolve)
+                keyed: list[KeyedRow] | None = _keyed_rows(app, produced, raw)
+                break
+            except Exception as exc:  # a processor bug must be handled by policy, never vanish
+                if isinstance(exc, OffsetkeeperError) and not isinstance(exc, RecordError):
+                    raise  # about the setup, not this record: the engine handles it
+                error = _located(exc, raw)
+                if stateful:
+                    # The failed attempt may have half-changed the copy: rebuild the state of
+                    # the good records from the untouched start (processors are deterministic).
+                    working = _rebuilt_state(processor, decode, state, good, is_async, resolve)
+                if attempt <= policy.retries:
+                    log.warning(
+                        "record_retry",
+                        topic=raw.topic,
+                        partition=raw.partition,
+                        offset=raw.offset,
+                        attempt=attempt,
+                        backoff_s=backoff,
+                        error=str(error),
+                    )
+                    sleep(backoff)
+                    backoff = min(backoff * 2, policy.max_backoff_s)
+                    continue
+                if policy.action == "stop":
+                    work.error = error
+                    work.state = working
+                    return work
+                work.dead_letters.append(DeadLetter(record=raw, error=error, attempts=attempt))
+                keyed = None
+                break
+        if keyed is not None:
+            work.rows.extend(keyed)
+            if stateful:
+                good.append(raw)
+        work.records += 1
+        work.next_offset = raw.offset + 1
+        work.leader_epoch = raw.leader_epoch
+    work.state = working
+    return work
+
+
+def _rebuilt_state(  # noqa: PLR0917 - private helper; the call site names what it passes
+    processor: Any,
+    decode: Decoder,
+    start: Any,
+    good: Sequence[RawRecord],
+    is_async: bool,
+    resolve: Callable[[Any], Any] | None,
+) -> Any:
+    state = copy_state(start)
+    for raw in good:
+        replayed = processor(_decoded(decode, raw), state)
+        if is_async:
+            _await(replayed, resolve)
+    return state
+
+
+def _await(awaitable: Any, resolve: Callable[[Any], Any] | None) -> Any:
+    if resolve is None:
+        awaitable.close()  # never awaited: say why instead of warning about it
+        raise ConfigError("async processors need the asyncio driver: use --backend aiokafka")
+    return resolve(awaitable)
+
+
+def _decoded(decode: Decoder, raw: RawRecord) -> Record:
+    return Record(
+        topic=raw.topic,
+        partition=raw.partition,
+        offset=raw.offset,
+        timestamp_ms=raw.timestamp_ms,
+        key=raw.key,
+        value=decode(raw.value),
+        headers=raw.headers,
+    )
+
+
+def _located(exc: Exception, raw: RawRecord) -> RecordError:
+    if isinstance(exc, RecordError):
+        return exc.located(topic=raw.topic, partition=raw.partition, offset=raw.offset)
+    error = RecordError(
+        f"processor raised {type(exc).__name__}: {exc}",
+        topic=raw.topic,
+        partition=raw.partition,
+        offset=raw.offset,
+    )
+    error.__cause__ = exc
+    return error
+
+
+def _keyed_rows(app: App, produced: Row | Iterable[Row] | None, raw: RawRecord) -> list[KeyedRow]:
+    if produced is None:
+        return []
+    rows = [produced] if isinstance(produced, Row) else list(produced)
+    keyed: list[KeyedRow] = []
+    for index, row in enumerate(rows):
+        try:
+            table = app.table(row.table)
+        except ConfigError as exc:  # the processor's bug, shown on the record that hit it
+            raise InvalidRecordError(exc.message, **exc.context) from None
+        values = row.values
+        if table.mode == "append":
+            values = {
+                **values,
+                "source_topic": raw.topic,
+                "source_partition": raw.partition,
+                "source_offset": raw.offset,
+                "source_row": index,
+            }
+        unknown = values.keys() - table.columns.keys()
+        if unknown:
+            raise InvalidRecordError(
+                "row has columns the table does not declare",
+                table=table.name,
+                field=sorted(unknown)[0],
+            )
+        try:
+            key = tuple(values[column] for column in table.key)
+        except KeyError as exc:
+            raise InvalidRecordError(
+                "row lacks a key column", table=table.name, field=str(exc.args[0])
+            ) from None
+        keyed.append((table, key, values))
+    return keyed
+
+
+def merge_rows(works: Iterable[PartitionWork]) -> dict[str, tuple[Table, list[Mapping[str, Any]]]]:
+    """Rows per table with one row per key: the last one written in offset order wins."""
+    merged: dict[str, tuple[Table, dict[tuple[Any, ...], Mapping[str, Any]]]] = {}
+    for work in works:
+        for table, key, values in work.rows:
+            entry = merged.get(table.name)
+            if entry is None:
+                entry = (table, {})
+                merged[table.name] = entry
+            by_key = entry[1]
+            # Re-insert so the dict order follows the last write (stable for the sink).
+            by_key.pop(key, None)
+            by_key[key] = values
+    return {name: (table, list(by_key.values())) for name, (table, by_key) in merged.items()}

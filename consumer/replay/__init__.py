@@ -1,0 +1,1 @@
+"""Replay and backfill: a stored plan of offset ranges, run through the engine's one loop."""

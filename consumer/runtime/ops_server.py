@@ -1,0 +1,119 @@
+"""The operations HTTP endpoint of `offsetkeeper run`: one port (`--metrics-port`) serving
+
+    GET /metrics   Prometheus text format (OpenMetrics when the scraper asks for it)
+    GET /healthz   liveness:  200 while the partition loop is alive, else 503
+    GET /readyz    readiness: 200 while ready (see `consumer.runtime.health`), else 503
+
+Health answers are small JSON documents that say why. The server runs on daemon threads and
+only reads state; it never calls into the engine, the sink or Kafka.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import structlog
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder
+
+from consumer.core.errors import ConfigError
+from consumer.runtime.health import Health, Verdict
+
+log = structlog.get_logger("offsetkeeper.ops")
+
+ENDPOINTS = ("/metrics", "/healthz", "/readyz")
+
+
+class OpsServer:
+    """Serves `ENDPOINTS` on `host:port` (port 0: any free port; see `port` once started)."""
+
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
+        self._host = host
+        self._requested_port = port
+        self._registry = registry
+        self._health = health
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise ConfigError("the metrics server is not started")
+        return int(self._server.server_address[1])
+
+    def start(self) -> None:
+        handler = _handler_class(self._registry, self._health)
+        try:
+            self._server = ThreadingHTTPServer((self._host, self._requested_port), handler)
+        except OSError as exc:
+            raise ConfigError(
+                "cannot listen on the metrics port",
+                host=self._host,
+                port=self._requested_port,
+                reason=exc.strerror or str(exc),
+            ) from None
+        self._server.daemon_threads = True
+        self._thread = threading.Thread(
+            target=self._server.serve_forever,
+            kwargs={"poll_interval": 0.5},
+            name="offsetkeeper-ops-http",
+            daemon=True,
+        )
+        self._thread.start()
+        log.info("ops_server_listening", host=self._host, port=self.port, paths=list(ENDPOINTS))
+
+    def stop(self) -> None:
+        if self._server is None:
+            return
+        self._server.shutdown()
+        self._server.server_close()
+        if self._thread is not None:
+            self._thread.join(5)
+
+
+def _handler_class(registry: CollectorRegistry, health: Health) -> type[BaseHTTPRequestHandler]:
+    checks: dict[str, Callable[[], Verdict]] = {
+        "/healthz": health.liveness,
+        "/readyz": health.readiness,
+    }
+
+    class Handler(BaseHTTPRequestHandler):
+        server_version = "offsetkeeper"
+
+        def do_GET(self) -> None:
+            self._answer(with_body=True)
+
+        def do_HEAD(self) -> None:
+            self._answer(with_body=False)
+
+        def _answer(self, *, with_body: bool) -> None:
+            path = self.path.split("?", 1)[0]
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
+                self._send(200, content_type, encoder(registry), with_body=with_body)
+            elif path in checks:
+                verdict = checks[path]()
+                body = json.dumps(verdict.body, sort_keys=True).encode() + b"\n"
+                status = 200 if verdict.ok else 503
+                self._send(status, "application/json", body, with_body=with_body)
+            else:
+                body = json.dumps({"error": "not found", "paths": list(ENDPOINTS)}).encode()
+                self._send(404, "application/json", body + b"\n", with_body=with_body)
+
+        def _send(self, status: int, content_type: str, body: bytes, *, with_body: bool) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.send_header("Cache-Control", "no-store")
+            self.end_headers()
+            if with_body:
+                self.wfile.write(body)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            pass  # probes every few seconds would drown the structured log
+
+    return Handler
