@@ -266,26 +266,26 @@ class SchemaRegistryClient:
         Raises `DecodeError` when the registry does not know the id or the schema is not Avro,
         `SchemaRegistryError` when the registry cannot be asked or answers nonsense.
         """
+        started = time.monotonic()
+        text = self._avro_schema_text(schema_id, self._fetch(schema_id, started))
+        log.info(
+            "schema_fetched",
+            schema_id=schema_id,
+            registry=self.base_url,
+            seconds=round(time.monotonic() - started, 4),
+        )
+        return text
+
+    def _fetch(self, schema_id: int, started: float) -> bytes:
+        """The registry's answer body for `GET /schemas/ids/{schema_id}`."""
         url = f"{self.base_url}/schemas/ids/{schema_id}"
         # The scheme was checked to be http(s) in __init__.
         request = urllib.request.Request(url, headers=self._headers)  # noqa: S310
-        started = time.monotonic()
         try:
             with urllib.request.urlopen(request, timeout=self._timeout_s) as answer:  # noqa: S310
-                body = answer.read()
+                body: bytes = answer.read()
         except urllib.error.HTTPError as exc:
-            reason = _registry_message(exc)
-            if exc.code == HTTPStatus.NOT_FOUND:
-                raise DecodeError(
-                    f"unknown schema id {schema_id} (registry answered 404: {reason})",
-                    field="schema id",
-                    schema_id=schema_id,
-                ) from exc
-            raise SchemaRegistryError(
-                f"schema registry answered {exc.code}: {reason}",
-                registry=self.base_url,
-                schema_id=schema_id,
-            ) from exc
+            raise self._http_error(schema_id, exc) from exc
         except (OSError, http.client.HTTPException) as exc:  # refused, timed out, reset
             raise SchemaRegistryError(
                 f"schema registry unreachable: {exc}",
@@ -293,6 +293,28 @@ class SchemaRegistryClient:
                 schema_id=schema_id,
                 waited_s=round(time.monotonic() - started, 3),
             ) from exc
+        return body
+
+    def _http_error(
+        self, schema_id: int, error: urllib.error.HTTPError
+    ) -> DecodeError | SchemaRegistryError:
+        """What an HTTP error answer means: 404 is an unknown id (the record's fault), anything
+        else is the registry's."""
+        reason = _registry_message(error)
+        if error.code == HTTPStatus.NOT_FOUND:
+            return DecodeError(
+                f"unknown schema id {schema_id} (registry answered 404: {reason})",
+                field="schema id",
+                schema_id=schema_id,
+            )
+        return SchemaRegistryError(
+            f"schema registry answered {error.code}: {reason}",
+            registry=self.base_url,
+            schema_id=schema_id,
+        )
+
+    def _avro_schema_text(self, schema_id: int, body: bytes) -> str:
+        """The Avro schema text in the registry's 200 answer `body`."""
         try:
             answer_json = json.loads(body)
             text = answer_json["schema"]
@@ -316,12 +338,6 @@ class SchemaRegistryClient:
                 registry=self.base_url,
                 schema_id=schema_id,
             )
-        log.info(
-            "schema_fetched",
-            schema_id=schema_id,
-            registry=self.base_url,
-            seconds=round(time.monotonic() - started, 4),
-        )
         return text
 
 
