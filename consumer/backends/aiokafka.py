@@ -32,7 +32,7 @@ from aiokafka.coordinator.assignors.sticky.sticky_assignor import StickyPartitio
 from consumer.core.errors import ConfigError, KafkaError, OffsetkeeperError
 from consumer.core.records import RawRecord, TopicPartition
 from consumer.engine.client import RebalanceListener
-from consumer.engine.loop import Engine
+from consumer.engine.group import Engine
 
 log = structlog.get_logger("offsetkeeper.kafka")
 
@@ -356,6 +356,14 @@ class AiokafkaReader:
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
         return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(_BRIDGE_TIMEOUT_S)
+
+    def resolve(self, awaitable: Awaitable[T]) -> T:
+        """Await an async processor's result on the reader's event loop (replay's resolver)."""
+
+        async def wait() -> T:
+            return await awaitable
+
+        return self._run(wait())
 
     def partitions(self, topic: str) -> list[int]:
         async def lookup() -> set[int] | None:

@@ -28,17 +28,16 @@ from consumer.checkpoints.tools import (
 from consumer.cli.common import COMMON_SETTINGS, add_common_arguments, cli_values
 from consumer.cli.sinks import checkpoint_admin, open_sink
 from consumer.core.errors import ConfigError, KafkaError
+from consumer.core.exit_codes import EXIT_OK, EXIT_PROBLEMS_FOUND
 from consumer.core.records import TopicPartition
 from consumer.core.settings import CheckpointSettings, CommonSettings, load_settings
 from consumer.core.urls import mask_url
 from consumer.engine.sink import Sink
-from consumer.replay.job import at_time_or_end, check_in_log
+from consumer.replay.plan import at_time_or_end, check_in_log
 from consumer.runtime.logs import configure_logging
 
 log = structlog.get_logger("offsetkeeper.cli")
 
-EXIT_OK = 0
-EXIT_PROBLEMS_FOUND = 4
 _PAST = {"import": "imported", "adopt": "adopted", "reset": "reset"}
 
 

@@ -22,10 +22,10 @@ from consumer.cli.common import (
 from consumer.cli.sinks import open_sink
 from consumer.core.app import load_app
 from consumer.core.errors import ConfigError
+from consumer.core.exit_codes import EXIT_OK, EXIT_PARTITIONS_STOPPED
 from consumer.core.settings import DeadLetterSettings, load_settings
 from consumer.deadletters.redrive import RedriveSummary, describe, scan, to_original, to_pipeline
 from consumer.decoding.topics import TopicDecoders
-from consumer.engine.loop import EXIT_OK, EXIT_PARTITIONS_STOPPED
 from consumer.runtime.logs import configure_logging
 
 log = structlog.get_logger("offsetkeeper.cli")

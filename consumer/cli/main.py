@@ -13,7 +13,7 @@ from consumer.cli.dlq import add_dlq_parser
 from consumer.cli.replay import add_replay_parser
 from consumer.cli.run import add_run_parser
 from consumer.core.errors import OffsetkeeperError
-from consumer.engine.loop import EXIT_FAILED
+from consumer.core.exit_codes import EXIT_FAILED
 
 log = structlog.get_logger("offsetkeeper.cli")
 

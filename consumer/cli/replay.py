@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+from collections.abc import Callable
 from types import FrameType
 from typing import Any, TextIO
 
@@ -26,27 +27,24 @@ from consumer.cli.common import (
 from consumer.cli.sinks import checkpoint_admin, job_store, open_sink
 from consumer.core.app import load_app
 from consumer.core.errors import ConfigError
+from consumer.core.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTITIONS_STOPPED
 from consumer.core.records import TopicPartition
 from consumer.core.settings import ReplaySettings, load_settings
 from consumer.decoding.topics import TopicDecoders
 from consumer.engine.client import PartitionReader
+from consumer.engine.retry import RetryPolicy
 from consumer.engine.sink import Sink
-from consumer.replay.job import (
+from consumer.replay.job import ReplayOptions, ReplaySummary, run_replay
+from consumer.replay.plan import (
     RangeRequest,
     ReplayPlan,
-    ReplaySummary,
     default_job_id,
     request_fingerprint,
     resolve_plan,
-    run_replay,
 )
 from consumer.runtime.logs import configure_logging
 
 log = structlog.get_logger("offsetkeeper.cli")
-
-EXIT_COMPLETE = 0
-EXIT_PARTITIONS_STOPPED = 2
-EXIT_INTERRUPTED = 3
 
 
 def add_replay_parser(commands: Any) -> None:
@@ -100,39 +98,21 @@ def add_replay_parser(commands: Any) -> None:
     replay.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
     replay.add_argument("--batch-max-records", type=int, help="records per batch, at most")
     replay.add_argument(
+        "--sink-retry-deadline",
+        dest="sink_retry_deadline_s",
+        type=float,
+        metavar="SECONDS",
+        help="give up after the sink failed this long (default 120)",
+    )
+    replay.add_argument(
         "--backend", choices=["confluent", "aiokafka"], help="Kafka client (default confluent)"
     )
     replay.set_defaults(handler=lambda args: replay_command(args, sys.stdout))
 
 
 def replay_command(args: argparse.Namespace, out: TextIO) -> int:
-    interrupted: list[int] = []
-
-    def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if interrupted:
-            raise SystemExit(128 + signum)
-        interrupted.append(signum)
-
-    signal.signal(signal.SIGTERM, on_signal)
-    signal.signal(signal.SIGINT, on_signal)
-    settings = load_settings(
-        ReplaySettings,
-        cli_values(
-            args,
-            (
-                *COMMON_SETTINGS,
-                "app",
-                "topic",
-                "partitions",
-                "job_id",
-                "batch_max_records",
-                "backend",
-                *DECODING_SETTINGS,
-                *BAD_RECORD_SETTINGS,
-            ),
-        ),
-        args.config,
-    )
+    interrupted = _interruptible()
+    settings = _settings(args)
     configure_logging(settings.log_level, settings.log_format)
     request = RangeRequest(
         from_offset=args.from_offset,
@@ -148,38 +128,18 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
     job_id = settings.job_id or default_job_id(fingerprint)
     dead_letters = dead_letter_writer(settings, group=f"replay-{job_id}", topics=[settings.topic])
     sink = open_sink(settings.sink.get_secret_value())
-    reader = _reader(settings, job_id)
+    reader, resolve = _reader(settings, job_id)
     try:
         if args.dry_run:
             checkpoint_admin(sink).open_existing()
         else:
             sink.open(app.tables)
         stored = job_store(sink).load_job(job_id)
-        if stored is not None:
-            plan = ReplayPlan.from_document(stored)
-            if plan.request != fingerprint:
-                raise ConfigError(
-                    "this job id belongs to a different replay; choose another --job-id",
-                    job=job_id,
-                    stored_request=plan.request,
-                )
-        elif args.resume:
-            raise ConfigError("unknown job id: nothing to resume", job=job_id)
-        else:
-            plan = resolve_plan(
-                reader,
-                sink,
-                job_id=job_id,
-                topic=settings.topic,
-                partitions=settings.partitions,
-                request=request,
-                fingerprint=fingerprint,
-            )
+        plan = _plan(args, settings, sink, reader, stored, request=request, fingerprint=fingerprint)
         if args.dry_run:
-            _print_plan(
-                out, plan, sink, args.live_group or args.from_checkpoint, stored is not None
-            )
-            return EXIT_COMPLETE
+            live_group = args.live_group or args.from_checkpoint
+            _print_plan(out, plan, sink, live_group, stored is not None)
+            return EXIT_OK
         if stored is None:
             plan = ReplayPlan.from_document(job_store(sink).create_job(job_id, plan.to_document()))
         log.info(
@@ -191,16 +151,21 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
         )
         if dead_letters is not None:
             dead_letters.prepare([settings.topic])
+        options = ReplayOptions(
+            batch_max_records=settings.batch_max_records,
+            poll_timeout_s=settings.poll_timeout_s,
+            retry=RetryPolicy(deadline_s=settings.sink_retry_deadline_s),
+            bad_records=bad_record_policy(settings),
+            resolve_awaitable=resolve,
+        )
         summary = run_replay(
             app,
             reader,
             sink,
             plan,
-            batch_max_records=settings.batch_max_records,
-            poll_timeout_s=settings.poll_timeout_s,
+            options=options,
             should_stop=lambda: bool(interrupted),
             decoders=decoders,
-            bad_records=bad_record_policy(settings),
             dead_letters=dead_letters,
         )
     finally:
@@ -211,18 +176,88 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
     return _report(out, summary, interrupted=bool(interrupted))
 
 
-def _reader(settings: ReplaySettings, job_id: str) -> PartitionReader:
+def _interruptible() -> list[int]:
+    """The first SIGTERM/SIGINT asks the replay to stop after its batch in hand (the list
+    gets the signal); a second one exits at once (the open transaction is never committed)."""
+    interrupted: list[int] = []
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if interrupted:
+            raise SystemExit(128 + signum)
+        interrupted.append(signum)
+
+    signal.signal(signal.SIGTERM, on_signal)
+    signal.signal(signal.SIGINT, on_signal)
+    return interrupted
+
+
+def _settings(args: argparse.Namespace) -> ReplaySettings:
+    names = (
+        *COMMON_SETTINGS,
+        "app",
+        "topic",
+        "partitions",
+        "job_id",
+        "batch_max_records",
+        "backend",
+        "sink_retry_deadline_s",
+        *DECODING_SETTINGS,
+        *BAD_RECORD_SETTINGS,
+    )
+    return load_settings(ReplaySettings, cli_values(args, names), args.config)
+
+
+def _plan(
+    args: argparse.Namespace,
+    settings: ReplaySettings,
+    sink: Sink,
+    reader: PartitionReader,
+    stored: str | None,
+    *,
+    request: RangeRequest,
+    fingerprint: dict[str, Any],
+) -> ReplayPlan:
+    """The job's stored plan (which must be for the same request), or a new one."""
+    job_id = settings.job_id or default_job_id(fingerprint)
+    if stored is not None:
+        plan = ReplayPlan.from_document(stored)
+        if plan.request != fingerprint:
+            raise ConfigError(
+                "this job id belongs to a different replay; choose another --job-id",
+                job=job_id,
+                stored_request=plan.request,
+            )
+        return plan
+    if args.resume:
+        raise ConfigError("unknown job id: nothing to resume", job=job_id)
+    return resolve_plan(
+        reader,
+        sink,
+        job_id=job_id,
+        topic=settings.topic,
+        partitions=settings.partitions,
+        request=request,
+        fingerprint=fingerprint,
+    )
+
+
+def _reader(
+    settings: ReplaySettings, job_id: str
+) -> tuple[PartitionReader, Callable[[Any], Any] | None]:
+    """The reader, and how an async processor's result is awaited with it (None: it cannot)."""
     if settings.backend == "aiokafka":
         from consumer.backends.aiokafka import AiokafkaReader  # noqa: PLC0415 - loaded only when chosen
 
-        return AiokafkaReader(
+        reader = AiokafkaReader(
             bootstrap_servers=settings.bootstrap_servers, client_config=settings.kafka_config
         )
-    return ConfluentReader(
+        return reader, reader.resolve
+    confluent = ConfluentReader(
         bootstrap_servers=settings.bootstrap_servers,
         client_id=f"offsetkeeper-replay-{job_id}",
         client_config=settings.kafka_config,
     )
+    return confluent, None
 
 
 def _print_plan(
@@ -271,7 +306,7 @@ def _report(out: TextIO, summary: ReplaySummary, *, interrupted: bool) -> int:
             f"replay job {summary.job_id} is already complete; nothing to do "
             "(use a new --job-id to replay the range again)\n"
         )
-        return EXIT_COMPLETE
+        return EXIT_OK
     if summary.resumed_from:
         out.write(f"resumed job {summary.job_id} from offsets {summary.resumed_from}\n")
     out.write(
@@ -298,4 +333,4 @@ def _report(out: TextIO, summary: ReplaySummary, *, interrupted: bool) -> int:
     if interrupted:
         out.write(f"interrupted; run again with --job-id {summary.job_id} to resume\n")
         return EXIT_INTERRUPTED
-    return EXIT_COMPLETE
+    return EXIT_OK

@@ -27,7 +27,7 @@ from consumer.core.app import load_app
 from consumer.core.settings import RunSettings, load_settings
 from consumer.decoding.topics import TopicDecoders
 from consumer.engine.client import ClientBackend
-from consumer.engine.loop import Engine, EngineSettings
+from consumer.engine.group import Engine, EngineSettings
 from consumer.runtime.logs import configure_logging
 from consumer.runtime.operations import start_operations
 from consumer.runtime.shutdown import GracefulShutdown

@@ -59,6 +59,8 @@ class ConsumingSettings(DecodingSettings):
     bad_record_retries: int = Field(default=2, ge=0, le=100)
     bad_record_backoff_s: float = Field(default=0.2, ge=0)
     bad_record_max_backoff_s: float = Field(default=5.0, ge=0)
+    # How long sink failures are retried (capped exponential backoff) before giving up.
+    sink_retry_deadline_s: float = Field(default=120.0, ge=0)
 
 
 class RunSettings(ConsumingSettings):
@@ -71,7 +73,6 @@ class RunSettings(ConsumingSettings):
     batch_max_records: int = Field(default=2000, ge=1, le=1_000_000)
     poll_timeout_s: float = Field(default=0.5, gt=0)
     stop_when_idle_s: float | None = Field(default=None, gt=0)
-    sink_retry_deadline_s: float = Field(default=120.0, ge=0)
     broker_retry_deadline_s: float = Field(default=300.0, ge=0)
     # The Kafka client: librdkafka (confluent, fastest) or aiokafka (asyncio, async processors).
     backend: Literal["confluent", "aiokafka"] = "confluent"

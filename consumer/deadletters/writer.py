@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, Protocol
+from typing import Any
 
 import confluent_kafka
 import structlog
@@ -40,22 +40,6 @@ HEADER_FAILED_AT = HEADER_PREFIX + "failed.at"
 # Kafka's default max.message.bytes is ~1 MB; an error message is capped well below it.
 _MAX_MESSAGE_CHARS = 2000
 _DELIVERY_TIMEOUT_MS = 30_000
-
-
-class DeadLetterWriter(Protocol):
-    """Where the engine puts dead letters. `write` returns once every letter is durable."""
-
-    def topic_for(self, source_topic: str) -> str: ...
-
-    def prepare(self, source_topics: Sequence[str]) -> None:
-        """Make sure the dead-letter topics of these source topics exist (at start-up)."""
-        ...
-
-    def write(self, letters: Sequence[DeadLetter]) -> None:
-        """Send and wait for the broker's acknowledgement of each; KafkaError otherwise."""
-        ...
-
-    def close(self) -> None: ...
 
 
 def error_class(error: RecordError) -> str:

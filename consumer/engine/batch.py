@@ -85,6 +85,11 @@ def group_by_partition(records: Iterable[RawRecord]) -> dict[TopicPartition, lis
     return grouped
 
 
+# For `dlq replay --to pipeline`: the record to process in place of the fetched one, with its
+# decoder; None when there is nothing to process (the position still moves past it).
+Unwrap = Callable[[RawRecord], tuple[RawRecord, Decoder] | None]
+
+
 def process_partition(
     app: App,
     decode: Decoder,
@@ -95,6 +100,7 @@ def process_partition(
     resolve: Callable[[Any], Any] | None = None,
     policy: BadRecordPolicy = BadRecordPolicy(),
     sleep: Callable[[float], None] = time.sleep,
+    unwrap: Unwrap | None = None,
 ) -> PartitionWork:
     """Run the app over one partition's records in order (see the module docstring for bad ones).
 
@@ -102,83 +108,118 @@ def process_partition(
     works on a copy, and `PartitionWork.state` is the state after the last good record.
     An `async def` processor's result is awaited through `resolve` (the asyncio driver).
     """
-    processor: Any = app.processor
-    if processor is None:
-        raise InvalidRecordError("app has no processor", app=app.name)
+    runner = _RecordRunner(app, state, resolve=resolve, policy=policy, sleep=sleep)
     work = PartitionWork(
         partition=partition, first_offset=records[0].offset, next_offset=records[0].offset
     )
-    stateful = app.state is not None
-    # Decided once per batch, not per record: the check is measurable at 100k records/s.
-    is_async = inspect.iscoroutinefunction(processor)
-    working = copy_state(state) if stateful else None
-    # Stateful apps: the records whose effects the state holds (for rebuilding it).
-    good: list[RawRecord] = []
     for raw in records:
+        if unwrap is None:
+            outcome: list[KeyedRow] | _GaveUp | None = runner.run(raw, decode)
+        else:
+            target = unwrap(raw)
+            outcome = None if target is None else runner.run(*target)
+        if isinstance(outcome, _GaveUp):
+            if policy.action == "stop":
+                work.error = outcome.error
+                work.state = runner.state
+                return work
+            work.dead_letters.append(
+                DeadLetter(record=outcome.record, error=outcome.error, attempts=outcome.attempts)
+            )
+        elif outcome:
+            work.rows.extend(outcome)
+        work.records += 1
+        work.next_offset = raw.offset + 1
+        work.leader_epoch = raw.leader_epoch
+    work.state = runner.state
+    return work
+
+
+@dataclass(frozen=True, slots=True)
+class _GaveUp:
+    """A record that failed its last attempt."""
+
+    record: RawRecord
+    error: RecordError
+    attempts: int
+
+
+class _RecordRunner:
+    """Runs the processor over one record at a time, retrying a failure per the policy. For a
+    stateful app it holds the working state and the good records that built it."""
+
+    def __init__(
+        self,
+        app: App,
+        state: Any,
+        *,
+        resolve: Callable[[Any], Any] | None,
+        policy: BadRecordPolicy,
+        sleep: Callable[[float], None],
+    ) -> None:
+        processor: Any = app.processor
+        if processor is None:
+            raise InvalidRecordError("app has no processor", app=app.name)
+        self._app = app
+        self._processor = processor
+        # Decided once per batch, not per record: the check is measurable at 100k records/s.
+        self._is_async = inspect.iscoroutinefunction(processor)
+        self._stateful = app.state is not None
+        self._resolve = resolve
+        self._policy = policy
+        self._sleep = sleep
+        self._start = state
+        self.state = copy_state(state) if self._stateful else None
+        # Stateful apps: the records whose effects the state holds (for rebuilding it).
+        self._good: list[tuple[RawRecord, Decoder]] = []
+
+    def run(self, raw: RawRecord, decode: Decoder) -> list[KeyedRow] | _GaveUp:
+        """The record's keyed rows, or how it failed after the policy's last attempt."""
         attempt = 0
-        backoff = policy.backoff_s
+        backoff = self._policy.backoff_s
         while True:
             attempt += 1
             try:
-                record = _decoded(decode, raw)
-                produced = processor(record, working) if stateful else processor(record)
-                if is_async:
-                    produced = _await(produced, resolve)
-                keyed: list[KeyedRow] | None = _keyed_rows(app, produced, raw)
-                break
+                keyed = _keyed_rows(self._app, self._call(_decoded(decode, raw)), raw)
             except Exception as exc:  # a processor bug must be handled by policy, never vanish
                 if isinstance(exc, OffsetkeeperError) and not isinstance(exc, RecordError):
                     raise  # about the setup, not this record: the engine handles it
                 error = _located(exc, raw)
-                if stateful:
-                    # The failed attempt may have half-changed the copy: rebuild the state of
+                if self._stateful:
+                    # The failed attempt may have half-changed the state: rebuild the state of
                     # the good records from the untouched start (processors are deterministic).
-                    working = _rebuilt_state(processor, decode, state, good, is_async, resolve)
-                if attempt <= policy.retries:
-                    log.warning(
-                        "record_retry",
-                        topic=raw.topic,
-                        partition=raw.partition,
-                        offset=raw.offset,
-                        attempt=attempt,
-                        backoff_s=backoff,
-                        error=str(error),
-                    )
-                    sleep(backoff)
-                    backoff = min(backoff * 2, policy.max_backoff_s)
-                    continue
-                if policy.action == "stop":
-                    work.error = error
-                    work.state = working
-                    return work
-                work.dead_letters.append(DeadLetter(record=raw, error=error, attempts=attempt))
-                keyed = None
-                break
-        if keyed is not None:
-            work.rows.extend(keyed)
-            if stateful:
-                good.append(raw)
-        work.records += 1
-        work.next_offset = raw.offset + 1
-        work.leader_epoch = raw.leader_epoch
-    work.state = working
-    return work
+                    self.state = self._rebuilt_state()
+                if attempt > self._policy.retries:
+                    return _GaveUp(raw, error, attempt)
+                log.warning(
+                    "record_retry",
+                    topic=raw.topic,
+                    partition=raw.partition,
+                    offset=raw.offset,
+                    attempt=attempt,
+                    backoff_s=backoff,
+                    error=str(error),
+                )
+                self._sleep(backoff)
+                backoff = min(backoff * 2, self._policy.max_backoff_s)
+                continue
+            if self._stateful:
+                self._good.append((raw, decode))
+            return keyed
 
+    def _call(self, record: Record) -> Any:
+        produced = (
+            self._processor(record, self.state) if self._stateful else self._processor(record)
+        )
+        return _await(produced, self._resolve) if self._is_async else produced
 
-def _rebuilt_state(  # noqa: PLR0917 - private helper; the call site names what it passes
-    processor: Any,
-    decode: Decoder,
-    start: Any,
-    good: Sequence[RawRecord],
-    is_async: bool,
-    resolve: Callable[[Any], Any] | None,
-) -> Any:
-    state = copy_state(start)
-    for raw in good:
-        replayed = processor(_decoded(decode, raw), state)
-        if is_async:
-            _await(replayed, resolve)
-    return state
+    def _rebuilt_state(self) -> Any:
+        state = copy_state(self._start)
+        for raw, decode in self._good:
+            replayed = self._processor(_decoded(decode, raw), state)
+            if self._is_async:
+                _await(replayed, self._resolve)
+        return state
 
 
 def _await(awaitable: Any, resolve: Callable[[Any], Any] | None) -> Any:

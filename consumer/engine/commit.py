@@ -1,5 +1,7 @@
 """The commit sequence, written once. Every batch, from every backend, goes through here.
 
+    0. (Caller, before) write the batch's dead letters and wait for the broker's
+       acknowledgement of each, so no offset past a dead letter commits without it.
     1. Merge the batch's rows per table, one row per key (the last in offset order wins).
     2. BEGIN a sink transaction.
     3. Write the rows (upsert by key: writing the same batch twice changes nothing).
@@ -49,38 +51,8 @@ def commit_batch(
     `state_version` is the app's state schema version when the app keeps state: each
     partition's state after the batch is then saved in its checkpoint.
     """
-    # 1 (a sink that names its output by partition gets each partition's rows on their own)
-    writes: list[tuple[RowsOrigin | None, Mapping[str, tuple[Table, list[Mapping[str, Any]]]]]]
-    # Sinks written before the attribute existed lack it: they get merged rows.
-    if getattr(sink, "writes_per_partition", False):
-        writes = [
-            (
-                RowsOrigin(group, work.partition, work.first_offset, work.next_offset),
-                merge_rows([work]),
-            )
-            for work in works
-            if work.rows
-        ]
-    else:
-        writes = [(None, merge_rows(works))]
-    now = datetime.now(tz=UTC)
-    version = writer_version()
-    checkpoints = [
-        Checkpoint(
-            group=group,
-            topic=work.partition.topic,
-            partition=work.partition.partition,
-            next_offset=work.next_offset,
-            updated_at=now,
-            epoch=epochs[work.partition],
-            leader_epoch=work.leader_epoch,
-            writer_version=version,
-            state=None if state_version is None else encode_state(work.state),
-            state_version=state_version,
-        )
-        for work in works
-        if work.next_offset > work.first_offset
-    ]
+    writes = _merged_writes(sink, group, works)  # 1
+    checkpoints = _checkpoints(group, works, epochs, state_version)
     rows = 0
     sink.begin()  # 2
     try:
@@ -104,3 +76,48 @@ def commit_batch(
         records=sum(work.records for work in works),
         rows=rows,
     )
+
+
+_Writes = list[tuple[RowsOrigin | None, Mapping[str, tuple[Table, list[Mapping[str, Any]]]]]]
+
+
+def _merged_writes(sink: Sink, group: str, works: Sequence[PartitionWork]) -> _Writes:
+    """Rows per table, one per key: per partition with its origin for a sink that names its
+    output by partition, else merged across the batch's partitions."""
+    if not sink.writes_per_partition:
+        return [(None, merge_rows(works))]
+    return [
+        (
+            RowsOrigin(group, work.partition, work.first_offset, work.next_offset),
+            merge_rows([work]),
+        )
+        for work in works
+        if work.rows
+    ]
+
+
+def _checkpoints(
+    group: str,
+    works: Sequence[PartitionWork],
+    epochs: Mapping[TopicPartition, int],
+    state_version: int | None,
+) -> list[Checkpoint]:
+    """Each partition's checkpoint after the batch (partitions that moved only)."""
+    now = datetime.now(tz=UTC)
+    version = writer_version()
+    return [
+        Checkpoint(
+            group=group,
+            topic=work.partition.topic,
+            partition=work.partition.partition,
+            next_offset=work.next_offset,
+            updated_at=now,
+            epoch=epochs[work.partition],
+            leader_epoch=work.leader_epoch,
+            writer_version=version,
+            state=None if state_version is None else encode_state(work.state),
+            state_version=state_version,
+        )
+        for work in works
+        if work.next_offset > work.first_offset
+    ]

@@ -27,7 +27,7 @@ from types import FrameType
 
 import structlog
 
-from consumer.engine.loop import EXIT_ABORTED
+from consumer.core.exit_codes import EXIT_ABORTED
 
 log = structlog.get_logger("offsetkeeper.shutdown")
 

@@ -33,7 +33,7 @@ from consumer.core.records import TopicPartition
 from consumer.decoding.topics import DecodeSettings, TopicDecoders
 from consumer.engine.batch import PartitionWork
 from consumer.engine.commit import CommittedBatch
-from consumer.engine.loop import Engine, EngineSettings
+from consumer.engine.group import Engine, EngineSettings
 from consumer.runtime.logs import configure_logging
 
 SINK_KINDS = ("sqlite", "postgresql", "null", "split", "kafka-offsets")

@@ -1,4 +1,4 @@
-"""consumer.engine.loop with the in-memory FakeBackend and a real SqliteSink on tmp_path."""
+"""consumer.engine.group with the in-memory FakeBackend and a real SqliteSink on tmp_path."""
 
 from __future__ import annotations
 
@@ -25,9 +25,9 @@ from consumer import (
     Table,
     TopicPartition,
 )
-from consumer.deadletters.writer import DeadLetterWriter
+from consumer.engine.dead_letters import DeadLetterWriter
 from consumer.engine.batch import BadRecordPolicy, DeadLetter
-from consumer.engine.loop import (
+from consumer.engine.group import (
     EXIT_OK,
     EXIT_PARTITIONS_STOPPED,
     Engine,

@@ -11,7 +11,8 @@ from typing import Any
 import pytest
 
 from consumer import Checkpoint, ConfigError, TopicPartition
-from consumer.replay.job import (
+from consumer.replay.job import ReplayOptions, run_replay
+from consumer.replay.plan import (
     PartitionRange,
     Progress,
     RangeRequest,
@@ -21,7 +22,6 @@ from consumer.replay.job import (
     parse_timestamp,
     request_fingerprint,
     resolve_plan,
-    run_replay,
 )
 from sinks import SqliteSink
 from tests.fixtures.apps import EVENTS, event, events_app
@@ -262,7 +262,7 @@ def test_should_stop_ends_the_job_between_batches(sink: SqliteSink) -> None:
         reader,
         sink,
         plan,
-        batch_max_records=10,
+        options=ReplayOptions(batch_max_records=10),
         progress=Progress("job", 100, out=io.StringIO()),
         should_stop=stop_after_two_batches,
     )

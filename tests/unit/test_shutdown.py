@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from consumer.engine.loop import EXIT_ABORTED
+from consumer.core.exit_codes import EXIT_ABORTED
 from consumer.runtime.shutdown import GracefulShutdown, ShutdownAborted
 
 _HANDLED = (signal.SIGTERM, signal.SIGINT, signal.SIGALRM)

@@ -3,7 +3,7 @@ the Prometheus registry and the health state, plus the lag sampler fed from the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,9 +11,10 @@ import prometheus_client
 import pytest
 
 from consumer import Sink, TopicPartition
-from consumer.deadletters.writer import DeadLetterWriter
+from consumer.core.exit_codes import EXIT_OK, EXIT_PARTITIONS_STOPPED
 from consumer.engine.batch import BadRecordPolicy, DeadLetter
-from consumer.engine.loop import EXIT_OK, EXIT_PARTITIONS_STOPPED, Engine, EngineSettings
+from consumer.engine.dead_letters import DeadLetterWriter
+from consumer.engine.group import Engine, EngineSettings
 from consumer.runtime.health import Health, Verdict
 from consumer.runtime.lag import LagSampler
 from consumer.runtime.metrics import Metrics
@@ -70,8 +71,14 @@ def _observed(
     batch_max_records: int = 4,
     readiness_timeout_s: float = 30.0,
     dead_letters: DeadLetterWriter | None = None,
+    after_sleep: Callable[[], None] = lambda: None,
 ) -> Observed:
     clock = FakeClock()
+
+    def sleep(seconds: float) -> None:  # the engine sleeps between retries: tests look in then
+        clock.sleep(seconds)
+        after_sleep()
+
     backend = FakeBackend(script, clock=clock)
     health = Health(readiness_timeout_s=readiness_timeout_s, clock=clock.now)
     telemetry = Telemetry(
@@ -94,7 +101,7 @@ def _observed(
         backend,
         sink or SqliteSink(db),
         clock=clock.now,
-        sleep=clock.sleep,
+        sleep=sleep,
         observer=telemetry,
         dead_letters=dead_letters,
     )
@@ -188,20 +195,19 @@ def test_a_sink_that_is_not_up_at_start_is_retried_not_fatal(tmp_path: Path) -> 
 def test_a_sink_failing_longer_than_the_readiness_timeout_is_reported(tmp_path: Path) -> None:
     readiness: list[tuple[bool, list[str]]] = []
     flaky = FlakySink(tmp_path / "telemetry.db", failures=1_000)
-    o = _observed(tmp_path, [Assign([P0])], sink=flaky, readiness_timeout_s=2.0)
-    o.backend.append(P0, event("a", 1))
 
     def record_readiness() -> None:
         verdict = o.telemetry.health.readiness()
         readiness.append((verdict.ok, verdict.body["reasons"]))
 
-    original_sleep = o.engine._sleep  # the engine sleeps between retries: look in then
-
-    def sleep_and_look(seconds: float) -> None:
-        original_sleep(seconds)
-        record_readiness()
-
-    o.engine._sleep = sleep_and_look
+    o = _observed(
+        tmp_path,
+        [Assign([P0])],
+        sink=flaky,
+        readiness_timeout_s=2.0,
+        after_sleep=record_readiness,
+    )
+    o.backend.append(P0, event("a", 1))
     with pytest.raises(Exception, match="disk full"):
         o.engine.run()
 

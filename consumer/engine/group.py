@@ -1,0 +1,326 @@
+"""A consumer group member: positions come from group assignment, the loop runs until asked
+to stop (or idle), and the batch loop (`consumer.engine.loop`) does the rest.
+
+The driver is single-threaded and commits each batch before it polls again, so when the
+backend reports a revocation (from inside `poll_batch`) no batch is in flight: every record
+already returned is either committed, or belongs to a partition stopped on a bad record.
+Revocation therefore only has to forget the partitions; it can never leave a half-written
+batch.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import structlog
+
+from consumer.checkpoints.model import Checkpoint
+from consumer.core.app import App
+from consumer.core.errors import CheckpointError, FencedError, KafkaError, RecordError
+from consumer.core.exit_codes import EXIT_OK, EXIT_PARTITIONS_STOPPED
+from consumer.core.records import RawRecord, TopicPartition
+from consumer.decoding.topics import TopicDecoders
+from consumer.engine.batch import BadRecordPolicy
+from consumer.engine.client import ClientBackend, StartPosition
+from consumer.engine.commit import CommittedBatch
+from consumer.engine.dead_letters import DeadLetterWriter
+from consumer.engine.loop import BatchLoop, Position
+from consumer.engine.observer import EngineObserver
+from consumer.engine.retry import RetryPolicy
+from consumer.engine.sink import GroupBoundSink, Sink
+
+log = structlog.get_logger("offsetkeeper.engine")
+
+ResetPolicy = Literal["earliest", "latest", "error"]
+
+_MIN_RATE_WINDOW_S = 0.01  # below this a rate is noise
+
+
+@dataclass(frozen=True, slots=True)
+class EngineSettings:
+    group: str
+    topics: tuple[str, ...]
+    reset_policy: ResetPolicy = "earliest"
+    batch_max_records: int = 2000
+    poll_timeout_s: float = 0.5
+    # Exit once no record arrived for this long and every partition is caught up (None: never).
+    stop_when_idle_s: float | None = None
+    # How long sink failures are retried (capped exponential backoff) before giving up.
+    sink_retry_deadline_s: float = 120.0
+    sink_retry_max_backoff_s: float = 5.0
+    # A record that fails: retried, then it stops its partition or becomes a dead letter.
+    bad_records: BadRecordPolicy = field(default_factory=BadRecordPolicy)
+
+
+class Engine:
+    """Runs one app in one consumer group until asked to stop. See the module docstring."""
+
+    def __init__(
+        self,
+        app: App,
+        settings: EngineSettings,
+        backend: ClientBackend,
+        sink: Sink,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], None] = time.sleep,
+        observer: EngineObserver | None = None,
+        decoders: TopicDecoders | None = None,
+        dead_letters: DeadLetterWriter | None = None,
+    ) -> None:
+        self._app = app
+        self._settings = settings
+        self._backend = backend
+        self._sink = sink
+        self._loop = BatchLoop(
+            app,
+            sink,
+            group=settings.group,
+            retry=RetryPolicy(settings.sink_retry_deadline_s, settings.sink_retry_max_backoff_s),
+            bad_records=settings.bad_records,
+            decoders=decoders,
+            dead_letters=dead_letters,
+            observer=observer,
+            clock=clock,
+            sleep=sleep,
+            pause=backend.pause,
+            on_fenced=self._drop_fenced,
+        )
+        self._observer = self._loop.observer
+        self._clock = clock
+        self._stop_requested = False
+        self._ever_assigned = False
+        self._started = self._idle_since = self._last_commit_at = clock()
+        self._first_record_at: float | None = None
+
+    # -- control -----------------------------------------------------------------------------
+
+    @property
+    def resolve_awaitable(self) -> Callable[[Any], Any] | None:
+        """Awaits an async processor's result (set by the asyncio driver); None: sync only."""
+        return self._loop.resolve_awaitable
+
+    @resolve_awaitable.setter
+    def resolve_awaitable(self, resolve: Callable[[Any], Any] | None) -> None:
+        self._loop.resolve_awaitable = resolve
+
+    @property
+    def records_committed(self) -> int:
+        return self._loop.records_committed
+
+    @property
+    def batches_committed(self) -> int:
+        return self._loop.batches_committed
+
+    def request_stop(self) -> None:
+        """Finish and commit the batch in hand, then leave the group. Safe from a signal handler."""
+        self._stop_requested = True
+        self._observer.stopping()
+
+    @property
+    def stopped_partitions(self) -> dict[TopicPartition, RecordError]:
+        """Partitions this member halted on a bad record (kept after they are revoked: leaving
+        the group at the end revokes everything before `finish` reports)."""
+        return dict(self._loop.halted)
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._stop_requested
+
+    def run(self) -> int:
+        """Consume until stopped (the synchronous driver); returns the process exit code."""
+        self.start()
+        self._backend.subscribe(self._settings.topics, self)
+        try:
+            while not self._stop_requested:
+                records = self._backend.poll_batch(
+                    self._settings.batch_max_records, self._settings.poll_timeout_s
+                )
+                if not self.step(records):
+                    break
+        finally:
+            self._backend.close()
+            code = self.finish()
+        return code
+
+    # -- the steps every driver runs: start, step per poll, finish ---------------------------
+
+    def start(self) -> None:
+        """Open the sink (creating its tables) before the driver subscribes. A sink that is not
+        up yet, or DDL that lost a deadlock to a running member, is retried like any sink call."""
+        loop = self._loop
+        loop.decoders.check(self._settings.topics)
+        if loop.dead_letters is not None:
+            dead_letters = loop.dead_letters
+            loop.retrier.retry(
+                "prepare_dead_letters",
+                lambda: dead_letters.prepare(self._settings.topics),
+                retry_on=(KafkaError,),
+            )
+        if isinstance(self._sink, GroupBoundSink):
+            # Its transaction commits the offsets to Kafka: no advisory commit after it.
+            self._sink.bind_group_metadata(self._backend.group_metadata)
+        loop.retrier.sink("open", lambda: self._sink.open(self._app.tables))
+        log.info(
+            "consumer_starting",
+            app=self._app.name,
+            group=self._settings.group,
+            topics=list(self._settings.topics),
+            sink=self._sink.description,
+        )
+        self._started = self._idle_since = self._last_commit_at = self._clock()
+
+    def step(self, records: Sequence[RawRecord]) -> bool:
+        """Process and commit one polled batch; False when the driver should stop (idle)."""
+        self._observer.polled(len(records))
+        if records:
+            if self._first_record_at is None:
+                self._first_record_at = self._clock()
+            committed = self._loop.step(records)
+            if committed is not None:
+                self._after_commit(committed)
+            self._idle_since = self._last_commit_at = self._clock()
+            return True
+        if self._idle_long_enough(self._idle_since):
+            log.info("consumer_idle_stop", idle_s=self._settings.stop_when_idle_s)
+            return False
+        return True
+
+    def finish(self) -> int:
+        """Close the sink after the driver left the group; returns the process exit code."""
+        stopped = self.stopped_partitions
+        self._sink.close()
+        # The rate counts from the first record to the last commit: joining the group and
+        # idling at the end are not throughput.
+        first = self._first_record_at or self._last_commit_at
+        busy = max(self._last_commit_at - first, 1e-9)
+        log.info(
+            "consumer_stopped",
+            batches=self.batches_committed,
+            records=self.records_committed,
+            elapsed_s=round(self._clock() - self._started, 3),
+            busy_s=round(busy, 3),
+            records_per_s=(
+                round(self.records_committed / busy, 1) if busy >= _MIN_RATE_WINDOW_S else None
+            ),
+            stopped_partitions=[str(tp) for tp in sorted(stopped)],
+        )
+        return EXIT_PARTITIONS_STOPPED if stopped else EXIT_OK
+
+    def _after_commit(self, committed: CommittedBatch) -> None:
+        """Step 6: the advisory copy of the offsets in Kafka, for standard lag tools."""
+        if not isinstance(self._sink, GroupBoundSink):
+            self._backend.commit_advisory(committed.next_offsets)
+
+    def _drop_fenced(self, exc: FencedError) -> None:
+        dropped = [TopicPartition(topic, partition) for topic, partition in exc.partitions]
+        next_offsets = self._loop.forget(dropped)
+        self._backend.pause(dropped)
+        self._observer.partitions_fenced(dropped)
+        log.warning(
+            "partitions_fenced",
+            partitions=[str(tp) for tp in sorted(dropped)],
+            next_offsets=next_offsets,
+            reason="a newer owner took these partitions; this batch was rolled back for them",
+        )
+
+    # -- idleness ------------------------------------------------------------------------------
+
+    def _idle_long_enough(self, idle_since: float) -> bool:
+        limit = self._settings.stop_when_idle_s
+        if limit is None or self._clock() - idle_since < limit:
+            return False
+        if not self._ever_assigned:
+            return False  # still joining the group: idle is not done
+        for tp, position in self._loop.positions.items():
+            if position.stopped is not None:
+                continue
+            try:
+                _low, high = self._backend.watermarks(tp)
+            except KafkaError:
+                return False  # cannot tell whether we are caught up: not idle
+            if position.next_offset is None or position.next_offset < high:
+                return False
+        return True
+
+    # -- RebalanceListener ---------------------------------------------------------------------
+
+    def on_assigned(
+        self, partitions: Sequence[TopicPartition]
+    ) -> Mapping[TopicPartition, StartPosition]:
+        group = self._settings.group
+        self._observer.joined()
+        if not partitions:
+            return {}  # joined with nothing (yet) to own: ready, but not "assigned" for idleness
+        self._ever_assigned = True
+        retrier = self._loop.retrier
+        epochs = retrier.sink("acquire", lambda: self._sink.acquire(group, partitions))
+        stored = retrier.sink(
+            "load_checkpoints", lambda: self._sink.load_checkpoints(group, partitions)
+        )
+        starts: dict[TopicPartition, StartPosition] = {}
+        for tp in partitions:
+            checkpoint = stored.get(tp)
+            starts[tp] = self._start_of(tp, checkpoint)
+            start = starts[tp]
+            self._loop.track(
+                tp,
+                Position(
+                    epoch=epochs[tp],
+                    next_offset=start if isinstance(start, int) else None,
+                    state=self._loop.initial_state(tp, checkpoint),
+                ),
+            )
+        self._observer.partitions_assigned(
+            {tp: self._loop.positions[tp].next_offset for tp in partitions}
+        )
+        log.info(
+            "partitions_assigned",
+            partitions={str(tp): starts[tp] for tp in partitions},
+            epochs={str(tp): epochs[tp] for tp in partitions},
+        )
+        return starts
+
+    def _start_of(self, tp: TopicPartition, checkpoint: Checkpoint | None) -> StartPosition:
+        if checkpoint is not None:
+            return checkpoint.next_offset
+        policy = self._settings.reset_policy
+        if policy == "error":
+            raise CheckpointError(
+                "no checkpoint stored for partition and reset policy is 'error'",
+                group=self._settings.group,
+                topic=tp.topic,
+                partition=tp.partition,
+            )
+        # The numeric offset the reset policy means now, so the position is known exactly (and
+        # logged); the policy name itself when the broker cannot say.
+        try:
+            low, high = self._backend.watermarks(tp)
+        except KafkaError as exc:
+            log.warning(
+                "reset_position_unresolved", topic=tp.topic, partition=tp.partition, error=str(exc)
+            )
+            return policy
+        return low if policy == "earliest" else high
+
+    def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
+        # Nothing is in flight here (see the module docstring): forgetting them is enough.
+        next_offsets = self._loop.forget(partitions)
+        self._observer.partitions_revoked(partitions, lost=False)
+        log.info(
+            "partitions_revoked",
+            partitions=[str(tp) for tp in partitions],
+            next_offsets=next_offsets,
+        )
+
+    def on_lost(self, partitions: Sequence[TopicPartition]) -> None:
+        next_offsets = self._loop.forget(partitions)
+        self._observer.partitions_revoked(partitions, lost=True)
+        log.warning(
+            "partitions_lost",
+            partitions=[str(tp) for tp in partitions],
+            next_offsets=next_offsets,
+        )

@@ -1,0 +1,83 @@
+"""Retries to a deadline: what the engine does with failures that are not about a record (the
+sink unreachable, the broker refusing dead letters, the schema registry down)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import structlog
+
+from consumer.core.errors import FencedError, SinkError
+from consumer.engine.observer import EngineObserver
+
+log = structlog.get_logger("offsetkeeper.engine")
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Capped exponential backoff (0.1 s doubling to `max_backoff_s`) until `deadline_s` after
+    the first attempt; then the last error is raised."""
+
+    deadline_s: float = 120.0
+    max_backoff_s: float = 5.0
+
+
+class Retrier:
+    """Runs actions under a `RetryPolicy`. Never retries `FencedError`: a newer owner exists,
+    and trying again cannot change that."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        *,
+        clock: Callable[[], float],
+        sleep: Callable[[float], None],
+        observer: EngineObserver,
+    ) -> None:
+        self._policy = policy
+        self._clock = clock
+        self._sleep = sleep
+        self._observer = observer
+
+    def sink(self, what: str, action: Callable[[], T]) -> T:
+        """Run a sink call, retrying `SinkError`; reported to the observer as sink health."""
+        return self.retry(what, action, retry_on=(SinkError,))
+
+    def retry(
+        self, what: str, action: Callable[[], T], *, retry_on: tuple[type[Exception], ...]
+    ) -> T:
+        """Run `action`, retrying `retry_on` errors. Logs `<kind>_retry` and `<kind>_gave_up`,
+        where kind is "sink" for sink calls and `what` otherwise."""
+        is_sink = SinkError in retry_on
+        kind = "sink" if is_sink else what
+        deadline = self._clock() + self._policy.deadline_s
+        backoff = 0.1
+        attempt = 0
+        while True:
+            attempt += 1
+            began = self._clock()
+            try:
+                result = action()
+            except FencedError:
+                raise
+            except retry_on as exc:
+                if isinstance(exc, SinkError):
+                    self._observer.sink_failed(what, exc)
+                if self._clock() + backoff > deadline:
+                    log.error(  # noqa: TRY400 - the caller reports the error; no traceback twice
+                        f"{kind}_gave_up", action=what, attempts=attempt, error=str(exc)
+                    )
+                    raise
+                log.warning(
+                    f"{kind}_retry", action=what, attempt=attempt, backoff_s=backoff, error=str(exc)
+                )
+                self._sleep(backoff)
+                backoff = min(backoff * 2, self._policy.max_backoff_s)
+            else:
+                if is_sink:
+                    self._observer.sink_succeeded(what, self._clock() - began)
+                return result
