@@ -34,11 +34,11 @@ from consumer.core.app import App
 from consumer.core.errors import ConfigError, KafkaError, RecordError
 from consumer.core.records import RawRecord, TopicPartition
 from consumer.deadletters.writer import DeadLetterOrigin, original_record
+from consumer.decoding.decoders import Decoder
 from consumer.decoding.topics import TopicDecoders
-from consumer.engine.batch import PartitionWork, process_partition
 from consumer.engine.client import PartitionReader
-from consumer.engine.commit import commit_batch
-from consumer.engine.crash import CrashInjector
+from consumer.engine.loop import BatchLoop
+from consumer.engine.planned import PlannedRun
 from consumer.engine.sink import Sink
 
 log = structlog.get_logger("offsetkeeper.dlq")
@@ -263,71 +263,93 @@ def to_pipeline(
     *,
     dead_letter_topic: str,
 ) -> RedriveSummary:
-    """Run each dead letter's original record through the app into the sink (module docstring)."""
+    """Run each dead letter's original record through the app into the sink (module docstring),
+    through the engine's one loop: the dead-letter topic's positions are the checkpoints, and
+    each letter is unwrapped into its original record before processing."""
     if app.state is not None:
         raise ConfigError(
             "dead letters of a stateful app cannot skip ahead of its state: re-drive them "
             "with --to original",
             app=app.name,
         )
-    group = pipeline_group(dead_letter_topic)
-    partitions = [
-        TopicPartition(dead_letter_topic, p) for p in reader.partitions(dead_letter_topic)
-    ]
-    epochs = sink.acquire(group, partitions)
-    stored = sink.load_checkpoints(group, partitions)
-    starts = {tp.partition: cp.next_offset for tp, cp in stored.items()}
-    crash = CrashInjector.from_environment()
-    stopped: list[RecordError] = []
-    reprocessed = [0]  # letters committed through the pipeline (not those after a stop)
-
-    def handle(partition: int, acted: list[tuple[int, DeadLetterEntry | None]]) -> None:
-        if stopped:
-            return
-        position = TopicPartition(dead_letter_topic, partition)
-        work = PartitionWork(partition=position, first_offset=acted[0][0], next_offset=acted[0][0])
-        for offset, entry in acted:
-            if entry is not None:
-                original = entry.original
-                done = process_partition(
-                    app,
-                    decoders.for_topic(original.topic),
-                    original.topic_partition,
-                    [original],
-                )
-                if done.error is not None:
-                    stopped.append(done.error)
-                    break
-                work.rows.extend(done.rows)
-                reprocessed[0] += 1
-            work.records += 1
-            work.next_offset = offset + 1
-        if work.next_offset > work.first_offset:
-            commit_batch(sink, group=group, works=[work], epochs=epochs, crash=crash)
-            log.info(
-                "dead_letters_reprocessed",
-                dead_letter_partition=partition,
-                offsets=(work.first_offset, work.next_offset - 1),
-                rows=len(work.rows),
-            )
-
-    scanned = scan(reader, dead_letter_topic, starts, on_batch=handle)
-    if stopped:
-        error = stopped[0]
+    ranges: dict[TopicPartition, tuple[int, int]] = {}
+    for partition in reader.partitions(dead_letter_topic):
+        tp = TopicPartition(dead_letter_topic, partition)
+        ranges[tp] = reader.watermarks(tp)  # [log start, end as of now)
+    letters = _Letters(decoders)
+    loop = BatchLoop(
+        app,
+        sink,
+        group=pipeline_group(dead_letter_topic),
+        decoders=decoders,
+        pause=reader.pause,
+        unwrap=letters.unwrap,
+    )
+    summary = PlannedRun(
+        loop,
+        reader,
+        ranges,
+        batch_max_records=_BATCH,
+        poll_timeout_s=_POLL_TIMEOUT_S,
+        stall_timeout_s=_STALL_TIMEOUT_S,
+    ).run()
+    # Only what was committed counts: a partition stopped at a letter keeps the rest for later.
+    committed = {
+        tp: position.next_offset for tp, position in loop.positions.items() if position.next_offset
+    }
+    counts = letters.committed(committed)
+    stopped = min(summary.stopped.values(), key=lambda e: e.offset or 0, default=None)
+    if stopped is not None:
         log.error(
             "dead_letter_still_bad",
-            topic=error.topic,
-            partition=error.partition,
-            offset=error.offset,
-            field=error.field,
-            error=str(error),
+            topic=stopped.topic,
+            partition=stopped.partition,
+            offset=stopped.offset,
+            field=stopped.field,
+            error=str(stopped),
         )
     return RedriveSummary(
-        redriven=reprocessed[0],
-        repeats=scanned.repeats,
-        foreign=scanned.foreign,
-        stopped=stopped[0] if stopped else None,
+        redriven=counts["letter"],
+        repeats=counts["repeat"],
+        foreign=counts["foreign"],
+        stopped=stopped,
     )
+
+
+class _Letters:
+    """Unwraps dead letters into their original records for the loop, and remembers what each
+    dead-letter position held: a letter, a repeat of an origin seen earlier in this run, or a
+    foreign record. Idempotent per position (the loop may process a batch again)."""
+
+    def __init__(self, decoders: TopicDecoders) -> None:
+        self._decoders = decoders
+        self._claimed: dict[tuple[str, int, int], tuple[int, int]] = {}
+        self._kinds: dict[tuple[int, int], str] = {}
+
+    def unwrap(self, dead: RawRecord) -> tuple[RawRecord, Decoder] | None:
+        position = (dead.partition, dead.offset)
+        found = original_record(dead)
+        if found is None:
+            self._kinds[position] = "foreign"
+            return None
+        original, origin = found
+        claimant = self._claimed.setdefault(
+            (origin.topic, origin.partition, origin.offset), position
+        )
+        if claimant != position:
+            self._kinds[position] = "repeat"
+            return None
+        self._kinds[position] = "letter"
+        return original, self._decoders.for_topic(original.topic)
+
+    def committed(self, next_offsets: dict[TopicPartition, int]) -> dict[str, int]:
+        """How many letters, repeats and foreign records lie below the committed positions."""
+        counts = {"letter": 0, "repeat": 0, "foreign": 0}
+        ends = {tp.partition: offset for tp, offset in next_offsets.items()}
+        for (partition, offset), kind in self._kinds.items():
+            if offset < ends.get(partition, 0):
+                counts[kind] += 1
+        return counts
 
 
 def describe(entries: Sequence[DeadLetterEntry]) -> list[dict[str, Any]]:

@@ -176,9 +176,17 @@ def test_timestamp_range_writes_exactly_the_records_in_it(
     assert "100 records" in result.stdout
 
 
-@pytest.mark.parametrize("backend", ["confluent", "aiokafka"])
+@pytest.mark.parametrize(
+    ("backend", "app"),
+    [
+        ("confluent", "tests.apps.chaos:app"),
+        ("aiokafka", "tests.apps.chaos:app"),
+        # An `async def` processor awaits on the aiokafka reader's event loop.
+        ("aiokafka", "tests.apps.async_chaos:app"),
+    ],
+)
 def test_replay_killed_mid_job_resumes_without_gaps_or_duplicates(
-    backend: str, kafka: Service, sink: SinkUnderTest
+    backend: str, app: str, kafka: Service, sink: SinkUnderTest
 ) -> None:
     partitions = 4
     topic = unique_name("replay-resume")
@@ -186,7 +194,7 @@ def test_replay_killed_mid_job_resumes_without_gaps_or_duplicates(
     produce(kafka.address, topic, (chaos_event(i, 2_000) for i in range(20_000)))
     args = (
         "--app",
-        "tests.apps.chaos:app",
+        app,
         "--topic",
         topic,
         "--from-offset",

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from consumer import Checkpoint, ConfigError, TopicPartition
+from consumer.engine.retry import RetryPolicy
 from consumer.replay.job import ReplayOptions, run_replay
 from consumer.replay.plan import (
     PartitionRange,
@@ -26,6 +27,8 @@ from consumer.replay.plan import (
 from sinks import SqliteSink
 from tests.fixtures.apps import EVENTS, event, events_app
 from tests.fixtures.fake_reader import FakeReader
+from tests.fixtures.flaky_sink import FlakySink
+from tests.fixtures.observers import RecordingObserver
 
 TOPIC = "events"
 
@@ -228,6 +231,56 @@ def test_a_rerun_resumes_at_the_job_checkpoint_and_a_finished_job_does_nothing(
     again = run_replay(events_app(seen), _reader(), sink, plan)
     assert again.already_complete
     assert again.records == 0
+
+
+def test_replay_retries_a_failing_sink_like_run_and_reports_to_its_observer(
+    tmp_path: Path,
+) -> None:
+    flaky = FlakySink(tmp_path / "flaky.db", failures=2)
+    flaky.open((EVENTS,))
+    reader = _reader(per_partition=5)
+    plan = _plan(reader, flaky, RangeRequest(from_offset=0))
+    observer = RecordingObserver()
+    summary = run_replay(
+        events_app(),
+        reader,
+        flaky,
+        plan,
+        options=ReplayOptions(retry=RetryPolicy(deadline_s=30.0, max_backoff_s=0.01)),
+        progress=Progress("job", plan.records, out=io.StringIO()),
+        observer=observer,
+    )
+    assert summary.records == 10
+    assert flaky.commit_attempts >= 3, "two failed commits, then the one that landed"
+    assert sorted(r[0] for r in _rows(tmp_path / "flaky.db")) == sorted(
+        f"p{p}-{i}" for p in (0, 1) for i in range(5)
+    )
+    assert observer.sink_failures == ["commit", "commit"]
+    assert sum(observer.fetched.values()) >= 10
+
+
+def test_a_second_run_of_the_same_job_fences_the_first(sink: SqliteSink) -> None:
+    reader = _reader(per_partition=6)
+    plan = _plan(reader, sink, RangeRequest(from_offset=0))
+    interloper: list[bool] = []
+
+    def a_second_run_takes_over() -> bool:
+        if not interloper:  # after the first batch: another run of the job acquires
+            interloper.append(True)
+            sink.acquire(job_group("job"), [TopicPartition(TOPIC, 0), TopicPartition(TOPIC, 1)])
+        return False
+
+    with pytest.raises(ConfigError, match="another run of this replay job took over"):
+        run_replay(
+            events_app(),
+            reader,
+            sink,
+            plan,
+            options=ReplayOptions(batch_max_records=2),
+            progress=Progress("job", plan.records, out=io.StringIO()),
+            should_stop=a_second_run_takes_over,
+        )
+    assert sink.load_checkpoints(job_group("job")) == {}, "nothing committed after the takeover"
 
 
 def test_a_bad_record_stops_only_its_partition(sink: SqliteSink, tmp_path: Path) -> None:
