@@ -5,7 +5,8 @@ is written: at module level, inside a function (a deferred import), or under
 `if TYPE_CHECKING:`.
 
 - no module of consumer imports sinks;
-- sinks import nothing of consumer but the package itself, and only names in its `__all__`;
+- sinks import nothing of consumer but the package itself, and only names in its `__all__`
+  (so does the third party's sink of tests/fixtures/plugin_sink);
 - no import cycle among the modules of consumer/ and sinks/;
 - each subpackage of consumer says in its docstring what it owns;
 - no class over 400 lines, no function over 60, but for the declarative tables listed below;
@@ -28,6 +29,7 @@ from pathlib import Path
 import pytest
 
 import consumer
+from tests.fixtures.plugins import MEMO_PLUGIN_DIR
 
 REPO = Path(__file__).resolve().parents[2]
 PACKAGES = ("consumer", "sinks")
@@ -38,6 +40,9 @@ MAX_FUNCTION_LINES = 60
 SIZE_ALLOWED = {
     "consumer/cli/checkpoint.py::add_checkpoint_parser": (
         "argparse declarations of the checkpoint sub-commands: one add_argument per flag"
+    ),
+    "consumer/cli/replay.py::add_replay_parser": (
+        "argparse declarations of the replay command: one add_argument per flag"
     ),
     "consumer/runtime/metrics.py::Metrics.__init__": (
         "the metric declarations: one Counter, Gauge or Histogram with its help text each"
@@ -329,6 +334,14 @@ def public_api_violations(modules: Iterable[Module]) -> list[str]:
 def test_sinks_import_only_the_public_api_of_consumer() -> None:
     offenders = public_api_violations(_modules_of("sinks"))
     assert not offenders, "sinks reach past consumer's public API:\n  " + "\n  ".join(offenders)
+
+
+def test_the_third_party_sink_imports_only_the_public_api_of_consumer() -> None:
+    plugin = load_modules(MEMO_PLUGIN_DIR.parent, [MEMO_PLUGIN_DIR.name])
+    imports = [i for module in plugin.values() for i in imports_of(module)]
+    assert any(i.target == "consumer" for i in imports), "the plugin was not found"
+    offenders = public_api_violations(plugin.values())
+    assert not offenders, "the plugin reaches past the public API:\n  " + "\n  ".join(offenders)
 
 
 def test_the_public_api_check_catches_private_and_unlisted_imports() -> None:
