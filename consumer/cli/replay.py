@@ -142,28 +142,18 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
             return EXIT_OK
         if stored is None:
             plan = ReplayPlan.from_document(job_store(sink).create_job(job_id, plan.to_document()))
+        ranges = {r.partition: (r.start, r.end) for r in plan.ranges}
         log.info(
-            "replay_starting",
-            job=job_id,
-            topic=plan.topic,
-            records=plan.records,
-            ranges={r.partition: (r.start, r.end) for r in plan.ranges},
+            "replay_starting", job=job_id, topic=plan.topic, records=plan.records, ranges=ranges
         )
         if dead_letters is not None:
             dead_letters.prepare([settings.topic])
-        options = ReplayOptions(
-            batch_max_records=settings.batch_max_records,
-            poll_timeout_s=settings.poll_timeout_s,
-            retry=RetryPolicy(deadline_s=settings.sink_retry_deadline_s),
-            bad_records=bad_record_policy(settings),
-            resolve_awaitable=resolve,
-        )
         summary = run_replay(
             app,
             reader,
             sink,
             plan,
-            options=options,
+            options=_options(settings, resolve),
             should_stop=lambda: bool(interrupted),
             decoders=decoders,
             dead_letters=dead_letters,
@@ -174,6 +164,16 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
         if dead_letters is not None:
             dead_letters.close()
     return _report(out, summary, interrupted=bool(interrupted))
+
+
+def _options(settings: ReplaySettings, resolve: Callable[[Any], Any] | None) -> ReplayOptions:
+    return ReplayOptions(
+        batch_max_records=settings.batch_max_records,
+        poll_timeout_s=settings.poll_timeout_s,
+        retry=RetryPolicy(deadline_s=settings.sink_retry_deadline_s),
+        bad_records=bad_record_policy(settings),
+        resolve_awaitable=resolve,
+    )
 
 
 def _interruptible() -> list[int]:

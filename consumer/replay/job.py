@@ -7,6 +7,7 @@ retries, schema registry waits, metrics and async processors work as they do for
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,7 +21,7 @@ from consumer.engine.client import PartitionReader
 from consumer.engine.dead_letters import DeadLetterWriter
 from consumer.engine.loop import BatchLoop
 from consumer.engine.observer import EngineObserver
-from consumer.engine.planned import PlannedRun
+from consumer.engine.planned import PlannedRun, PlannedSummary
 from consumer.engine.retry import RetryPolicy
 from consumer.engine.sink import Sink
 from consumer.replay.plan import Progress, ReplayPlan, job_group
@@ -40,6 +41,20 @@ class ReplaySummary:
     @property
     def rate_per_s(self) -> float:
         return self.records / self.duration_s if self.duration_s > 0 else 0.0
+
+    @classmethod
+    def of(cls, job_id: str, summary: PlannedSummary) -> ReplaySummary:
+        """The planned run's summary, with partitions named by number (one topic)."""
+        return cls(
+            job_id=job_id,
+            records=summary.records,
+            rows=summary.rows,
+            duration_s=summary.duration_s,
+            resumed_from={tp.partition: offset for tp, offset in summary.resumed_from.items()},
+            stopped={tp.partition: error for tp, error in summary.stopped.items()},
+            already_complete=summary.already_complete,
+            dead_lettered=summary.dead_lettered,
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,14 +86,6 @@ def run_replay(
     Bad records follow `options.bad_records` (default: stop the partition); dead letters go
     through `dead_letters` before the batch that skips them commits."""
     options = options or ReplayOptions()
-
-    def another_run_took_over(exc: FencedError) -> None:
-        raise ConfigError(
-            "another run of this replay job took over; this one stops",
-            job=plan.job_id,
-            partitions=sorted(exc.partitions),
-        ) from exc
-
     loop = BatchLoop(
         app,
         sink,
@@ -89,7 +96,7 @@ def run_replay(
         dead_letters=dead_letters,
         observer=observer,
         pause=reader.pause,
-        on_fenced=another_run_took_over,
+        on_fenced=functools.partial(_another_run_took_over, plan.job_id),
     )
     loop.resolve_awaitable = options.resolve_awaitable
     ranges = {TopicPartition(plan.topic, r.partition): (r.start, r.end) for r in plan.ranges}
@@ -112,13 +119,12 @@ def run_replay(
     summary = run.run()
     if shown and not summary.already_complete:
         shown[0].advance(0, final=True)
-    return ReplaySummary(
-        job_id=plan.job_id,
-        records=summary.records,
-        rows=summary.rows,
-        duration_s=summary.duration_s,
-        resumed_from={tp.partition: offset for tp, offset in summary.resumed_from.items()},
-        stopped={tp.partition: error for tp, error in summary.stopped.items()},
-        already_complete=summary.already_complete,
-        dead_lettered=summary.dead_lettered,
-    )
+    return ReplaySummary.of(plan.job_id, summary)
+
+
+def _another_run_took_over(job_id: str, exc: FencedError) -> None:
+    raise ConfigError(
+        "another run of this replay job took over; this one stops",
+        job=job_id,
+        partitions=sorted(exc.partitions),
+    ) from exc
