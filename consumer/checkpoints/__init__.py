@@ -1,2 +1,3 @@
-"""Checkpoints and user state: the versioned checkpoint format with its adapters, the
-state upgrade chain, and what the `offsetkeeper checkpoint` tools do."""
+"""Checkpoints and user state: the versioned checkpoint format with its adapters (every older
+format upgrades in memory; a newer one is refused), the user-state upgrade chain, and the
+reader of Spark Structured Streaming checkpoints that `checkpoint adopt` uses."""

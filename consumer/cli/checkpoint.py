@@ -15,7 +15,7 @@ import structlog
 
 from consumer.backends.confluent import ConfluentReader
 from consumer.checkpoints.model import CURRENT_FORMAT_VERSION, Checkpoint
-from consumer.checkpoints.tools import (
+from consumer.cli.checkpoint_tools import (
     audit,
     check_offsets_in_log,
     export_document,

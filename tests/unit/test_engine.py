@@ -25,8 +25,8 @@ from consumer import (
     Table,
     TopicPartition,
 )
-from consumer.engine.dead_letters import DeadLetterWriter
 from consumer.engine.batch import BadRecordPolicy, DeadLetter
+from consumer.engine.dead_letters import DeadLetterWriter
 from consumer.engine.group import (
     EXIT_OK,
     EXIT_PARTITIONS_STOPPED,
