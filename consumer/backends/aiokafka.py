@@ -126,6 +126,15 @@ async def _watermarks(
         ) from exc
 
 
+def _run_on(loop: asyncio.AbstractEventLoop, coroutine: Coroutine[Any, Any, T]) -> T:
+    """Run `coroutine` on `loop` (another thread's) and wait for its result."""
+    return asyncio.run_coroutine_threadsafe(coroutine, loop).result(_BRIDGE_TIMEOUT_S)
+
+
+async def _awaited(awaitable: Awaitable[T]) -> T:
+    return await awaitable
+
+
 class AiokafkaBridge:
     """The `ClientBackend` the engine sees; every call is made from the engine's worker thread
     and carried out on the event loop."""
@@ -137,15 +146,11 @@ class AiokafkaBridge:
         self._loop = loop
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(_BRIDGE_TIMEOUT_S)
+        return _run_on(self._loop, coroutine)
 
     def resolve(self, awaitable: Awaitable[T]) -> T:
-        """Await an async processor's result on the loop."""
-
-        async def wait() -> T:
-            return await awaitable
-
-        return self._run(wait())
+        """Await an async processor's result on the event loop (the engine's resolver)."""
+        return _run_on(self._loop, _awaited(awaitable))
 
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
         raise KafkaError("the aiokafka driver subscribes itself")
@@ -355,15 +360,11 @@ class AiokafkaReader:
             raise translate(exc, "cannot start the aiokafka reader") from exc
 
     def _run(self, coroutine: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coroutine, self._loop).result(_BRIDGE_TIMEOUT_S)
+        return _run_on(self._loop, coroutine)
 
     def resolve(self, awaitable: Awaitable[T]) -> T:
-        """Await an async processor's result on the reader's event loop (replay's resolver)."""
-
-        async def wait() -> T:
-            return await awaitable
-
-        return self._run(wait())
+        """Await an async processor's result on the event loop (the engine's resolver)."""
+        return _run_on(self._loop, _awaited(awaitable))
 
     def partitions(self, topic: str) -> list[int]:
         async def lookup() -> set[int] | None:
