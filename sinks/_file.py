@@ -51,11 +51,11 @@ from consumer import (
     Checkpoint,
     ConfigError,
     CrashInjector,
-    FencedError,
     RowsOrigin,
     SinkError,
     Table,
     TopicPartition,
+    check_epochs,
     decode_checkpoint,
     encode_checkpoint,
 )
@@ -625,19 +625,7 @@ class FileSink:
         try:
             self._lock.acquire()  # held until commit() or rollback()
             current = _read_epochs(self._lease_path(group))
-            fenced = sorted(
-                {
-                    cp.topic_partition
-                    for cp in checkpoints
-                    if current.get(cp.topic_partition) != epochs[cp.topic_partition]
-                }
-            )
-            if fenced:
-                raise FencedError(
-                    "partitions were taken over by a newer owner; batch rolled back",
-                    partitions=[(tp.topic, tp.partition) for tp in fenced],
-                    group=group,
-                )
+            check_epochs(group, {cp.topic_partition for cp in checkpoints}, current, epochs)
             stored = read_checkpoint_document(self._checkpoint_path(group))
             merged = {} if stored is None else dict(stored[1])
             for pending in self._pending.values():

@@ -13,14 +13,12 @@ from psycopg.types.json import Jsonb
 from consumer import (
     CURRENT_FORMAT_VERSION,
     Checkpoint,
-    FencedError,
     RowsOrigin,
     SinkError,
     Table,
     TopicPartition,
+    check_epochs,
     check_identifier,
-    decode_checkpoint,
-    encode_checkpoint,
     mask_url,
 )
 from sinks._sql import (
@@ -28,6 +26,8 @@ from sinks._sql import (
     DEFAULT_CHECKPOINT_TABLE,
     DEFAULT_LEASE_TABLE,
     JOB_TABLE,
+    CheckpointRows,
+    SqlSink,
 )
 
 _V2_TYPES = {
@@ -48,14 +48,28 @@ _PG_TYPES = {
     "json": "JSONB",
 }
 
+# The update time is stored as a TIMESTAMPTZ: psycopg adapts the datetime as it is.
+_CHECKPOINT_ROWS = CheckpointRows(
+    updated_at_column="updated_at", store_updated_at=lambda updated_at: updated_at
+)
+
 # Serializes DDL between members starting at once (CREATE ... IF NOT EXISTS still races).
 _DDL_LOCK_KEY = 0x6F6B_6464  # "okdd"
 
 
-class PostgresSink:
-    """Writes rows and checkpoints to PostgreSQL in one transaction per batch."""
+class PostgresSink(SqlSink):
+    """Writes rows and checkpoints to PostgreSQL in one transaction per batch.
 
-    writes_per_partition = False
+    Capabilities: `consumer.Sink`, `consumer.CheckpointAdmin`, `consumer.JobStore`. Fencing:
+    an epoch per (group, partition) in the lease table; `save_checkpoints` locks the batch's
+    lease rows (FOR UPDATE, in one order) and checks them with `consumer.check_epochs`, so a
+    newer owner's `acquire` waits for this batch's COMMIT or this batch sees its epoch.
+
+    Errors: a failed statement aborts a PostgreSQL transaction, so every failure rolls the
+    session's transaction back before it is raised (`SqlSink._mapped`).
+    """
+
+    driver_error = psycopg.Error
 
     def __init__(
         self,
@@ -77,8 +91,14 @@ class PostgresSink:
 
     @property
     def description(self) -> str:
-
         return mask_url(self._dsn)
+
+    def _is_missing_table(self, exc: Exception) -> bool:
+        return isinstance(exc, psycopg.errors.UndefinedTable)
+
+    def _error_context(self, exc: Exception) -> dict[str, Any]:
+        sqlstate = exc.sqlstate if isinstance(exc, psycopg.Error) else None
+        return {"sqlstate": sqlstate, "reason": str(exc).strip()}
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -87,11 +107,10 @@ class PostgresSink:
             if not self._connection.broken:
                 return self._connection
             self._connection.close()
-        try:
+        # No reason shown: libpq's message may quote the connection string, password included.
+        with self._mapped("cannot connect to PostgreSQL", rollback=False, show_reason=False):
             conninfo = make_conninfo(self._dsn, **self._options)
             self._connection = psycopg.connect(conninfo, autocommit=False)
-        except psycopg.Error as exc:
-            raise SinkError("cannot connect to PostgreSQL", sink=self.description) from exc
         self._staged.clear()  # temporary staging tables died with the old session
         return self._connection
 
@@ -101,63 +120,54 @@ class PostgresSink:
             raise SinkError("sink is not open", sink=self.description)
         return self._connection
 
-    def _fail(self, message: str, exc: psycopg.Error, **context: Any) -> SinkError:
-        self._rollback_quietly()
-        return SinkError(
-            message,
-            sink=self.description,
-            sqlstate=exc.sqlstate,
-            reason=str(exc).strip(),
-            **context,
-        )
-
     # -- lifecycle -------------------------------------------------------------------------------
 
     def open(self, tables: Sequence[Table]) -> None:
         self._tables = tuple(tables)
         db = self._connect()
-        try:
+        with self._mapped("cannot create sink tables"):
             with db.cursor() as cursor:
                 cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK_KEY,))
-                cursor.execute(
-                    sql.SQL(
-                        "CREATE TABLE IF NOT EXISTS {} ("
-                        " group_id TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,"
-                        " next_offset BIGINT NOT NULL, format_version INTEGER NOT NULL,"
-                        " updated_at TIMESTAMPTZ NOT NULL,"
-                        " PRIMARY KEY (group_id, topic, partition))"
-                    ).format(self._checkpoints)
-                )
-                # Format v2 columns; a table created by v1 code gets them here (its rows keep
-                # format_version 1 and are upgraded when read).
-                present = _existing_columns(cursor, self._checkpoint_name)
-                for column in CHECKPOINT_V2_COLUMNS:
-                    if column in present:
-                        continue  # ALTER takes an exclusive lock even when it changes nothing
-                    cursor.execute(
-                        sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-                            self._checkpoints, sql.Identifier(column), sql.SQL(_V2_TYPES[column])
-                        )
-                    )
-                cursor.execute(
-                    sql.SQL(
-                        "CREATE TABLE IF NOT EXISTS {} ("
-                        " group_id TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,"
-                        " epoch BIGINT NOT NULL, acquired_at TIMESTAMPTZ NOT NULL,"
-                        " PRIMARY KEY (group_id, topic, partition))"
-                    ).format(self._leases)
-                )
-                cursor.execute(
-                    sql.SQL(
-                        "CREATE TABLE IF NOT EXISTS {} (job_id TEXT PRIMARY KEY,"
-                        " document TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
-                    ).format(sql.Identifier(JOB_TABLE))
-                )
+                self._create_own_tables(cursor)
                 for table in tables:
                     self._create_table(cursor, table)
             db.commit()
-        except psycopg.Error as exc:
-            raise self._fail("cannot create sink tables", exc) from exc
+
+    def _create_own_tables(self, cursor: psycopg.Cursor[Any]) -> None:
+        cursor.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} ("
+                " group_id TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,"
+                " next_offset BIGINT NOT NULL, format_version INTEGER NOT NULL,"
+                " updated_at TIMESTAMPTZ NOT NULL,"
+                " PRIMARY KEY (group_id, topic, partition))"
+            ).format(self._checkpoints)
+        )
+        # Format v2 columns; a table created by v1 code gets them here (its rows keep
+        # format_version 1 and are upgraded when read).
+        present = _existing_columns(cursor, self._checkpoint_name)
+        for column in CHECKPOINT_V2_COLUMNS:
+            if column in present:
+                continue  # ALTER takes an exclusive lock even when it changes nothing
+            cursor.execute(
+                sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
+                    self._checkpoints, sql.Identifier(column), sql.SQL(_V2_TYPES[column])
+                )
+            )
+        cursor.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} ("
+                " group_id TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,"
+                " epoch BIGINT NOT NULL, acquired_at TIMESTAMPTZ NOT NULL,"
+                " PRIMARY KEY (group_id, topic, partition))"
+            ).format(self._leases)
+        )
+        cursor.execute(
+            sql.SQL(
+                "CREATE TABLE IF NOT EXISTS {} (job_id TEXT PRIMARY KEY,"
+                " document TEXT NOT NULL, created_at TIMESTAMPTZ NOT NULL DEFAULT now())"
+            ).format(sql.Identifier(JOB_TABLE))
+        )
 
     def open_existing(self) -> None:
         self._connect()
@@ -200,7 +210,7 @@ class PostgresSink:
     ) -> dict[TopicPartition, int]:
         db = self._connect()
         epochs: dict[TopicPartition, int] = {}
-        try:
+        with self._mapped("cannot acquire partition epochs"):
             with db.cursor() as cursor:
                 for tp in sorted(partitions):  # one lock order for every member: no deadlocks
                     cursor.execute(
@@ -219,8 +229,6 @@ class PostgresSink:
                         raise SinkError("lease upsert returned nothing", topic=tp.topic)
                     epochs[tp] = int(row[0])
             db.commit()
-        except psycopg.Error as exc:
-            raise self._fail("cannot acquire partition epochs", exc) from exc
         return epochs
 
     def load_checkpoints(
@@ -228,15 +236,11 @@ class PostgresSink:
     ) -> dict[TopicPartition, Checkpoint]:
         wanted = None if partitions is None else set(partitions)
         db = self._connect()
-        try:
+        checkpoints: dict[TopicPartition, Checkpoint] = {}
+        with self._mapped("cannot read checkpoints", missing_table_ok=True):
             with db.cursor() as cursor:
                 checkpoints = self._read_checkpoints(cursor, group)
             db.commit()
-        except psycopg.errors.UndefinedTable:
-            self._rollback_quietly()
-            return {}
-        except psycopg.Error as exc:
-            raise self._fail("cannot read checkpoints", exc) from exc
         if wanted is None:
             return checkpoints
         return {tp: cp for tp, cp in checkpoints.items() if tp in wanted}
@@ -244,32 +248,16 @@ class PostgresSink:
     def _read_checkpoints(
         self, cursor: psycopg.Cursor[Any], group: str
     ) -> dict[TopicPartition, Checkpoint]:
-        # A v1 table opened read-only has no v2 columns: read them as NULL.
         present = _existing_columns(cursor, self._checkpoint_name)
-        v2 = sql.SQL(", ").join(
-            sql.Identifier(c) if c in present else sql.SQL("NULL AS {}").format(sql.Identifier(c))
-            for c in CHECKPOINT_V2_COLUMNS
-        )
         cursor.execute(
-            sql.SQL(
-                "SELECT group_id, topic, partition, next_offset, format_version,"
-                " updated_at, {} FROM {} WHERE group_id = %s"
-            ).format(v2, self._checkpoints),
+            sql.SQL("SELECT {} FROM {} WHERE group_id = %s").format(
+                sql.SQL(_CHECKPOINT_ROWS.select_list(present)), self._checkpoints
+            ),
             (group,),
         )
         checkpoints: dict[TopicPartition, Checkpoint] = {}
         for row in cursor.fetchall():
-            checkpoints[TopicPartition(row[1], row[2])] = decode_checkpoint(
-                {
-                    "format_version": row[4],
-                    "group": row[0],
-                    "topic": row[1],
-                    "partition": row[2],
-                    "next_offset": row[3],
-                    "updated_at": row[5],
-                    **dict(zip(CHECKPOINT_V2_COLUMNS, row[6:], strict=True)),
-                }
-            )
+            checkpoints[TopicPartition(row[1], row[2])] = _CHECKPOINT_ROWS.decode(row)
         return checkpoints
 
     # -- the batch transaction -------------------------------------------------------------------
@@ -298,45 +286,30 @@ class PostgresSink:
         columns = list(table.columns)
         json_columns = {c for c, t in table.columns.items() if t == "json"}
         column_list = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
-        updates = [c for c in columns if c not in table.key]
-        conflict = (
-            sql.SQL("DO UPDATE SET ")
-            + sql.SQL(", ").join(
-                sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates
-            )
-            if updates
-            else sql.SQL("DO NOTHING")
-        )
-        try:
-            with self._db.cursor() as cursor:
-                staging = self._staging_for(cursor, table)
-                with cursor.copy(
-                    sql.SQL("COPY {} ({}) FROM STDIN").format(staging, column_list)
-                ) as copy:
-                    for row in rows:
-                        copy.write_row(
-                            [
-                                Jsonb(row.get(c)) if c in json_columns else row.get(c)
-                                for c in columns
-                            ]
-                        )
-                cursor.execute(
-                    sql.SQL(
-                        "INSERT INTO {target} ({columns}) SELECT {columns} FROM {staging}"
-                        " ON CONFLICT ({key}) {conflict}"
-                    ).format(
-                        target=sql.Identifier(table.name),
-                        columns=column_list,
-                        staging=staging,
-                        key=sql.SQL(", ").join(sql.Identifier(c) for c in table.key),
-                        conflict=conflict,
+        with self._mapped("cannot write rows", table=table.name), self._db.cursor() as cursor:
+            staging = self._staging_for(cursor, table)
+            with cursor.copy(
+                sql.SQL("COPY {} ({}) FROM STDIN").format(staging, column_list)
+            ) as copy:
+                for row in rows:
+                    copy.write_row(
+                        [Jsonb(row.get(c)) if c in json_columns else row.get(c) for c in columns]
                     )
+            cursor.execute(
+                sql.SQL(
+                    "INSERT INTO {target} ({columns}) SELECT {columns} FROM {staging}"
+                    " ON CONFLICT ({key}) {conflict}"
+                ).format(
+                    target=sql.Identifier(table.name),
+                    columns=column_list,
+                    staging=staging,
+                    key=sql.SQL(", ").join(sql.Identifier(c) for c in table.key),
+                    conflict=_on_conflict(table),
                 )
-                # ON COMMIT DELETE ROWS empties it at commit; a retry in the same
-                # transaction must not see these rows twice.
-                cursor.execute(sql.SQL("TRUNCATE {}").format(staging))
-        except psycopg.Error as exc:
-            raise self._fail("cannot write rows", exc, table=table.name) from exc
+            )
+            # ON COMMIT DELETE ROWS empties it at commit; a retry in the same
+            # transaction must not see these rows twice.
+            cursor.execute(sql.SQL("TRUNCATE {}").format(staging))
 
     def save_checkpoints(
         self,
@@ -347,62 +320,52 @@ class PostgresSink:
         if not checkpoints:
             return
         partitions = sorted({cp.topic_partition for cp in checkpoints})
-        try:
-            with self._db.cursor() as cursor:
-                # Lock our lease rows: a new owner's acquire waits for our COMMIT, or we see
-                # its newer epoch here and refuse to commit.
-                cursor.execute(
-                    sql.SQL(
-                        "SELECT topic, partition, epoch FROM {} WHERE group_id = %s"
-                        " AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[]))"
-                        " ORDER BY topic, partition FOR UPDATE"
-                    ).format(self._leases),
-                    (group, [tp.topic for tp in partitions], [tp.partition for tp in partitions]),
-                )
-                current = {TopicPartition(t, p): int(e) for t, p, e in cursor.fetchall()}
-                _refuse_stale_epochs(group, partitions, current, epochs)
-                self._write_checkpoints(cursor, checkpoints)
-        except FencedError:
-            self._rollback_quietly()
-            raise
-        except psycopg.Error as exc:
-            raise self._fail("cannot save checkpoints", exc) from exc
+        with self._mapped("cannot save checkpoints"), self._db.cursor() as cursor:
+            # Lock our lease rows: a new owner's acquire waits for our COMMIT, or we see
+            # its newer epoch here and refuse to commit.
+            cursor.execute(
+                sql.SQL(
+                    "SELECT topic, partition, epoch FROM {} WHERE group_id = %s"
+                    " AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[]))"
+                    " ORDER BY topic, partition FOR UPDATE"
+                ).format(self._leases),
+                (group, [tp.topic for tp in partitions], [tp.partition for tp in partitions]),
+            )
+            current = {TopicPartition(t, p): int(e) for t, p, e in cursor.fetchall()}
+            check_epochs(group, partitions, current, epochs)
+            self._write_checkpoints(cursor, checkpoints)
 
     def _write_checkpoints(
         self, cursor: psycopg.Cursor[Any], checkpoints: Sequence[Checkpoint]
     ) -> None:
-        records = [encode_checkpoint(cp) for cp in checkpoints]
         cursor.executemany(
-            sql.SQL(
-                "INSERT INTO {} AS c"
-                " (group_id, topic, partition, next_offset, format_version, updated_at,"
-                " epoch, leader_epoch, writer_version, state, state_version)"
-                " VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)"
-                " ON CONFLICT (group_id, topic, partition) DO UPDATE SET"
-                " next_offset = EXCLUDED.next_offset,"
-                " format_version = EXCLUDED.format_version,"
-                " updated_at = EXCLUDED.updated_at, epoch = EXCLUDED.epoch,"
-                " leader_epoch = EXCLUDED.leader_epoch,"
-                " writer_version = EXCLUDED.writer_version,"
-                " state = EXCLUDED.state, state_version = EXCLUDED.state_version"
-            ).format(self._checkpoints),
-            [
-                (
-                    r["group"],
-                    r["topic"],
-                    r["partition"],
-                    r["next_offset"],
-                    CURRENT_FORMAT_VERSION,
-                    r["updated_at"],
-                    *(r[column] for column in CHECKPOINT_V2_COLUMNS),
-                )
-                for r in records
-            ],
+            sql.SQL(_CHECKPOINT_ROWS.upsert("%s")).format(self._checkpoints),
+            [_CHECKPOINT_ROWS.encode(cp) for cp in checkpoints],
         )
+
+    def commit(self) -> None:
+        with self._mapped("commit failed; batch rolled back"):
+            self._db.commit()
+
+    def rollback(self) -> None:
+        self._rollback_quietly()
+
+    def _rollback_quietly(self) -> None:
+        connection = self._connection
+        if connection is None or connection.closed:
+            return
+        try:
+            connection.rollback()
+        except psycopg.Error:
+            # A broken session cannot roll back; closing it discards the transaction.
+            connection.close()
+
+    # -- checkpoint tools and replay jobs ----------------------------------------------------------
 
     def checkpoint_groups(self) -> list[str]:
         db = self._connect()
-        try:
+        rows: list[Any] = []
+        with self._mapped("cannot list checkpoint groups", missing_table_ok=True):
             with db.cursor() as cursor:
                 cursor.execute(
                     sql.SQL("SELECT DISTINCT group_id FROM {} ORDER BY group_id").format(
@@ -411,16 +374,12 @@ class PostgresSink:
                 )
                 rows = cursor.fetchall()
             db.commit()
-        except psycopg.errors.UndefinedTable:
-            self._rollback_quietly()
-            return []
-        except psycopg.Error as exc:
-            raise self._fail("cannot list checkpoint groups", exc) from exc
         return [str(row[0]) for row in rows]
 
     def migrate_checkpoints(self, *, dry_run: bool = False) -> list[Checkpoint]:
         db = self._connect()
-        try:
+        older: list[Checkpoint] = []  # also when nothing is stored yet (no table)
+        with self._mapped("cannot migrate checkpoints", missing_table_ok=True):
             with db.cursor() as cursor:
                 # Lock every older row: a live consumer's commit waits for us, never interleaves.
                 cursor.execute(
@@ -444,20 +403,12 @@ class PostgresSink:
                 db.rollback()
             else:
                 db.commit()
-        except psycopg.errors.UndefinedTable:
-            self._rollback_quietly()
-            return []  # nothing stored yet
-        except psycopg.Error as exc:
-            raise self._fail("cannot migrate checkpoints", exc) from exc
-        except BaseException:
-            self._rollback_quietly()
-            raise
         return older
 
     def create_job(self, job_id: str, document: str) -> str:
         db = self._connect()
         jobs = sql.Identifier(JOB_TABLE)
-        try:
+        with self._mapped("cannot store replay job", job=job_id):
             with db.cursor() as cursor:
                 cursor.execute(
                     sql.SQL(
@@ -471,15 +422,14 @@ class PostgresSink:
                 )
                 row = cursor.fetchone()
             db.commit()
-        except psycopg.Error as exc:
-            raise self._fail("cannot store replay job", exc, job=job_id) from exc
         if row is None:
             raise SinkError("replay job vanished after insert", job=job_id)
         return str(row[0])
 
     def load_job(self, job_id: str) -> str | None:
         db = self._connect()
-        try:
+        row = None
+        with self._mapped("cannot read replay job", missing_table_ok=True, job=job_id):
             with db.cursor() as cursor:
                 cursor.execute(
                     sql.SQL("SELECT document FROM {} WHERE job_id = %s").format(
@@ -489,31 +439,17 @@ class PostgresSink:
                 )
                 row = cursor.fetchone()
             db.commit()
-        except psycopg.errors.UndefinedTable:
-            self._rollback_quietly()
-            return None
-        except psycopg.Error as exc:
-            raise self._fail("cannot read replay job", exc, job=job_id) from exc
         return None if row is None else str(row[0])
 
-    def commit(self) -> None:
-        try:
-            self._db.commit()
-        except psycopg.Error as exc:
-            raise self._fail("commit failed; batch rolled back", exc) from exc
 
-    def rollback(self) -> None:
-        self._rollback_quietly()
-
-    def _rollback_quietly(self) -> None:
-        connection = self._connection
-        if connection is None or connection.closed:
-            return
-        try:
-            connection.rollback()
-        except psycopg.Error:
-            # A broken session cannot roll back; closing it discards the transaction.
-            connection.close()
+def _on_conflict(table: Table) -> sql.Composable:
+    """What an upsert does with a row whose key exists: replace its other columns."""
+    updates = [c for c in table.columns if c not in table.key]
+    if not updates:
+        return sql.SQL("DO NOTHING")
+    return sql.SQL("DO UPDATE SET ") + sql.SQL(", ").join(
+        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates
+    )
 
 
 def _existing_columns(cursor: psycopg.Cursor[Any], table: str) -> set[str]:
@@ -523,18 +459,3 @@ def _existing_columns(cursor: psycopg.Cursor[Any], table: str) -> set[str]:
         (table,),
     )
     return {str(row[0]) for row in cursor.fetchall()}
-
-
-def _refuse_stale_epochs(
-    group: str,
-    partitions: Sequence[TopicPartition],
-    current: Mapping[TopicPartition, int],
-    ours: Mapping[TopicPartition, int],
-) -> None:
-    fenced = [tp for tp in partitions if current.get(tp) != ours[tp]]
-    if fenced:
-        raise FencedError(
-            "partitions were taken over by a newer owner; batch rolled back",
-            partitions=[(tp.topic, tp.partition) for tp in fenced],
-            group=group,
-        )

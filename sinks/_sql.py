@@ -1,6 +1,22 @@
-"""What the SQL sinks (SQLite, PostgreSQL) share: their own tables' names and columns."""
+"""What the SQL sinks (SQLite, PostgreSQL) share: their own tables' names, the checkpoint row
+codec, and one base class that maps the driver's exceptions to `SinkError` at one place."""
 
 from __future__ import annotations
+
+import abc
+import contextlib
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, ClassVar
+
+from consumer import (
+    CURRENT_FORMAT_VERSION,
+    Checkpoint,
+    SinkError,
+    decode_checkpoint,
+    encode_checkpoint,
+)
 
 DEFAULT_CHECKPOINT_TABLE = "offsetkeeper_checkpoints"
 DEFAULT_LEASE_TABLE = "offsetkeeper_leases"
@@ -9,3 +25,141 @@ JOB_TABLE = "offsetkeeper_replay_jobs"
 # Checkpoint columns after the v1 ones (group_id, topic, partition, next_offset,
 # format_version, updated_at): added by format v2. Sinks add them to a v1 table on open.
 CHECKPOINT_V2_COLUMNS = ("epoch", "leader_epoch", "writer_version", "state", "state_version")
+
+_KEY_COLUMNS = ("group_id", "topic", "partition")
+
+
+@dataclass(frozen=True, slots=True)
+class CheckpointRows:
+    """A `Checkpoint` <-> one row of a SQL sink's checkpoint table, the one mapping both SQL
+    sinks use. Columns, in this order: group_id, topic, partition, next_offset,
+    format_version, the update time, then the format-v2 columns (`CHECKPOINT_V2_COLUMNS`).
+    The sinks differ only in how they store the update time (`updated_at_column`, converted by
+    `store_updated_at`); either form (epoch milliseconds or a datetime) reads back."""
+
+    updated_at_column: str
+    store_updated_at: Callable[[datetime], object]
+
+    @property
+    def columns(self) -> tuple[str, ...]:
+        return (
+            *_KEY_COLUMNS,
+            "next_offset",
+            "format_version",
+            self.updated_at_column,
+            *CHECKPOINT_V2_COLUMNS,
+        )
+
+    def select_list(self, present: set[str]) -> str:
+        """The columns to SELECT, given the table's `present` columns: a v1 table (opened
+        read-only, so not migrated) has no v2 columns, which then read as NULL."""
+        return ", ".join(
+            column
+            if column in present or column not in CHECKPOINT_V2_COLUMNS
+            else f"NULL AS {column}"
+            for column in self.columns
+        )
+
+    def upsert(self, placeholder: str) -> str:
+        """INSERT of one row (parameters as `placeholder`) that replaces the stored checkpoint
+        of its partition; the table is left as `{}` for the sink to fill in."""
+        updates = ", ".join(
+            f"{column} = excluded.{column}" for column in self.columns if column not in _KEY_COLUMNS
+        )
+        return (
+            f"INSERT INTO {{}} ({', '.join(self.columns)})"
+            f" VALUES ({', '.join(placeholder for _ in self.columns)})"
+            f" ON CONFLICT ({', '.join(_KEY_COLUMNS)}) DO UPDATE SET {updates}"
+        )
+
+    def encode(self, checkpoint: Checkpoint) -> tuple[object, ...]:
+        """The row of `checkpoint`, always in the current format."""
+        record = encode_checkpoint(checkpoint)
+        return (
+            record["group"],
+            record["topic"],
+            record["partition"],
+            record["next_offset"],
+            CURRENT_FORMAT_VERSION,
+            self.store_updated_at(record["updated_at"]),
+            *(record[column] for column in CHECKPOINT_V2_COLUMNS),
+        )
+
+    def decode(self, row: Sequence[Any]) -> Checkpoint:
+        """The checkpoint a row (selected with `select_list`) holds, upgraded in memory to the
+        current format; a newer stored format raises `CheckpointFormatError`."""
+        group, topic, partition, next_offset, format_version, updated_at, *v2 = row
+        return decode_checkpoint(
+            {
+                "format_version": format_version,
+                "group": group,
+                "topic": topic,
+                "partition": partition,
+                "next_offset": next_offset,
+                "updated_at": updated_at,
+                **dict(zip(CHECKPOINT_V2_COLUMNS, v2, strict=True)),
+            }
+        )
+
+
+class SqlSink(abc.ABC):
+    """The base of the SQL sinks: where a driver's exception becomes a `SinkError`.
+
+    Every call that reaches the database runs under `_mapped`, httpx's
+    `map_httpcore_exceptions` in miniature: the driver's exception (`driver_error`) is raised
+    again as `SinkError(message, sink=..., <context>, reason=...)` chained with `raise ...
+    from`; every other exception (`FencedError`, `CheckpointFormatError`, a `SinkError` of the
+    sink's own) passes through unchanged.
+    """
+
+    writes_per_partition = False
+
+    # The root of the driver's exceptions (sqlite3.Error, psycopg.Error).
+    driver_error: ClassVar[type[Exception]]
+
+    @property
+    @abc.abstractmethod
+    def description(self) -> str:
+        """Where this sink writes, with any password masked (safe to log)."""
+
+    @abc.abstractmethod
+    def _rollback_quietly(self) -> None:
+        """Roll back the open transaction, if any, raising nothing."""
+
+    @abc.abstractmethod
+    def _is_missing_table(self, exc: Exception) -> bool:
+        """Whether the driver's `exc` says a table does not exist (yet)."""
+
+    def _error_context(self, exc: Exception) -> dict[str, Any]:
+        """What of the driver's exception goes into the `SinkError`'s context."""
+        return {"reason": str(exc)}
+
+    @contextlib.contextmanager
+    def _mapped(
+        self,
+        message: str,
+        *,
+        rollback: bool = True,
+        missing_table_ok: bool = False,
+        show_reason: bool = True,
+        **context: Any,
+    ) -> Iterator[None]:
+        """Run the block; raise the driver's exceptions as `SinkError(message, **context)`.
+
+        `rollback`: on any exception, first roll back the transaction the block was in.
+        `missing_table_ok`: a table that does not exist yet (read-only opens of a store nothing
+        was written to) is not an error: the block stops, and what it would have set keeps the
+        value the caller gave it beforehand. `show_reason`: False leaves the driver's message
+        out (it may quote a connection string).
+        """
+        try:
+            yield
+        except BaseException as exc:
+            if rollback:
+                self._rollback_quietly()
+            if not isinstance(exc, self.driver_error):
+                raise
+            if missing_table_ok and self._is_missing_table(exc):
+                return
+            details = self._error_context(exc) if show_reason else {}
+            raise SinkError(message, sink=self.description, **context, **details) from exc

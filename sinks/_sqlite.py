@@ -13,20 +13,20 @@ from typing import Any
 from consumer import (
     CURRENT_FORMAT_VERSION,
     Checkpoint,
-    FencedError,
     RowsOrigin,
     SinkError,
     Table,
     TopicPartition,
+    check_epochs,
     check_identifier,
-    decode_checkpoint,
-    encode_checkpoint,
 )
 from sinks._sql import (
     CHECKPOINT_V2_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,
     DEFAULT_LEASE_TABLE,
     JOB_TABLE,
+    CheckpointRows,
+    SqlSink,
 )
 
 _V2_TYPES = {
@@ -47,15 +47,31 @@ _SQLITE_TYPES = {
     "json": "TEXT",
 }
 
+# The update time is stored as epoch milliseconds.
+_CHECKPOINT_ROWS = CheckpointRows(
+    updated_at_column="updated_at_ms",
+    store_updated_at=lambda updated_at: int(updated_at.timestamp() * 1000),
+)
+
 
 def _quote(identifier: str) -> str:
     return f'"{identifier}"'
 
 
-class SqliteSink:
-    """Writes rows and checkpoints to one SQLite database file in a single transaction."""
+class SqliteSink(SqlSink):
+    """Writes rows and checkpoints to one SQLite database file in a single transaction.
 
-    writes_per_partition = False
+    Capabilities: `consumer.Sink`, `consumer.CheckpointAdmin`, `consumer.JobStore`. Fencing:
+    an epoch per (group, partition) in the lease table, checked by `consumer.check_epochs`
+    in `save_checkpoints` under the database's write lock (BEGIN IMMEDIATE), so no newer
+    owner's `acquire` can interleave.
+
+    Errors: calls the engine makes inside a batch (`begin`, `write_rows`, `save_checkpoints`)
+    and reads leave the rollback to the caller (the engine always calls `rollback()` after a
+    failure); calls that open their own transaction roll it back before raising.
+    """
+
+    driver_error = sqlite3.Error
 
     def __init__(
         self,
@@ -83,8 +99,11 @@ class SqliteSink:
             raise SinkError("sink is not open", sink=self.description)
         return self._connection
 
+    def _is_missing_table(self, exc: Exception) -> bool:
+        return isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc)
+
     def open(self, tables: Sequence[Table]) -> None:
-        try:
+        with self._mapped("cannot open SQLite sink"):
             if self._path.parent != Path():
                 self._path.parent.mkdir(parents=True, exist_ok=True)
             # isolation_level=None: we issue BEGIN/COMMIT ourselves, nothing implicit.
@@ -104,14 +123,9 @@ class SqliteSink:
             for table in tables:
                 self._create_table(table)
             self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback_quietly()
-            raise SinkError(
-                "cannot open SQLite sink", sink=self.description, reason=str(exc)
-            ) from exc
 
     def open_existing(self) -> None:
-        try:
+        with self._mapped("cannot open SQLite sink", rollback=False):
             if self._path.exists():
                 self._connection = sqlite3.connect(
                     f"file:{self._path}?mode=ro",
@@ -125,10 +139,6 @@ class SqliteSink:
                 self._connection = sqlite3.connect(
                     ":memory:", isolation_level=None, check_same_thread=False
                 )
-        except sqlite3.Error as exc:
-            raise SinkError(
-                "cannot open SQLite sink", sink=self.description, reason=str(exc)
-            ) from exc
 
     def _create_own_tables(self) -> None:
         self._db.execute(
@@ -191,7 +201,7 @@ class SqliteSink:
     ) -> dict[TopicPartition, int]:
         now_ms = _now_ms()
         epochs: dict[TopicPartition, int] = {}
-        try:
+        with self._mapped("cannot acquire partition epochs"):
             self._db.execute("BEGIN IMMEDIATE")
             for tp in partitions:
                 row = self._db.execute(
@@ -204,59 +214,32 @@ class SqliteSink:
                 ).fetchone()
                 epochs[tp] = int(row[0])
             self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback_quietly()
-            raise SinkError(
-                "cannot acquire partition epochs", sink=self.description, reason=str(exc)
-            ) from exc
         return epochs
 
     def load_checkpoints(
         self, group: str, partitions: Iterable[TopicPartition] | None = None
     ) -> dict[TopicPartition, Checkpoint]:
         wanted = None if partitions is None else set(partitions)
-        try:
-            # A v1 table opened read-only has no v2 columns: read them as NULL.
+        rows: list[Any] = []
+        with self._mapped("cannot read checkpoints", rollback=False, missing_table_ok=True):
             present = {
                 row[1] for row in self._db.execute(f"PRAGMA table_info({self._checkpoint_table})")
             }
-            v2 = ", ".join(c if c in present else f"NULL AS {c}" for c in CHECKPOINT_V2_COLUMNS)
             rows = self._db.execute(
-                "SELECT group_id, topic, partition, next_offset, format_version, updated_at_ms,"
-                f" {v2} FROM {self._checkpoint_table} WHERE group_id = ?",
+                f"SELECT {_CHECKPOINT_ROWS.select_list(present)}"
+                f" FROM {self._checkpoint_table} WHERE group_id = ?",
                 (group,),
             ).fetchall()
-        except sqlite3.Error as exc:
-            if _no_such_table(exc):
-                return {}
-            raise SinkError(
-                "cannot read checkpoints", sink=self.description, reason=str(exc)
-            ) from exc
         checkpoints: dict[TopicPartition, Checkpoint] = {}
         for row in rows:
             tp = TopicPartition(row[1], row[2])
-            if wanted is not None and tp not in wanted:
-                continue
-            checkpoints[tp] = decode_checkpoint(
-                {
-                    "format_version": row[4],
-                    "group": row[0],
-                    "topic": row[1],
-                    "partition": row[2],
-                    "next_offset": row[3],
-                    "updated_at": row[5],
-                    **dict(zip(CHECKPOINT_V2_COLUMNS, row[6:], strict=True)),
-                }
-            )
+            if wanted is None or tp in wanted:
+                checkpoints[tp] = _CHECKPOINT_ROWS.decode(row)
         return checkpoints
 
     def begin(self) -> None:
-        try:
+        with self._mapped("cannot begin a transaction", rollback=False):
             self._db.execute("BEGIN IMMEDIATE")
-        except sqlite3.Error as exc:
-            raise SinkError(
-                "cannot begin a transaction", sink=self.description, reason=str(exc)
-            ) from exc
 
     def write_rows(
         self, table: Table, rows: Sequence[Mapping[str, Any]], origin: RowsOrigin | None = None
@@ -266,7 +249,7 @@ class SqliteSink:
         sql = self._upsert_sql[table.name]
         columns = tuple(table.columns)
         json_columns = self._json_columns[table.name]
-        try:
+        with self._mapped("cannot write rows", rollback=False, table=table.name):
             if json_columns:
                 params = [
                     tuple(
@@ -277,10 +260,6 @@ class SqliteSink:
             else:
                 params = [tuple(row.get(c) for c in columns) for row in rows]
             self._db.executemany(sql, params)
-        except sqlite3.Error as exc:
-            raise SinkError(
-                "cannot write rows", sink=self.description, table=table.name, reason=str(exc)
-            ) from exc
 
     def save_checkpoints(
         self,
@@ -288,70 +267,36 @@ class SqliteSink:
         checkpoints: Sequence[Checkpoint],
         epochs: Mapping[TopicPartition, int],
     ) -> None:
-        try:
-            fenced = [
-                tp
-                for tp in {cp.topic_partition for cp in checkpoints}
-                if self._db.execute(
-                    f"SELECT 1 FROM {self._lease_table}"
-                    " WHERE group_id = ? AND topic = ? AND partition = ? AND epoch = ?",
-                    (group, tp.topic, tp.partition, epochs[tp]),
-                ).fetchone()
-                is None
-            ]
-            if fenced:
-                raise FencedError(
-                    "partitions were taken over by a newer owner; batch rolled back",
-                    partitions=[(tp.topic, tp.partition) for tp in fenced],
-                    group=group,
+        with self._mapped("cannot save checkpoints", rollback=False):
+            # The batch's BEGIN IMMEDIATE holds the database's write lock: no acquire by a
+            # newer owner interleaves between this read and the commit. One query reads the
+            # group's epochs (a group has few partitions); the rule is consumer's.
+            current = {
+                TopicPartition(topic, partition): int(epoch)
+                for topic, partition, epoch in self._db.execute(
+                    f"SELECT topic, partition, epoch FROM {self._lease_table} WHERE group_id = ?",
+                    (group,),
                 )
+            }
+            check_epochs(group, {cp.topic_partition for cp in checkpoints}, current, epochs)
             self._write_checkpoints(checkpoints)
-        except sqlite3.Error as exc:
-            raise SinkError(
-                "cannot save checkpoints", sink=self.description, reason=str(exc)
-            ) from exc
 
     def _write_checkpoints(self, checkpoints: Sequence[Checkpoint]) -> None:
-        records = [encode_checkpoint(cp) for cp in checkpoints]
         self._db.executemany(
-            f"INSERT INTO {self._checkpoint_table}"
-            " (group_id, topic, partition, next_offset, format_version, updated_at_ms,"
-            " epoch, leader_epoch, writer_version, state, state_version)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)"
-            " ON CONFLICT (group_id, topic, partition) DO UPDATE SET"
-            " next_offset = excluded.next_offset, format_version = excluded.format_version,"
-            " updated_at_ms = excluded.updated_at_ms, epoch = excluded.epoch,"
-            " leader_epoch = excluded.leader_epoch, writer_version = excluded.writer_version,"
-            " state = excluded.state, state_version = excluded.state_version",
-            [
-                (
-                    r["group"],
-                    r["topic"],
-                    r["partition"],
-                    r["next_offset"],
-                    CURRENT_FORMAT_VERSION,
-                    int(r["updated_at"].timestamp() * 1000),
-                    *(r[column] for column in CHECKPOINT_V2_COLUMNS),
-                )
-                for r in records
-            ],
+            _CHECKPOINT_ROWS.upsert("?").format(self._checkpoint_table),
+            [_CHECKPOINT_ROWS.encode(cp) for cp in checkpoints],
         )
 
     def checkpoint_groups(self) -> list[str]:
-        try:
+        rows: list[Any] = []
+        with self._mapped("cannot list checkpoint groups", rollback=False, missing_table_ok=True):
             rows = self._db.execute(
                 f"SELECT DISTINCT group_id FROM {self._checkpoint_table} ORDER BY group_id"
             ).fetchall()
-        except sqlite3.Error as exc:
-            if _no_such_table(exc):
-                return []
-            raise SinkError(
-                "cannot list checkpoint groups", sink=self.description, reason=str(exc)
-            ) from exc
         return [str(row[0]) for row in rows]
 
     def migrate_checkpoints(self, *, dry_run: bool = False) -> list[Checkpoint]:
-        try:
+        with self._mapped("cannot migrate checkpoints"):
             if not dry_run:
                 self._db.execute("BEGIN IMMEDIATE")  # the write lock: no commit interleaves
             older = [
@@ -364,18 +309,10 @@ class SqliteSink:
                 if older:
                     self._write_checkpoints(older)
                 self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback_quietly()
-            raise SinkError(
-                "cannot migrate checkpoints", sink=self.description, reason=str(exc)
-            ) from exc
-        except BaseException:
-            self._rollback_quietly()
-            raise
         return older
 
     def create_job(self, job_id: str, document: str) -> str:
-        try:
+        with self._mapped("cannot store replay job", job=job_id):
             self._db.execute("BEGIN IMMEDIATE")
             self._db.execute(
                 f"INSERT INTO {JOB_TABLE} (job_id, document, created_at_ms) VALUES (?, ?, ?)"
@@ -386,34 +323,21 @@ class SqliteSink:
                 f"SELECT document FROM {JOB_TABLE} WHERE job_id = ?", (job_id,)
             ).fetchone()
             self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback_quietly()
-            raise SinkError(
-                "cannot store replay job", sink=self.description, job=job_id, reason=str(exc)
-            ) from exc
         return str(row[0])
 
     def load_job(self, job_id: str) -> str | None:
-        try:
+        row = None
+        with self._mapped(
+            "cannot read replay job", rollback=False, missing_table_ok=True, job=job_id
+        ):
             row = self._db.execute(
                 f"SELECT document FROM {JOB_TABLE} WHERE job_id = ?", (job_id,)
             ).fetchone()
-        except sqlite3.Error as exc:
-            if _no_such_table(exc):
-                return None
-            raise SinkError(
-                "cannot read replay job", sink=self.description, job=job_id, reason=str(exc)
-            ) from exc
         return None if row is None else str(row[0])
 
     def commit(self) -> None:
-        try:
+        with self._mapped("commit failed; batch rolled back"):
             self._db.execute("COMMIT")
-        except sqlite3.Error as exc:
-            self._rollback_quietly()
-            raise SinkError(
-                "commit failed; batch rolled back", sink=self.description, reason=str(exc)
-            ) from exc
 
     def rollback(self) -> None:
         self._rollback_quietly()
@@ -433,7 +357,3 @@ class SqliteSink:
 
 def _now_ms() -> int:
     return int(datetime.now(tz=UTC).timestamp() * 1000)
-
-
-def _no_such_table(exc: sqlite3.Error) -> bool:
-    return isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc)
