@@ -6,7 +6,8 @@ package imports only consumer's public API.
 """
 
 from sinks._file import DataFile, FileSink, committed_files, read_committed_rows
-from sinks._kafka import KafkaSink, decode_row, encode_row
+from sinks._kafka import KafkaSink
+from sinks._kafka_messages import decode_row, encode_row
 from sinks._sql import DEFAULT_CHECKPOINT_TABLE, DEFAULT_LEASE_TABLE
 from sinks._sqlite import SqliteSink
 from sinks._url import open_file_sink, open_kafka_sink, open_postgres_sink, open_sqlite_sink

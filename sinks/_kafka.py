@@ -4,46 +4,29 @@ Each batch is one Kafka transaction: the output rows are produced to TOPIC and t
 offsets are added with `send_offsets_to_transaction`, so a `read_committed` reader of TOPIC sees a
 batch's outputs exactly when the group's offsets moved past the records that made them.
 
-Fencing (KIP-447). The engine binds the consumer's group metadata (`GroupBoundSink`); the group
-coordinator accepts the transaction's offsets only from the member of the current generation, so
-a zombie (a member evicted during a GC pause or a network split) cannot commit. One transactional
-producer serves the whole process; its transactional.id is random per process unless the URL sets
-a stable one (then a restarted process aborts its predecessor's open transaction at once). Without
-bound group metadata (`offsetkeeper replay`), the sink builds the metadata of the job's group
-itself (a member-less group) and uses the stable transactional.id `offsetkeeper-<group>`, so a
-second run of the same job fences the first.
+One transactional producer serves the whole process; its transactional.id is random per process
+unless the URL sets a stable one (then a restarted process aborts its predecessor's open
+transaction at once). Without bound group metadata (`offsetkeeper replay`), the sink builds the
+metadata of the job's group itself (a member-less group) and uses the stable transactional.id
+`offsetkeeper-<group>`, so a second run of the same job fences the first.
 
-Message format of an output row (`encode_row` / `decode_row`):
-    value   the row as a JSON object (UTF-8), every column of the table; `bytes` columns base64
-    key     a JSON object of the table's key columns (so a key always lands on one partition)
-    header  `offsetkeeper-table`: the table's name
-
-Checkpoints live in the group's committed offsets; the offset's metadata string carries the rest of
-the checkpoint as compact JSON (`encode_checkpoint_metadata`). Offsets without it (committed by a
-plain Kafka consumer) read as format-1 checkpoints holding only the offset.
+The parts, one module each: the URL and settings (`_kafka_settings`), rows <-> messages
+(`_kafka_messages`), checkpoints <-> committed offsets (`_kafka_offsets`), reading groups and
+offsets through the admin client (`_kafka_groups`), group membership (`_kafka_membership`),
+what a transactional error means (`_kafka_errors`), replay job plans (`_kafka_jobs`); this
+module is the transactional writer.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import contextlib
-import json
-import struct
 import time
-import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
 
 import confluent_kafka
 import confluent_kafka.admin
 import structlog
-
-# NewTopic is in confluent_kafka.admin's public API, missing from its type stub's exports.
-from confluent_kafka.admin import NewTopic  # type: ignore[attr-defined]
 
 from consumer import (
     CURRENT_FORMAT_VERSION,
@@ -54,374 +37,22 @@ from consumer import (
     SinkError,
     Table,
     TopicPartition,
-    decode_checkpoint,
 )
+from sinks._kafka_errors import TransactionFailure, classify, error_context, kafka_error
+from sinks._kafka_groups import (
+    committed_checkpoints,
+    groups_with_checkpoints,
+    require_empty_group,
+    topic_names,
+)
+from sinks._kafka_jobs import KafkaJobStore
+from sinks._kafka_membership import GroupMembership, MemberlessGroups, parse_group_metadata
+from sinks._kafka_messages import TABLE_HEADER, encode_row
+from sinks._kafka_offsets import committed_offset
+from sinks._kafka_producer import transactional_id_for, transactional_producer
+from sinks._kafka_settings import OPERATION_TIMEOUT_S, KafkaSinkSettings
 
 log = structlog.get_logger("offsetkeeper.sink.kafka")
-
-TABLE_HEADER = "offsetkeeper-table"
-# The broker's default offset.metadata.max.bytes: a longer metadata string fails the commit.
-OFFSET_METADATA_MAX_BYTES = 4096
-DEFAULT_TRANSACTION_TIMEOUT_MS = 10_000
-_MIN_TRANSACTION_TIMEOUT_MS = 1000
-JOBS_TOPIC_SUFFIX = ".offsetkeeper-jobs"
-# Marks an offset's metadata as an offsetkeeper checkpoint; the value is the format version.
-_METADATA_MARK = "offsetkeeper"
-
-_OPERATION_TIMEOUT_S = 30.0
-_UNSTABLE_POLL_S = 0.2
-# Settings the sink owns: a user value would break the transaction or its fencing.
-_RESERVED_CLIENT_KEYS = frozenset(
-    {
-        "bootstrap.servers",
-        "transactional.id",
-        "transaction.timeout.ms",
-        "enable.idempotence",
-        "acks",
-        "group.id",
-        "isolation.level",
-    }
-)
-_URL_OPTIONS = frozenset({"transactional_id", "transaction_timeout_ms", "jobs_topic"})
-
-
-# -- URL ---------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class KafkaSinkSettings:
-    """What a `kafka://` URL says. `client_config` holds librdkafka keys (they contain a dot)."""
-
-    bootstrap_servers: str
-    topic: str
-    transactional_id: str | None = None
-    transaction_timeout_ms: int = DEFAULT_TRANSACTION_TIMEOUT_MS
-    jobs_topic: str | None = None
-    client_config: Mapping[str, str] = field(default_factory=dict)
-
-    @property
-    def description(self) -> str:
-        return f"kafka://{self.bootstrap_servers}/{self.topic}"
-
-
-def parse_kafka_url(url: str) -> KafkaSinkSettings:
-    """`kafka://h:p[,h:p]/TOPIC?transactional_id=..&transaction_timeout_ms=..&jobs_topic=..&
-    <librdkafka key>=..`. Unknown options, and librdkafka keys the sink sets itself, are a
-    ConfigError."""
-    parts = urlsplit(url)
-    shown = url.split("?", 1)[0]
-    if parts.scheme != "kafka":
-        raise ConfigError("not a kafka:// sink URL", sink=shown)
-    bootstrap = parts.netloc
-    topic = parts.path.removeprefix("/")
-    if not bootstrap or "@" in bootstrap:
-        raise ConfigError("kafka sink URL needs HOST:PORT[,HOST:PORT] (no user part)", sink=shown)
-    if not topic or "/" in topic:
-        raise ConfigError(
-            "kafka sink URL needs one output topic: kafka://HOST:PORT/TOPIC", sink=shown
-        )
-    options = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False))
-    client_config = {k: v for k, v in options.items() if "." in k}
-    own = {k: v for k, v in options.items() if "." not in k}
-    unknown = sorted(set(own) - _URL_OPTIONS)
-    if unknown:
-        raise ConfigError(
-            "unknown kafka sink options",
-            options=unknown,
-            known=sorted(_URL_OPTIONS),
-            hint="librdkafka settings are passed by their dotted name, e.g. linger.ms=20",
-        )
-    reserved = sorted(set(client_config) & _RESERVED_CLIENT_KEYS)
-    if reserved:
-        raise ConfigError(
-            "the kafka sink sets these client settings itself",
-            options=reserved,
-            hint="use transactional_id= and transaction_timeout_ms= for the transaction",
-        )
-    timeout_text = own.get("transaction_timeout_ms", str(DEFAULT_TRANSACTION_TIMEOUT_MS))
-    try:
-        timeout_ms = int(timeout_text)
-    except ValueError:
-        raise ConfigError(
-            "transaction_timeout_ms must be a whole number of milliseconds", value=timeout_text
-        ) from None
-    if timeout_ms < _MIN_TRANSACTION_TIMEOUT_MS:
-        raise ConfigError(
-            "transaction_timeout_ms is too small",
-            value=timeout_ms,
-            minimum=_MIN_TRANSACTION_TIMEOUT_MS,
-        )
-    transactional_id = own.get("transactional_id")
-    if transactional_id == "":
-        raise ConfigError("transactional_id must not be empty")
-    jobs_topic = own.get("jobs_topic")
-    if jobs_topic == "":
-        raise ConfigError("jobs_topic must not be empty")
-    return KafkaSinkSettings(
-        bootstrap_servers=bootstrap,
-        topic=topic,
-        transactional_id=transactional_id,
-        transaction_timeout_ms=timeout_ms,
-        jobs_topic=jobs_topic,
-        client_config=client_config,
-    )
-
-
-# -- rows <-> messages -------------------------------------------------------------------------
-
-
-def _json_bytes(document: Any) -> bytes:
-    return json.dumps(document, separators=(",", ":"), ensure_ascii=False).encode()
-
-
-def _column_value(column_type: str, value: Any) -> Any:
-    if column_type == "bytes" and value is not None:
-        return base64.b64encode(bytes(value)).decode("ascii")
-    return value
-
-
-def encode_row(table: Table, row: Mapping[str, Any]) -> tuple[bytes, bytes]:
-    """(key, value) of the message for one output row. See the module docstring."""
-    key = {column: _column_value(table.columns[column], row.get(column)) for column in table.key}
-    value = {
-        column: _column_value(column_type, row.get(column))
-        for column, column_type in table.columns.items()
-    }
-    try:
-        return _json_bytes(key), _json_bytes(value)
-    except (TypeError, ValueError) as exc:
-        raise SinkError(
-            "a row value cannot be written as JSON", table=table.name, reason=str(exc)
-        ) from exc
-
-
-def decode_row(table: Table, value: bytes) -> dict[str, Any]:
-    """The row an output message's value holds (`bytes` columns decoded back to bytes)."""
-    try:
-        document = json.loads(value)
-    except ValueError as exc:
-        raise SinkError("output message is not JSON", table=table.name, reason=str(exc)) from exc
-    if not isinstance(document, dict):
-        raise SinkError("output message is not a JSON object", table=table.name)
-    try:
-        return {
-            column: (
-                base64.b64decode(document[column], validate=True)
-                if column_type == "bytes" and document.get(column) is not None
-                else document.get(column)
-            )
-            for column, column_type in table.columns.items()
-        }
-    except (TypeError, ValueError, binascii.Error) as exc:
-        raise SinkError(
-            "a bytes column of the output message is not base64", table=table.name, reason=str(exc)
-        ) from exc
-
-
-# -- checkpoints <-> committed offsets ---------------------------------------------------------
-
-
-def encode_checkpoint_metadata(checkpoint: Checkpoint, *, sink_topic: str) -> str:
-    """The committed offset's metadata string: everything of the checkpoint but its offset.
-
-    Raises SinkError naming the partition when it exceeds the broker's 4096-byte limit (a large
-    state belongs in an output table, not in the checkpoint)."""
-    document = {
-        _METADATA_MARK: CURRENT_FORMAT_VERSION,
-        "sink": sink_topic,
-        "epoch": checkpoint.epoch,
-        "leader_epoch": checkpoint.leader_epoch,
-        "writer": checkpoint.writer_version,
-        "updated_ms": int(checkpoint.updated_at.timestamp() * 1000),
-        "state": None
-        if checkpoint.state is None
-        else base64.b64encode(checkpoint.state).decode("ascii"),
-        "state_version": checkpoint.state_version,
-    }
-    text = json.dumps(document, separators=(",", ":"))
-    size = len(text.encode())
-    if size > OFFSET_METADATA_MAX_BYTES:
-        raise SinkError(
-            "checkpoint too large for Kafka offset metadata; keep the partition state small",
-            topic=checkpoint.topic,
-            partition=checkpoint.partition,
-            metadata_bytes=size,
-            state_bytes=len(checkpoint.state or b""),
-            limit_bytes=OFFSET_METADATA_MAX_BYTES,
-        )
-    return text
-
-
-def _own_metadata(metadata: str | None) -> dict[str, Any] | None:
-    if not metadata:
-        return None
-    try:
-        document = json.loads(metadata)
-    except ValueError:
-        return None
-    if isinstance(document, dict) and isinstance(document.get(_METADATA_MARK), int):
-        return document
-    return None
-
-
-def decode_committed_offset(
-    group: str, topic: str, partition: int, offset: int, metadata: str | None
-) -> Checkpoint:
-    """The checkpoint a committed offset stands for (format 1 when it has no offsetkeeper
-    metadata: a plain Kafka consumer's offset, adopted as it is)."""
-    document = _own_metadata(metadata)
-    if document is None:
-        # A plain commit says nothing of when it was made: the epoch start says "unknown".
-        return decode_checkpoint(
-            {
-                "format_version": 1,
-                "group": group,
-                "topic": topic,
-                "partition": partition,
-                "next_offset": offset,
-                "updated_at": 0,
-            }
-        )
-    state = document.get("state")
-    return decode_checkpoint(
-        {
-            "format_version": document[_METADATA_MARK],
-            "group": group,
-            "topic": topic,
-            "partition": partition,
-            "next_offset": offset,
-            "updated_at": document.get("updated_ms", 0),
-            "epoch": document.get("epoch", 0),
-            "leader_epoch": document.get("leader_epoch"),
-            "writer_version": document.get("writer", "unknown"),
-            "state": None if state is None else base64.b64decode(state),
-            "state_version": document.get("state_version"),
-        }
-    )
-
-
-def _committed_offset(checkpoint: Checkpoint, *, sink_topic: str) -> Any:
-    """The confluent TopicPartition that commits `checkpoint` (the leader epoch only when known:
-    the client takes no None for it)."""
-    extra: dict[str, Any] = {}
-    if checkpoint.leader_epoch is not None:
-        extra["leader_epoch"] = checkpoint.leader_epoch
-    return confluent_kafka.TopicPartition(
-        checkpoint.topic,
-        checkpoint.partition,
-        checkpoint.next_offset,
-        metadata=encode_checkpoint_metadata(checkpoint, sink_topic=sink_topic),
-        **extra,
-    )
-
-
-# -- group metadata and errors -----------------------------------------------------------------
-
-
-@dataclass(frozen=True, slots=True)
-class GroupMembership:
-    """What librdkafka's serialized `ConsumerGroupMetadata` says about the member."""
-
-    group: str
-    generation: int
-    member_id: str
-
-    @property
-    def is_member(self) -> bool:
-        return self.generation >= 0 and bool(self.member_id)
-
-
-_GROUP_METADATA_MAGIC = b"CGMDv2:"
-
-
-def parse_group_metadata(metadata: object) -> GroupMembership | None:
-    """Member id and generation from librdkafka's serialization (`CGMDv2:`, int32 generation in
-    host byte order, then NUL-terminated group id and member id). None for anything else."""
-    try:
-        raw = bytes(metadata)  # type: ignore[call-overload]
-    except TypeError:
-        return None
-    if not raw.startswith(_GROUP_METADATA_MAGIC) or len(raw) < len(_GROUP_METADATA_MAGIC) + 4:
-        return None
-    start = len(_GROUP_METADATA_MAGIC)
-    (generation,) = struct.unpack("=i", raw[start : start + 4])
-    group, _, rest = raw[start + 4 :].partition(b"\x00")
-    member_id, terminated, _ = rest.partition(b"\x00")
-    if not terminated:
-        return None
-    return GroupMembership(
-        group=group.decode(errors="replace"),
-        generation=int(generation),
-        member_id=member_id.decode(errors="replace"),
-    )
-
-
-class TransactionFailure(Enum):
-    """What a failed transactional call means for the batch."""
-
-    MEMBER_FENCED = "member_fenced"  # this member left the group: its partitions are gone
-    GENERATION_MOVED = "generation_moved"  # a rebalance we take part in: retry, new generation
-    PRODUCER_FENCED = "producer_fenced"  # our transactional.id's epoch moved on
-    FATAL = "fatal"  # the producer is unusable: make a new one
-    ABORTABLE = "abortable"  # abort; the batch may be retried
-    RETRIABLE = "retriable"  # the same call may be repeated
-
-
-_MEMBER_FENCED = frozenset(
-    {confluent_kafka.KafkaError.UNKNOWN_MEMBER_ID, confluent_kafka.KafkaError.FENCED_INSTANCE_ID}
-)
-_GENERATION_MOVED = frozenset(
-    {
-        confluent_kafka.KafkaError.ILLEGAL_GENERATION,
-        confluent_kafka.KafkaError.REBALANCE_IN_PROGRESS,
-    }
-)
-_PRODUCER_FENCED = frozenset(
-    {
-        confluent_kafka.KafkaError._FENCED,
-        confluent_kafka.KafkaError.PRODUCER_FENCED,
-        confluent_kafka.KafkaError.INVALID_PRODUCER_EPOCH,
-    }
-)
-
-
-_BY_CODE = {
-    **dict.fromkeys(_MEMBER_FENCED, TransactionFailure.MEMBER_FENCED),
-    **dict.fromkeys(_GENERATION_MOVED, TransactionFailure.GENERATION_MOVED),
-    **dict.fromkeys(_PRODUCER_FENCED, TransactionFailure.PRODUCER_FENCED),
-}
-
-
-def classify(error: confluent_kafka.KafkaError) -> TransactionFailure:
-    """Map a transactional error to what the sink does about it (see `KafkaSink`)."""
-    by_code = _BY_CODE.get(error.code())
-    if by_code is not None:
-        return by_code
-    if error.fatal():
-        return TransactionFailure.FATAL
-    if error.txn_requires_abort():
-        return TransactionFailure.ABORTABLE
-    if error.retriable():
-        return TransactionFailure.RETRIABLE
-    return TransactionFailure.ABORTABLE
-
-
-def _kafka_error(exc: BaseException) -> confluent_kafka.KafkaError | None:
-    if isinstance(exc, confluent_kafka.KafkaException) and exc.args:
-        error = exc.args[0]
-        if isinstance(error, confluent_kafka.KafkaError):
-            return error
-    return None
-
-
-def _error_context(exc: BaseException) -> dict[str, Any]:
-    error = _kafka_error(exc)
-    if error is None:
-        return {"reason": str(exc)}
-    return {"code": error.name(), "reason": error.str()}
-
-
-# -- the sink ----------------------------------------------------------------------------------
 
 
 @dataclass(slots=True)
@@ -433,19 +64,29 @@ class _Transaction:
 
 
 class KafkaSink:
-    """`Sink` + `GroupBoundSink` over one transactional confluent-kafka Producer.
+    """A topic written in Kafka transactions, over one transactional confluent-kafka Producer.
+
+    Capabilities: `consumer.Sink`, `consumer.GroupBoundSink`, `consumer.CheckpointAdmin`,
+    `consumer.JobStore`.
+
+    Fencing, this sink's own guarantee: it keeps no epochs. There is no lease record to bump
+    or compare; the fence is the consumer group's generation (KIP-447). Through
+    `GroupBoundSink.bind_group_metadata` the engine hands over the consumer's group metadata,
+    which goes with each transaction's offsets; the group coordinator accepts them only from
+    the member of the current generation, so a zombie (a member evicted during a GC pause or a
+    network split) cannot commit, and for a stable transactional.id the broker also refuses
+    the older producer epoch. `acquire` therefore takes no ownership: it returns, per
+    partition, the epoch found in the stored checkpoint's metadata plus one (1 when there is
+    none), which the engine writes into the next checkpoints for the logs and
+    `checkpoint show`. The `epochs` that `save_checkpoints` receives are compared with nothing
+    and `consumer.check_epochs` is not called: the generation moves on at every rebalance by
+    itself, and the coordinator checks it at the commit, where it counts.
 
     Lifecycle: `open` checks that TOPIC exists (it is never created: its partition count and
     replication are the operator's choice). The producer is made (`init_transactions`) on the
     first `acquire`, when the group is known. `begin` -> begin_transaction, `write_rows` -> one
     message per row, `save_checkpoints` -> send_offsets_to_transaction, `commit` ->
     commit_transaction, `rollback` -> abort_transaction.
-
-    Epochs: `acquire` returns the stored epoch + 1 per partition and records it in the
-    checkpoint metadata, for the logs and `checkpoint show`. The fencing itself is the group
-    coordinator's generation check on the transaction's offsets (and, for a stable
-    transactional.id, the producer epoch); the `epochs` argument of `save_checkpoints` is not
-    compared with anything.
 
     Failures: a member that left the group (UNKNOWN_MEMBER_ID, FENCED_INSTANCE_ID, or group
     metadata with no member) -> abort, FencedError naming every partition of the batch (the
@@ -473,9 +114,8 @@ class KafkaSink:
         self._group: str | None = None
         self._transactional_id: str | None = None
         self._transaction: _Transaction | None = None
-        # Clients of a member-less group (replay jobs): one per group, never subscribed.
-        self._group_clients: dict[str, Any] = {}
-        self._jobs_producer: Any = None
+        self._memberless = MemberlessGroups(self._common, sink=settings.description)
+        self._jobs = KafkaJobStore(self._common, settings.jobs_topic_name, sink=self.description)
         self._timeout_s = settings.transaction_timeout_ms / 1000
 
     @property
@@ -484,7 +124,7 @@ class KafkaSink:
 
     @property
     def jobs_topic(self) -> str:
-        return self._settings.jobs_topic or f"{self._settings.topic}{JOBS_TOPIC_SUFFIX}"
+        return self._settings.jobs_topic_name
 
     # -- GroupBoundSink --------------------------------------------------------------------
 
@@ -507,8 +147,7 @@ class KafkaSink:
                 confluent_kafka=confluent_kafka.version()[0],
                 librdkafka=confluent_kafka.libversion()[0],
             )
-        topics = self._topic_names()
-        if self._settings.topic not in topics:
+        if self._settings.topic not in topic_names(self._admin_client, sink=self.description):
             raise ConfigError(
                 "the kafka sink's output topic does not exist; create it first",
                 topic=self._settings.topic,
@@ -528,22 +167,17 @@ class KafkaSink:
             self._admin = confluent_kafka.admin.AdminClient(dict(self._common))
         except confluent_kafka.KafkaException as exc:
             raise ConfigError(
-                "invalid kafka sink client settings", sink=self.description, **_error_context(exc)
+                "invalid kafka sink client settings", sink=self.description, **error_context(exc)
             ) from exc
 
     def close(self) -> None:
         if self._producer is not None:
             if self._transaction is not None:
                 self._abort_quietly()
-            self._producer.flush(_OPERATION_TIMEOUT_S)
+            self._producer.flush(OPERATION_TIMEOUT_S)
             self._producer = None
-        if self._jobs_producer is not None:
-            self._jobs_producer.flush(_OPERATION_TIMEOUT_S)
-            self._jobs_producer = None
-        for client in self._group_clients.values():
-            with contextlib.suppress(confluent_kafka.KafkaException, RuntimeError):
-                client.close()
-        self._group_clients.clear()
+        self._jobs.close()
+        self._memberless.close()
         self._admin = None
 
     @property
@@ -552,15 +186,6 @@ class KafkaSink:
             raise SinkError("sink is not open", sink=self.description)
         return self._admin
 
-    def _topic_names(self) -> set[str]:
-        try:
-            metadata = self._admin_client.list_topics(timeout=_OPERATION_TIMEOUT_S)
-        except confluent_kafka.KafkaException as exc:
-            raise SinkError(
-                "cannot reach the Kafka cluster", sink=self.description, **_error_context(exc)
-            ) from exc
-        return set(metadata.topics)
-
     # -- the producer ----------------------------------------------------------------------
 
     def _ensure_producer(self, group: str) -> Any:
@@ -568,37 +193,12 @@ class KafkaSink:
             self._group = group
         if self._producer is not None:
             return self._producer
-        transactional_id = self._settings.transactional_id
-        if transactional_id is None:
-            # Bound: one member of a live group, a random id (the generation fences zombies).
-            # Unbound (a replay job): the job's own stable id, so a second run fences the first.
-            transactional_id = (
-                f"offsetkeeper-{group}-{uuid.uuid4().hex[:12]}"
-                if self._group_metadata is not None
-                else f"offsetkeeper-{group}"
-            )
-        config = {
-            **self._common,
-            "transactional.id": transactional_id,
-            "transaction.timeout.ms": self._settings.transaction_timeout_ms,
-            "enable.idempotence": True,
-            "acks": "all",
-        }
-        try:
-            producer = confluent_kafka.Producer(config)
-        except confluent_kafka.KafkaException as exc:
-            raise ConfigError(
-                "invalid kafka sink client settings", sink=self.description, **_error_context(exc)
-            ) from exc
-        try:
-            producer.init_transactions(_OPERATION_TIMEOUT_S)
-        except confluent_kafka.KafkaException as exc:
-            raise SinkError(
-                "cannot initialise the transactional producer",
-                sink=self.description,
-                transactional_id=transactional_id,
-                **_error_context(exc),
-            ) from exc
+        transactional_id = transactional_id_for(
+            self._settings, group, bound=self._group_metadata is not None
+        )
+        producer = transactional_producer(
+            self._common, self._settings, transactional_id, sink=self.description
+        )
         self._producer = producer
         self._transactional_id = transactional_id
         log.info("kafka_sink_producer_ready", transactional_id=transactional_id, group=group)
@@ -613,6 +213,8 @@ class KafkaSink:
     def acquire(
         self, group: str, partitions: Iterable[TopicPartition]
     ) -> dict[TopicPartition, int]:
+        """No ownership is taken here (see the class docstring): the epochs returned count
+        takeovers for the logs; the group generation is the fence."""
         wanted = list(partitions)
         self._ensure_producer(group)
         stored = self.load_checkpoints(group, wanted)
@@ -627,61 +229,10 @@ class KafkaSink:
         wanted = None if partitions is None else list(partitions)
         if wanted is not None and not wanted:
             return {}
-        request = confluent_kafka.ConsumerGroupTopicPartitions(
-            group,
-            None
-            if wanted is None
-            else [confluent_kafka.TopicPartition(tp.topic, tp.partition) for tp in wanted],
-        )
         # The broker aborts a timed-out transaction within its cleanup interval (10 s).
-        deadline = time.monotonic() + self._timeout_s + 20.0
-        while True:
-            answers = self._list_offsets(request, require_stable=wanted is not None)
-            unstable = [
-                answer
-                for answer in answers
-                if answer.error is not None
-                and answer.error.code() == confluent_kafka.KafkaError.UNSTABLE_OFFSET_COMMIT
-            ]
-            if not unstable:
-                break
-            if time.monotonic() > deadline:
-                raise SinkError(
-                    "a transaction holding the group's offsets is still open",
-                    group=group,
-                    partitions=sorted((a.topic, a.partition) for a in unstable),
-                )
-            time.sleep(_UNSTABLE_POLL_S)
-        checkpoints: dict[TopicPartition, Checkpoint] = {}
-        for answer in answers:
-            if answer.error is not None:
-                raise SinkError(
-                    "cannot read the group's committed offset",
-                    group=group,
-                    topic=answer.topic,
-                    partition=answer.partition,
-                    code=answer.error.name(),
-                    reason=answer.error.str(),
-                )
-            if answer.offset < 0:
-                continue  # nothing committed for this partition
-            checkpoints[TopicPartition(answer.topic, answer.partition)] = decode_committed_offset(
-                group, answer.topic, answer.partition, int(answer.offset), answer.metadata
-            )
-        return checkpoints
-
-    def _list_offsets(self, request: Any, *, require_stable: bool) -> list[Any]:
-        try:
-            future = self._admin_client.list_consumer_group_offsets(
-                [request], require_stable=require_stable, request_timeout=_OPERATION_TIMEOUT_S
-            )[request.group_id]
-            return list(future.result().topic_partitions or [])
-        except confluent_kafka.KafkaException as exc:
-            raise SinkError(
-                "cannot read the group's committed offsets",
-                group=request.group_id,
-                **_error_context(exc),
-            ) from exc
+        return committed_checkpoints(
+            self._admin_client, group, wanted, wait_s=self._timeout_s + 20.0
+        )
 
     # -- the batch -------------------------------------------------------------------------
 
@@ -722,11 +273,13 @@ class KafkaSink:
         checkpoints: Sequence[Checkpoint],
         epochs: Mapping[TopicPartition, int],
     ) -> None:
+        """Add the offsets to the transaction with the group metadata; `epochs` is compared
+        with nothing (the generation is the fence: see the class docstring)."""
         producer = self._open_transaction("save_checkpoints")
         transaction = self._transaction
         if transaction is None or not checkpoints:
             return
-        offsets = [_committed_offset(cp, sink_topic=self._settings.topic) for cp in checkpoints]
+        offsets = [committed_offset(cp, sink_topic=self._settings.topic) for cp in checkpoints]
         transaction.partitions = sorted({(cp.topic, cp.partition) for cp in checkpoints})
         group_metadata = self._metadata_for(group)
         transaction.sent_as = parse_group_metadata(group_metadata)
@@ -747,20 +300,20 @@ class KafkaSink:
                 group=group,
             )
         try:
-            producer.send_offsets_to_transaction(offsets, group_metadata, _OPERATION_TIMEOUT_S)
+            producer.send_offsets_to_transaction(offsets, group_metadata, OPERATION_TIMEOUT_S)
         except confluent_kafka.KafkaException as exc:
             self._fail(exc, "cannot add the offsets to the transaction", transaction.partitions)
 
     def commit(self) -> None:
         producer = self._open_transaction("commit")
         partitions = self._transaction.partitions if self._transaction is not None else []
-        deadline = time.monotonic() + _OPERATION_TIMEOUT_S
+        deadline = time.monotonic() + OPERATION_TIMEOUT_S
         while True:
             try:
-                producer.commit_transaction(_OPERATION_TIMEOUT_S)
+                producer.commit_transaction(OPERATION_TIMEOUT_S)
                 break
             except confluent_kafka.KafkaException as exc:
-                error = _kafka_error(exc)
+                error = kafka_error(exc)
                 if (
                     error is not None
                     and classify(error) is TransactionFailure.RETRIABLE
@@ -782,38 +335,20 @@ class KafkaSink:
     def _metadata_for(self, group: str) -> object:
         if self._group_metadata is not None:
             return self._group_metadata()
-        return self._memberless_group_metadata(group)
-
-    def _memberless_group_metadata(self, group: str) -> object:
-        """Metadata of a group this process never joins (replay jobs, migrations): the
-        coordinator takes a transaction's offsets for it with no generation check."""
-        client = self._group_clients.get(group)
-        if client is None:
-            try:
-                client = confluent_kafka.Consumer(
-                    {**self._common, "group.id": group, "enable.auto.commit": False}
-                )
-            except confluent_kafka.KafkaException as exc:
-                raise ConfigError(
-                    "invalid kafka sink client settings",
-                    sink=self.description,
-                    **_error_context(exc),
-                ) from exc
-            self._group_clients[group] = client
-        return client.consumer_group_metadata()
+        return self._memberless.metadata(group)
 
     def _abort_quietly(self) -> None:
         producer, self._transaction = self._producer, None
         if producer is None:
             return
         try:
-            producer.abort_transaction(_OPERATION_TIMEOUT_S)
+            producer.abort_transaction(OPERATION_TIMEOUT_S)
         except confluent_kafka.KafkaException as exc:
-            error = _kafka_error(exc)
+            error = kafka_error(exc)
             if error is not None and error.code() == confluent_kafka.KafkaError._STATE:
                 return  # no transaction in progress: nothing to abort
             # The broker aborts it at its timeout; a producer that cannot abort is made anew.
-            log.warning("kafka_abort_failed", **_error_context(exc))
+            log.warning("kafka_abort_failed", **error_context(exc))
             self._producer = None
 
     def _fail(
@@ -824,9 +359,9 @@ class KafkaSink:
         **context: Any,
     ) -> None:
         """Abort what can be aborted and raise the error the engine acts on (class docstring)."""
-        error = _kafka_error(exc)
+        error = kafka_error(exc)
         failure = TransactionFailure.ABORTABLE if error is None else classify(error)
-        details = {**_error_context(exc), **context, "group": self._group}
+        details = {**error_context(exc), **context, "group": self._group}
         if failure in (TransactionFailure.FATAL, TransactionFailure.PRODUCER_FENCED):
             self._transaction = None
             self._producer = None  # unusable: the next batch makes (and inits) a new one
@@ -870,25 +405,9 @@ class KafkaSink:
 
     def checkpoint_groups(self) -> list[str]:
         """Groups whose committed offsets carry this sink's checkpoints (scans every group)."""
-        try:
-            listed = self._admin_client.list_consumer_groups(
-                request_timeout=_OPERATION_TIMEOUT_S
-            ).result()
-        except confluent_kafka.KafkaException as exc:
-            raise SinkError(
-                "cannot list consumer groups", sink=self.description, **_error_context(exc)
-            ) from exc
-        groups = []
-        for listing in listed.valid:
-            request = confluent_kafka.ConsumerGroupTopicPartitions(listing.group_id)
-            answers = self._list_offsets(request, require_stable=False)
-            if any(
-                (document := _own_metadata(answer.metadata)) is not None
-                and document.get("sink") == self._settings.topic
-                for answer in answers
-            ):
-                groups.append(listing.group_id)
-        return sorted(groups)
+        return groups_with_checkpoints(
+            self._admin_client, sink_topic=self._settings.topic, sink=self.description
+        )
 
     def migrate_checkpoints(self, *, dry_run: bool = False) -> list[Checkpoint]:
         """Offsets without offsetkeeper metadata in this sink's groups, rewritten with it. A
@@ -905,7 +424,7 @@ class KafkaSink:
         for checkpoint in older:
             by_group.setdefault(checkpoint.group, []).append(checkpoint)
         for group, checkpoints in by_group.items():
-            self._require_empty_group(group)
+            require_empty_group(self._admin_client, group)
             self._ensure_producer(group)
             self.begin()
             try:
@@ -916,119 +435,8 @@ class KafkaSink:
                 raise
         return older
 
-    def _require_empty_group(self, group: str) -> None:
-        try:
-            description = self._admin_client.describe_consumer_groups(
-                [group], request_timeout=_OPERATION_TIMEOUT_S
-            )[group].result()
-        except confluent_kafka.KafkaException as exc:
-            raise SinkError(
-                "cannot describe consumer group", group=group, **_error_context(exc)
-            ) from exc
-        if description.members:
-            raise ConfigError(
-                "stop the group's consumers before migrating its checkpoints in Kafka",
-                group=group,
-                members=len(description.members),
-            )
-
     def create_job(self, job_id: str, document: str) -> str:
-        stored = self.load_job(job_id)
-        if stored is not None:
-            return stored
-        if self.jobs_topic not in self._topic_names():
-            self._create_jobs_topic()
-        if self._jobs_producer is None:
-            try:
-                self._jobs_producer = confluent_kafka.Producer(
-                    {**self._common, "enable.idempotence": True, "acks": "all"}
-                )
-            except confluent_kafka.KafkaException as exc:
-                raise ConfigError(
-                    "invalid kafka sink client settings",
-                    sink=self.description,
-                    **_error_context(exc),
-                ) from exc
-        delivery: list[BaseException] = []
-
-        def delivered(error: Any, _message: Any) -> None:
-            if error is not None:
-                delivery.append(confluent_kafka.KafkaException(error))
-
-        self._jobs_producer.produce(
-            self.jobs_topic, key=job_id.encode(), value=document.encode(), on_delivery=delivered
-        )
-        if self._jobs_producer.flush(_OPERATION_TIMEOUT_S) or delivery:
-            raise SinkError(
-                "cannot store replay job",
-                job=job_id,
-                topic=self.jobs_topic,
-                reason=str(delivery[0]) if delivery else "not delivered in time",
-            )
-        # Two runs may have raced to create it: the first record in the log is the job.
-        first = self.load_job(job_id)
-        if first is None:
-            raise SinkError("replay job not readable after writing it", job=job_id)
-        return first
-
-    def _create_jobs_topic(self) -> None:
-        # One partition (one order of writes), kept forever and not compacted: the first
-        # document of a job id is the job, so a later duplicate must not replace it.
-        topic = NewTopic(
-            self.jobs_topic,
-            num_partitions=1,
-            replication_factor=-1,
-            config={"cleanup.policy": "delete", "retention.ms": "-1", "retention.bytes": "-1"},
-        )
-        try:
-            self._admin_client.create_topics([topic])[self.jobs_topic].result()
-        except confluent_kafka.KafkaException as exc:
-            error = _kafka_error(exc)
-            if error is None or error.code() != confluent_kafka.KafkaError.TOPIC_ALREADY_EXISTS:
-                raise SinkError(
-                    "cannot create the replay jobs topic",
-                    topic=self.jobs_topic,
-                    **_error_context(exc),
-                ) from exc
+        return self._jobs.create_job(self._admin_client, job_id, document)
 
     def load_job(self, job_id: str) -> str | None:
-        if self.jobs_topic not in self._topic_names():
-            return None
-        reader = confluent_kafka.Consumer(
-            {
-                **self._common,
-                "group.id": f"offsetkeeper-jobs-reader-{uuid.uuid4().hex[:8]}",
-                "enable.auto.commit": False,
-                "enable.auto.offset.store": False,
-            }
-        )
-        wanted = job_id.encode()
-        try:
-            partition = confluent_kafka.TopicPartition(self.jobs_topic, 0)
-            watermarks = reader.get_watermark_offsets(partition, timeout=_OPERATION_TIMEOUT_S)
-            high = int(watermarks[1]) if watermarks else 0
-            if high <= 0:
-                return None
-            reader.assign(
-                [
-                    confluent_kafka.TopicPartition(
-                        self.jobs_topic, 0, confluent_kafka.OFFSET_BEGINNING
-                    )
-                ]
-            )
-            deadline = time.monotonic() + _OPERATION_TIMEOUT_S
-            while time.monotonic() < deadline:
-                for message in reader.consume(num_messages=500, timeout=1.0):
-                    if message.error() is not None:
-                        continue
-                    if message.key() == wanted:
-                        return bytes(message.value() or b"").decode()
-                    if (message.offset() or 0) >= high - 1:
-                        return None
-            raise SinkError("cannot read the replay jobs topic to its end", topic=self.jobs_topic)
-        except confluent_kafka.KafkaException as exc:
-            raise SinkError(
-                "cannot read replay job", job=job_id, topic=self.jobs_topic, **_error_context(exc)
-            ) from exc
-        finally:
-            reader.close()
+        return self._jobs.load_job(self._admin_client, job_id)

@@ -47,8 +47,9 @@ def open_postgres_sink(url: str) -> Sink:
 
 
 def open_kafka_sink(url: str) -> Sink:
-    """`kafka://HOST:PORT[,HOST:PORT]/TOPIC?options` (see `sinks._kafka.parse_kafka_url`)."""
-    from sinks._kafka import KafkaSink, parse_kafka_url  # noqa: PLC0415
+    """`kafka://HOST:PORT[,HOST:PORT]/TOPIC?options` (see `sinks._kafka_settings`)."""
+    from sinks._kafka import KafkaSink  # noqa: PLC0415 - confluent-kafka loads only when used
+    from sinks._kafka_settings import parse_kafka_url  # noqa: PLC0415
 
     return KafkaSink(parse_kafka_url(url))
 

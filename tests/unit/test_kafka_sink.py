@@ -1,4 +1,4 @@
-"""sinks._kafka, the parts that need no broker: URL, row <-> message, checkpoint <-> offset
+"""sinks._kafka*, the parts that need no broker: URL, row <-> message, checkpoint <-> offset
 metadata, group metadata parsing, and what each transactional error means."""
 
 from __future__ import annotations
@@ -15,16 +15,14 @@ from consumer.checkpoints.model import CURRENT_FORMAT_VERSION, Checkpoint
 from consumer.core.app import Table
 from consumer.core.errors import CheckpointFormatError, FencedError, SinkError
 from sinks import KafkaSink, decode_row, encode_row
-from sinks._kafka import (
-    DEFAULT_TRANSACTION_TIMEOUT_MS,
+from sinks._kafka_errors import TransactionFailure, classify
+from sinks._kafka_membership import parse_group_metadata
+from sinks._kafka_offsets import (
     OFFSET_METADATA_MAX_BYTES,
-    TransactionFailure,
-    classify,
     decode_committed_offset,
     encode_checkpoint_metadata,
-    parse_group_metadata,
-    parse_kafka_url,
 )
+from sinks._kafka_settings import DEFAULT_TRANSACTION_TIMEOUT_MS, parse_kafka_url
 
 EVENTS = Table(
     name="events",
