@@ -34,6 +34,7 @@ from consumer.core.errors import (
     KafkaError,
     OffsetkeeperError,
     RecordError,
+    RowsRefusedError,
     SchemaRegistryError,
     SinkError,
 )
@@ -50,6 +51,7 @@ from consumer.engine.sink import (
     Sink,
     check_epochs,
 )
+from consumer.engine.values import LimitedSink, ValueLimits
 
 __all__ = [
     "CURRENT_FORMAT_VERSION",
@@ -70,6 +72,7 @@ __all__ = [
     "InvalidRecordError",
     "JobStore",
     "KafkaError",
+    "LimitedSink",
     "OffsetkeeperError",
     "RawRecord",
     "RebalanceListener",
@@ -77,6 +80,7 @@ __all__ = [
     "RecordError",
     "Row",
     "RowsOrigin",
+    "RowsRefusedError",
     "SchemaRegistryError",
     "Sink",
     "SinkError",
@@ -85,6 +89,7 @@ __all__ = [
     "Table",
     "TableMode",
     "TopicPartition",
+    "ValueLimits",
     "check_epochs",
     "check_identifier",
     "decode_checkpoint",

@@ -6,6 +6,7 @@
      +-- SchemaRegistryError         the schema registry is unreachable, slow or failing (retried)
      +-- SinkError                   the sink failed to open, write or commit
      |    +-- FencedError            a newer owner took the partition; this consumer must drop it
+     |    +-- RowsRefusedError       the sink refused values of the batch (not retried: split)
      +-- CheckpointError             a stored checkpoint cannot be read
      |    +-- CheckpointFormatError  its format is newer than this code knows
      +-- RecordError                 one record cannot be decoded or processed
@@ -59,6 +60,13 @@ class SchemaRegistryError(OffsetkeeperError):
 
 class SinkError(OffsetkeeperError):
     """The sink failed to open, write, or commit. The transaction was rolled back."""
+
+
+class RowsRefusedError(SinkError):
+    """The sink refused the batch's rows for a data reason (a value it cannot store, a violated
+    constraint), so retrying the same batch cannot help. The transaction was rolled back; the
+    engine finds the records responsible by splitting the batch, and the bad-record policy
+    handles them. `field` names the column, where the sink said which."""
 
 
 class FencedError(SinkError):

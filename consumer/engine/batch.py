@@ -26,6 +26,7 @@ from consumer.core.app import App, Table
 from consumer.core.errors import ConfigError, InvalidRecordError, OffsetkeeperError, RecordError
 from consumer.core.records import RawRecord, Record, Row, TopicPartition
 from consumer.decoding.decoders import Decoder
+from consumer.engine.values import RowChecker
 
 log = structlog.get_logger("offsetkeeper.batch")
 
@@ -101,14 +102,17 @@ def process_partition(
     policy: BadRecordPolicy = BadRecordPolicy(),
     sleep: Callable[[float], None] = time.sleep,
     unwrap: Unwrap | None = None,
+    checker: RowChecker | None = None,
 ) -> PartitionWork:
     """Run the app over one partition's records in order (see the module docstring for bad ones).
 
     For a stateful app, `state` is the partition's state before these records; the processor
     works on a copy, and `PartitionWork.state` is the state after the last good record.
     An `async def` processor's result is awaited through `resolve` (the asyncio driver).
+    With `checker`, every row is checked against its table's column types (a row that fails
+    is a bad record of the record that produced it).
     """
-    runner = _RecordRunner(app, state, resolve=resolve, policy=policy, sleep=sleep)
+    runner = _RecordRunner(app, state, resolve=resolve, policy=policy, sleep=sleep, checker=checker)
     work = PartitionWork(
         partition=partition, first_offset=records[0].offset, next_offset=records[0].offset
     )
@@ -156,6 +160,7 @@ class _RecordRunner:
         resolve: Callable[[Any], Any] | None,
         policy: BadRecordPolicy,
         sleep: Callable[[float], None],
+        checker: RowChecker | None,
     ) -> None:
         processor: Any = app.processor
         if processor is None:
@@ -168,6 +173,7 @@ class _RecordRunner:
         self._resolve = resolve
         self._policy = policy
         self._sleep = sleep
+        self._checker = checker
         self._start = state
         self.state = copy_state(state) if self._stateful else None
         # Stateful apps: the records whose effects the state holds (for rebuilding it).
@@ -180,7 +186,9 @@ class _RecordRunner:
         while True:
             attempt += 1
             try:
-                keyed = _keyed_rows(self._app, self._call(_decoded(decode, raw)), raw)
+                keyed = _keyed_rows(
+                    self._app, self._call(_decoded(decode, raw)), raw, self._checker
+                )
             except Exception as exc:  # a processor bug must be handled by policy, never vanish
                 if isinstance(exc, OffsetkeeperError) and not isinstance(exc, RecordError):
                     raise  # about the setup, not this record: the engine handles it
@@ -254,7 +262,12 @@ def _located(exc: Exception, raw: RawRecord) -> RecordError:
     return error
 
 
-def _keyed_rows(app: App, produced: Row | Iterable[Row] | None, raw: RawRecord) -> list[KeyedRow]:
+def _keyed_rows(
+    app: App,
+    produced: Row | Iterable[Row] | None,
+    raw: RawRecord,
+    checker: RowChecker | None = None,
+) -> list[KeyedRow]:
     if produced is None:
         return []
     rows = [produced] if isinstance(produced, Row) else list(produced)
@@ -286,6 +299,14 @@ def _keyed_rows(app: App, produced: Row | Iterable[Row] | None, raw: RawRecord) 
             raise InvalidRecordError(
                 "row lacks a key column", table=table.name, field=str(exc.args[0])
             ) from None
+        if checker is not None:
+            checker.check(table, values)
+            try:
+                hash(key)
+            except TypeError:  # a json key column given a dict or a list
+                raise InvalidRecordError(
+                    "a key column's value cannot be a key (not hashable)", table=table.name
+                ) from None
         keyed.append((table, key, values))
     return keyed
 

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -41,12 +41,15 @@ from consumer.core.errors import (
     FencedError,
     KafkaError,
     RecordError,
+    RowsRefusedError,
     SchemaRegistryError,
 )
 from consumer.core.records import RawRecord, TopicPartition
+from consumer.decoding.decoders import Decoder
 from consumer.decoding.topics import TopicDecoders
 from consumer.engine.batch import (
     BadRecordPolicy,
+    DeadLetter,
     PartitionWork,
     Unwrap,
     group_by_partition,
@@ -58,6 +61,7 @@ from consumer.engine.dead_letters import DeadLetterWriter
 from consumer.engine.observer import EngineObserver, NullObserver
 from consumer.engine.retry import Retrier, RetryPolicy
 from consumer.engine.sink import Sink
+from consumer.engine.values import LimitedSink, RowChecker
 
 log = structlog.get_logger("offsetkeeper.engine")
 
@@ -111,6 +115,7 @@ class BatchLoop:
         self.retrier = Retrier(
             retry or RetryPolicy(), clock=clock, sleep=sleep, observer=self.observer
         )
+        self.checker = RowChecker(sink.value_limits if isinstance(sink, LimitedSink) else None)
         self.positions: dict[TopicPartition, Position] = {}
         # Partitions halted on a bad record. Kept when they are forgotten (leaving the group
         # revokes everything before the driver reports); dropped when tracked again.
@@ -157,6 +162,7 @@ class BatchLoop:
         """Steps 1-5 of the module docstring for one polled batch; the batch committed, or
         None when nothing in it was ours to process."""
         works: list[PartitionWork] = []
+        taken: dict[TopicPartition, Sequence[RawRecord]] = {}
         for tp, fetched in group_by_partition(records).items():  # 1
             position = self.positions.get(tp)
             if position is None or position.stopped is not None:
@@ -173,16 +179,29 @@ class BatchLoop:
                 ]
             if fresh:
                 self.observer.records_fetched(tp, len(fresh))
+                taken[tp] = fresh
                 works.append(self._process(tp, fresh, position.state))  # 2
         if not works:
             return None
         self._write_dead_letters(works)  # 3
-        return self._commit(works)  # 4, 5
+        try:
+            return self._commit(works)  # 4, 5
+        except RowsRefusedError as exc:
+            return self._isolate(works, taken, exc)
 
     def _process(
-        self, tp: TopicPartition, records: Sequence[RawRecord], state: Any
+        self,
+        tp: TopicPartition,
+        records: Sequence[RawRecord],
+        state: Any,
+        skip: frozenset[int] = frozenset(),
     ) -> PartitionWork:
+        """Process one partition's records; `skip` names offsets already handled (records
+        dead-lettered before the batch was split), which only advance the position."""
         decode = self.decoders.for_topic(tp.topic) if self._unwrap is None else _no_decoder
+        unwrap = self._unwrap
+        if skip:
+            unwrap = _skipping(skip, decode, self._unwrap)
         return self.retrier.retry(
             "decode",
             lambda: process_partition(
@@ -194,7 +213,8 @@ class BatchLoop:
                 resolve=self.resolve_awaitable,
                 policy=self.bad_records,
                 sleep=self._sleep,
-                unwrap=self._unwrap,
+                unwrap=unwrap,
+                checker=self.checker,
             ),
             retry_on=(SchemaRegistryError,),
         )
@@ -261,6 +281,93 @@ class BatchLoop:
             if work.error is not None:
                 self._stop_partition(work.partition, work.error)
 
+    # -- a batch the sink refused: find the records responsible ---------------------------------
+
+    def _isolate(
+        self,
+        works: Sequence[PartitionWork],
+        taken: Mapping[TopicPartition, Sequence[RawRecord]],
+        refusal: RowsRefusedError,
+    ) -> CommittedBatch | None:
+        """Commit each partition on its own, halving a refused part until the refused records
+        stand alone; those follow the bad-record policy, the rest commits. Each part is a
+        complete commit (rows and checkpoint), so a crash at any point loses nothing."""
+        log.warning(
+            "rows_refused_isolating",
+            group=self.group,
+            error=str(refusal),
+            partitions=[str(w.partition) for w in works],
+        )
+        before = (self.records_committed, self.rows_committed)
+        for work in works:
+            position = self.positions.get(work.partition)
+            if position is None or position.stopped is not None:
+                continue
+            lettered = frozenset(letter.record.offset for letter in work.dead_letters)
+            self._settle(work.partition, taken[work.partition], position.state, lettered, work)
+        moved = {
+            w.partition: self.positions[w.partition].next_offset
+            for w in works
+            if w.partition in self.positions
+        }
+        return CommittedBatch(
+            next_offsets={tp: offset for tp, offset in moved.items() if offset is not None},
+            records=self.records_committed - before[0],
+            rows=self.rows_committed - before[1],
+        )
+
+    def _settle(
+        self,
+        tp: TopicPartition,
+        records: Sequence[RawRecord],
+        state: Any,
+        lettered: frozenset[int],
+        work: PartitionWork | None = None,
+    ) -> bool:
+        """Commit `records` from `state`, halving on a refusal; False once the partition
+        stopped (a record under policy "stop") or was taken away."""
+        if work is None:
+            work = self._process(tp, records, state, lettered)
+            self._write_dead_letters([work])
+        try:
+            self._commit([work])
+        except RowsRefusedError as refusal:
+            if len(records) == 1:
+                return self._refused_record(tp, records[0], state, refusal)
+            half = len(records) // 2
+            if not self._settle(tp, records[:half], state, lettered):
+                return False
+            return self._settle(tp, records[half:], self.positions[tp].state, lettered)
+        position = self.positions.get(tp)
+        return position is not None and position.stopped is None
+
+    def _refused_record(
+        self, tp: TopicPartition, raw: RawRecord, state: Any, refusal: RowsRefusedError
+    ) -> bool:
+        """The sink refuses this record's rows: a bad record, handled by the policy."""
+        error = RecordError(
+            f"the sink refused the record's rows: {refusal.message}",
+            topic=raw.topic,
+            partition=raw.partition,
+            offset=raw.offset,
+            field=refusal.context.get("field"),
+            table=refusal.context.get("table"),
+        )
+        error.__cause__ = refusal
+        if self.bad_records.action == "stop":
+            self.positions[tp].stopped = error
+            self._stop_partition(tp, error)
+            return False
+        skipped = PartitionWork(tp, first_offset=raw.offset, next_offset=raw.offset + 1, records=1)
+        skipped.state = state  # the refused record's effect on the state is not kept
+        skipped.leader_epoch = raw.leader_epoch
+        letter = DeadLetter(record=raw, error=error, attempts=1)
+        skipped.dead_letters.append(letter)
+        self._write_dead_letters([skipped])
+        self._commit([skipped])
+        position = self.positions.get(tp)
+        return position is not None and position.stopped is None
+
     def _stop_partition(self, tp: TopicPartition, error: RecordError) -> None:
         self.positions[tp].stopped = error
         self.halted[tp] = error
@@ -277,6 +384,18 @@ class BatchLoop:
             error=str(error),
             committed_up_to=self.positions[tp].next_offset,
         )
+
+
+def _skipping(skip: frozenset[int], decode: Decoder, inner: Unwrap | None) -> Unwrap:
+    """An unwrap that passes over the offsets in `skip`, else defers to `inner` (or keeps the
+    record as it is, with the partition's decoder)."""
+
+    def unwrap(raw: RawRecord) -> tuple[RawRecord, Decoder] | None:
+        if raw.offset in skip:
+            return None
+        return (raw, decode) if inner is None else inner(raw)
+
+    return unwrap
 
 
 def _no_decoder(value: bytes | None) -> Any:

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 import structlog
 
-from consumer.core.errors import FencedError, SinkError
+from consumer.core.errors import FencedError, RowsRefusedError, SinkError
 from consumer.engine.observer import EngineObserver
 
 log = structlog.get_logger("offsetkeeper.engine")
@@ -27,8 +27,8 @@ class RetryPolicy:
 
 
 class Retrier:
-    """Runs actions under a `RetryPolicy`. Never retries `FencedError`: a newer owner exists,
-    and trying again cannot change that."""
+    """Runs actions under a `RetryPolicy`. Never retries `FencedError` (a newer owner exists)
+    nor `RowsRefusedError` (the batch's own values were refused): trying again cannot help."""
 
     def __init__(
         self,
@@ -62,8 +62,8 @@ class Retrier:
             began = self._clock()
             try:
                 result = action()
-            except FencedError:
-                raise
+            except (FencedError, RowsRefusedError):
+                raise  # retrying cannot change a newer owner, nor the values of a batch
             except retry_on as exc:
                 if isinstance(exc, SinkError):
                     self._observer.sink_failed(what, exc)

@@ -21,6 +21,8 @@ from consumer import (
     KafkaError,
     Record,
     Row,
+    RowsOrigin,
+    RowsRefusedError,
     SinkError,
     Table,
     TopicPartition,
@@ -862,3 +864,109 @@ def test_dead_letters_that_never_get_through_end_the_run_with_nothing_committed(
 def test_the_dead_letter_policy_needs_a_writer(make: Make) -> None:
     with pytest.raises(ConfigError, match="dead-letter"):
         make([Assign([P0])], bad_records=DEAD_LETTER)
+
+
+# -- dirty values: checked before the sink, refusals isolated ------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("bad", "field_name", "says"),
+    [
+        (event("huge", 10**30), "amount", "bigint out of range"),
+        (event("text", "12"), "amount", "bigint column given str"),  # type: ignore[arg-type]
+        (event("flag", True), "amount", "bigint column given bool"),  # type: ignore[arg-type]
+        ({"id": None, "amount": 1}, "id", "a key column is null"),
+        ({"id": "\ud800", "amount": 1}, "id", "lone surrogate"),
+        ({"id": 7, "amount": 1}, "id", "text column given int"),
+    ],
+)
+def test_a_value_its_column_cannot_hold_is_a_bad_record_of_its_own_record(
+    make: Make, tmp_path: Path, bad: dict[str, Any], field_name: str, says: str
+) -> None:
+    letters = RecordingDeadLetters(tmp_path / "engine.db")
+    h = make([Assign([P0, P1])], bad_records=DEAD_LETTER, dead_letters=letters)
+    h.backend.append(P0, event("a", 1), bad, event("c", 3))
+    h.backend.append(P1, event("x", 1))
+
+    assert h.run() == EXIT_OK
+
+    assert h.rows() == [_row("a", 1, 0, 0), _row("c", 3, 0, 2), _row("x", 1, 1, 0)]
+    assert h.checkpoints() == {0: 3, 1: 1}
+    (letter,) = letters.letters
+    assert (letter.record.partition, letter.record.offset) == (0, 1)
+    assert letter.error.field == field_name
+    assert letter.error.context["table"] == "events"
+    assert says in str(letter.error)
+
+
+def test_under_stop_a_bad_value_stops_its_partition_and_the_others_finish(make: Make) -> None:
+    h = make([Assign([P0, P1])])
+    h.backend.append(P0, event("a", 1), event("huge", -(10**30)), event("c", 3))
+    h.backend.append(P1, event("x", 1), event("y", 2))
+
+    assert h.run() == EXIT_PARTITIONS_STOPPED
+
+    assert h.rows() == [_row("a", 1, 0, 0), _row("x", 1, 1, 0), _row("y", 2, 1, 1)]
+    assert h.checkpoints() == {0: 1, 1: 2}, "partition 0 waits at the bad record"
+    assert h.engine.stopped_partitions[P0].offset == 1
+
+
+class RefusingSink(SqliteSink):
+    """SQLite that refuses, as a data error, any batch holding a row with `amount == 666`
+    (a constraint the checks before the sink cannot know), and counts its transactions."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.transactions = 0
+
+    def begin(self) -> None:
+        self.transactions += 1
+        super().begin()
+
+    def write_rows(
+        self, table: Table, rows: Sequence[Mapping[str, Any]], origin: RowsOrigin | None = None
+    ) -> None:
+        super().write_rows(table, rows, origin)
+        if any(row.get("amount") == 666 for row in rows):
+            raise RowsRefusedError("check constraint violated (injected)", field="amount")
+
+
+def test_a_batch_the_sink_refuses_is_split_until_the_refused_record_stands_alone(
+    make: Make, tmp_path: Path, log_events: list[dict[str, Any]]
+) -> None:
+    letters = RecordingDeadLetters(tmp_path / "engine.db")
+    sink = RefusingSink(tmp_path / "engine.db")
+    h = make([Assign([P0, P1])], sink=sink, bad_records=DEAD_LETTER, dead_letters=letters)
+    h.backend.append(P0, *(event(f"p0-{i}", 666 if i == 11 else i) for i in range(16)))
+    h.backend.append(P1, event("x", 1), event("y", 2))
+
+    assert h.run() == EXIT_OK
+
+    assert h.checkpoints() == {0: 16, 1: 2}
+    assert sorted(r["id"] for r in h.rows()) == sorted(
+        [f"p0-{i}" for i in range(16) if i != 11] + ["x", "y"]
+    )
+    (letter,) = letters.letters
+    assert (letter.record.partition, letter.record.offset) == (0, 11)
+    assert "the sink refused the record's rows" in str(letter.error)
+    assert letter.error.field == "amount"
+    # The whole batch, then per partition, then halves: a handful of transactions, not one
+    # per record.
+    assert sink.transactions <= 12
+    assert any(e["event"] == "rows_refused_isolating" for e in log_events)
+
+
+def test_under_stop_a_refused_record_stops_its_partition_after_the_records_before_it(
+    make: Make, tmp_path: Path
+) -> None:
+    sink = RefusingSink(tmp_path / "engine.db")
+    h = make([Assign([P0, P1])], sink=sink)
+    h.backend.append(P0, *(event(f"p0-{i}", 666 if i == 5 else i) for i in range(8)))
+    h.backend.append(P1, event("x", 1))
+
+    assert h.run() == EXIT_PARTITIONS_STOPPED
+
+    assert h.checkpoints() == {0: 5, 1: 1}
+    assert sorted(r["id"] for r in h.rows()) == sorted([f"p0-{i}" for i in range(5)] + ["x"])
+    stopped = h.engine.stopped_partitions[P0]
+    assert (stopped.offset, stopped.field) == (5, "amount")
