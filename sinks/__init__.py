@@ -5,7 +5,9 @@ entry-point group (one name per URL scheme), exactly as a third party's sink wou
 package imports only consumer's public API.
 """
 
-from sinks._file import DataFile, FileSink, committed_files, read_committed_rows
+from sinks._file import FileSink
+from sinks._file_layout import DataFile
+from sinks._file_reader import committed_files, read_committed_rows
 from sinks._kafka import KafkaSink
 from sinks._kafka_messages import decode_row, encode_row
 from sinks._sql import DEFAULT_CHECKPOINT_TABLE, DEFAULT_LEASE_TABLE

@@ -1,13 +1,7 @@
 """File sink: JSON Lines data files renamed into place, then a checkpoint file replaced after them.
 
-Layout of `file:///DIR` (group and job names are percent-encoded to be file-system safe):
-
-    DIR/<table>/<group>/<topic>+<partition>+<first offset:020d>+<last offset:020d>.jsonl
-    DIR/_offsetkeeper/lock                   flock'ed by every mutation (the kernel drops it
-                                             when the holder dies)
-    DIR/_offsetkeeper/checkpoints/<group>.json   the group's checkpoints, one JSON document
-    DIR/_offsetkeeper/leases/<group>.json        the group's fencing epochs
-    DIR/_offsetkeeper/jobs/<job>.json            replay job documents
+The directory's layout is in `_file_layout`; its documents in `_file_documents`; durable file
+operations in `_file_io`; the lock in `_file_lock`; the reader protocol in `_file_reader`.
 
 One batch, per the `Sink` contract:
 
@@ -28,21 +22,14 @@ unless an operator moves a checkpoint backwards (`offsetkeeper checkpoint reset`
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import fcntl
 import json
-import math
 import os
-import re
-import secrets
-import time
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import quote
 
 import structlog
 
@@ -56,325 +43,32 @@ from consumer import (
     Table,
     TopicPartition,
     check_epochs,
-    decode_checkpoint,
-    encode_checkpoint,
 )
+from sinks._file_documents import (
+    checkpoint_document,
+    encode_rows,
+    epochs_document,
+    read_checkpoint_document,
+    read_epochs,
+)
+from sinks._file_io import fsync_directory, make_directory, read_json, write_durably
+from sinks._file_layout import (
+    OWN_DIR,
+    OWN_SUBDIRS,
+    TEMP_NAME,
+    FileLayout,
+    data_file_name,
+    parse_data_file,
+    safe_name,
+    temp_path,
+)
+from sinks._file_lock import DirectoryLock
 
 log = structlog.get_logger("offsetkeeper.sink.file")
 
-OWN_DIR = "_offsetkeeper"
-DATA_SUFFIX = ".jsonl"
-CHECKPOINT_KIND = "offsetkeeper-file-checkpoints"
-LEASE_KIND = "offsetkeeper-file-leases"
-DOCUMENT_VERSION = 1  # of the checkpoint/lease documents; each checkpoint has its own format
 # Kills the process inside commit() after the data files are renamed and before the checkpoint
-# is replaced (tests only; see consumer/_commit.py CRASH_POINTS).
+# is replaced (tests only; see CRASH_POINTS in consumer/engine/crash.py).
 CRASH_AFTER_DATA = "file-after-data"
-
-# Kafka topic names are [A-Za-z0-9._-], so "+" separates the fields unambiguously.
-_DATA_NAME = re.compile(
-    r"^(?P<topic>[A-Za-z0-9._-]+)\+(?P<partition>\d+)\+(?P<first>\d{20})\+(?P<last>\d{20})"
-    + re.escape(DATA_SUFFIX)
-    + "$"
-)
-# ".<final name>.<pid>.<random>.tmp": hidden, and names the data file it would become.
-_TEMP_NAME = re.compile(r"^\.(?P<final>.+)\.\d+\.[0-9a-f]+\.tmp$")
-
-
-def safe_name(name: str) -> str:
-    """`name` as one file name: percent-encoded, and never hidden or a `.`/`..` entry."""
-    if not name:
-        raise ConfigError("an empty name cannot name a file")
-    encoded = quote(name, safe="")
-    return "%2E" + encoded[1:] if encoded.startswith(".") else encoded
-
-
-def data_file_name(topic: str, partition: int, first_offset: int, last_offset: int) -> str:
-    return f"{topic}+{partition}+{first_offset:020d}+{last_offset:020d}{DATA_SUFFIX}"
-
-
-@dataclass(frozen=True, slots=True)
-class DataFile:
-    """One committed (or, before the checkpoint moves past it, pending) data file."""
-
-    path: Path
-    topic: str
-    partition: int
-    first_offset: int
-    last_offset: int
-
-    @property
-    def topic_partition(self) -> TopicPartition:
-        return TopicPartition(self.topic, self.partition)
-
-
-def _parse_data_file(path: Path) -> DataFile | None:
-    match = _DATA_NAME.match(path.name)
-    if match is None:
-        return None
-    return DataFile(
-        path=path,
-        topic=match["topic"],
-        partition=int(match["partition"]),
-        first_offset=int(match["first"]),
-        last_offset=int(match["last"]),
-    )
-
-
-def _temp_path(final: Path) -> Path:
-    return final.with_name(f".{final.name}.{os.getpid()}.{secrets.token_hex(6)}.tmp")
-
-
-def _fsync_directory(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _make_directory(directory: Path) -> None:
-    """Create `directory` (and parents) so that the new entries survive a power loss too."""
-    if directory.is_dir():
-        return
-    _make_directory(directory.parent)
-    with contextlib.suppress(FileExistsError):  # another writer made it meanwhile
-        directory.mkdir()
-    _fsync_directory(directory.parent)
-
-
-def _write_durably(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically: temp file, fsync, rename, fsync the directory."""
-    temp = _temp_path(path)
-    try:
-        with temp.open("wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        temp.replace(path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-
-
-def _read_json(path: Path) -> Any:
-    try:
-        return json.loads(path.read_bytes())
-    except FileNotFoundError:
-        return None
-    except json.JSONDecodeError as exc:  # written atomically, so only by hand
-        raise SinkError("file sink document is not valid JSON", path=str(path)) from exc
-
-
-# -- rows <-> JSON Lines ---------------------------------------------------------------------
-
-
-def _encode_value(column_type: str, value: Any) -> Any:
-    if value is None:
-        return None
-    if column_type == "bytes":
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if column_type == "double" and not math.isfinite(value):
-        return None  # JSON has no NaN or infinities
-    return value
-
-
-def encode_rows(table: Table, rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """JSON Lines of `rows`: the table's columns in declared order, bytes as base64."""
-    columns = tuple(table.columns.items())
-    lines = []
-    for row in rows:
-        record = {name: _encode_value(kind, row.get(name)) for name, kind in columns}
-        try:
-            lines.append(
-                json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-            )
-        except (TypeError, ValueError) as exc:
-            raise SinkError(
-                "a row cannot be written as JSON", table=table.name, reason=str(exc)
-            ) from exc
-    return ("\n".join(lines) + "\n").encode() if lines else b""
-
-
-def decode_line(line: bytes | str, table: Table | None = None) -> dict[str, Any]:
-    """One row from a data file line; with `table`, bytes columns are decoded from base64."""
-    row: dict[str, Any] = json.loads(line)
-    if table is not None:
-        for name, kind in table.columns.items():
-            if kind == "bytes" and row.get(name) is not None:
-                row[name] = base64.b64decode(row[name])
-    return row
-
-
-# -- checkpoint and lease documents ----------------------------------------------------------
-
-
-def _checkpoint_to_json(checkpoint: Checkpoint) -> dict[str, Any]:
-    record = encode_checkpoint(checkpoint)
-    record["updated_at"] = int(checkpoint.updated_at.timestamp() * 1000)
-    if checkpoint.state is not None:
-        record["state"] = base64.b64encode(checkpoint.state).decode("ascii")
-    return record
-
-
-def _checkpoint_from_json(record: Any, *, path: Path) -> Checkpoint:
-    if not isinstance(record, dict):
-        raise SinkError("checkpoint entry is not an object", path=str(path))
-    state = record.get("state")
-    return decode_checkpoint(
-        {**record, "state": None if state is None else base64.b64decode(state)}
-    )
-
-
-def _checkpoint_document(group: str, checkpoints: Iterable[Checkpoint]) -> bytes:
-    ordered = sorted(checkpoints, key=lambda cp: cp.topic_partition)
-    document = {
-        "kind": CHECKPOINT_KIND,
-        "document_version": DOCUMENT_VERSION,
-        "group": group,
-        "checkpoints": [_checkpoint_to_json(cp) for cp in ordered],
-    }
-    return (json.dumps(document, indent=1) + "\n").encode()
-
-
-def read_checkpoint_document(path: Path) -> tuple[str, dict[TopicPartition, Checkpoint]] | None:
-    """(group, checkpoints) from a checkpoint document; None if there is none. Older checkpoint
-    formats are upgraded in memory; a newer one raises CheckpointFormatError."""
-    document = _read_json(path)
-    if document is None:
-        return None
-    if not isinstance(document, dict) or document.get("kind") != CHECKPOINT_KIND:
-        raise SinkError("not an offsetkeeper checkpoint document", path=str(path))
-    if document.get("document_version") != DOCUMENT_VERSION:
-        raise SinkError(
-            "unknown checkpoint document version",
-            path=str(path),
-            version=document.get("document_version"),
-            supported_version=DOCUMENT_VERSION,
-        )
-    checkpoints = [
-        _checkpoint_from_json(record, path=path) for record in document.get("checkpoints", [])
-    ]
-    return str(document["group"]), {cp.topic_partition: cp for cp in checkpoints}
-
-
-def _read_epochs(path: Path) -> dict[TopicPartition, int]:
-    document = _read_json(path)
-    if document is None:
-        return {}
-    if not isinstance(document, dict) or document.get("kind") != LEASE_KIND:
-        raise SinkError("not an offsetkeeper lease document", path=str(path))
-    return {
-        TopicPartition(str(entry["topic"]), int(entry["partition"])): int(entry["epoch"])
-        for entry in document.get("epochs", [])
-    }
-
-
-def _epochs_document(group: str, epochs: Mapping[TopicPartition, int]) -> bytes:
-    document = {
-        "kind": LEASE_KIND,
-        "document_version": DOCUMENT_VERSION,
-        "group": group,
-        "epochs": [
-            {"topic": tp.topic, "partition": tp.partition, "epoch": epoch}
-            for tp, epoch in sorted(epochs.items())
-        ],
-    }
-    return (json.dumps(document, indent=1) + "\n").encode()
-
-
-# -- the reader ------------------------------------------------------------------------------
-
-
-def committed_files(directory: str | Path, table: str | Table, group: str) -> list[DataFile]:
-    """The data files of `table` that `group` committed, per partition in offset order.
-
-    The reader protocol: read the group's checkpoint document FIRST, then list the directory,
-    and take only files whose last offset is below their partition's `next_offset`. Such a file
-    is complete and is never removed; anything else (temp files, files a crash left beyond the
-    checkpoint) is ignored.
-    """
-    root = Path(directory)
-    name = table.name if isinstance(table, Table) else table
-    stored = read_checkpoint_document(root / OWN_DIR / "checkpoints" / f"{safe_name(group)}.json")
-    if stored is None:
-        return []
-    next_offsets = {tp: cp.next_offset for tp, cp in stored[1].items()}
-    try:
-        entries = list((root / name / safe_name(group)).iterdir())
-    except FileNotFoundError:
-        return []
-    files = []
-    for entry in entries:
-        parsed = _parse_data_file(entry)
-        if parsed is not None and parsed.last_offset < next_offsets.get(parsed.topic_partition, 0):
-            files.append(parsed)
-    return sorted(files, key=lambda f: (f.topic, f.partition, f.first_offset))
-
-
-def read_committed_rows(
-    directory: str | Path, table: str | Table, group: str
-) -> Iterator[dict[str, Any]]:
-    """Every committed row of `table` written by `group`, per partition in offset order (see
-    `committed_files`). With a `Table`, bytes columns come back as bytes, else as base64."""
-    decode_as = table if isinstance(table, Table) else None
-    for data_file in committed_files(directory, table, group):
-        try:
-            content = data_file.path.read_bytes()
-        except OSError as exc:
-            raise SinkError(
-                "a committed data file cannot be read (was a checkpoint moved back?)",
-                path=str(data_file.path),
-                reason=str(exc),
-            ) from exc
-        for line in content.splitlines():
-            yield decode_line(line, decode_as)
-
-
-# -- the lock --------------------------------------------------------------------------------
-
-
-class _DirectoryLock:
-    """An exclusive flock on DIR/_offsetkeeper/lock, waited for up to a timeout. The kernel
-    releases it when the holding process dies, so a crash never leaves the directory locked."""
-
-    def __init__(self, path: Path, timeout_s: float) -> None:
-        self._path = path
-        self._timeout_s = timeout_s
-        self._fd: int | None = None
-
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
-    def acquire(self) -> None:
-        if self._fd is not None:
-            return
-        # A new open file description per acquisition: flock excludes other sinks in this
-        # process too, not only other processes.
-        fd = os.open(self._path, os.O_RDWR | os.O_CREAT, 0o644)
-        deadline = time.monotonic() + self._timeout_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    os.close(fd)
-                    raise SinkError(
-                        "the file sink's lock is held by another writer",
-                        lock=str(self._path),
-                        waited_s=self._timeout_s,
-                    ) from None
-                time.sleep(0.005)
-            else:
-                self._fd = fd
-                return
-
-    def release(self) -> None:
-        if self._fd is not None:
-            fd, self._fd = self._fd, None
-            os.close(fd)  # closing the last descriptor drops the flock
 
 
 @dataclass(slots=True)
@@ -386,15 +80,23 @@ class _PendingFile:
 
 class FileSink:
     """Writes each batch's rows as JSON Lines files and the checkpoints as a JSON document in
-    one directory; readers see a batch's files only once its checkpoint moved past them."""
+    one directory; readers see a batch's files only once its checkpoint moved past them.
+
+    Capabilities: `consumer.Sink` (with `writes_per_partition`: files are named by partition
+    and offsets), `consumer.CheckpointAdmin`, `consumer.JobStore`. Fencing: an epoch per
+    (group, partition) in the group's lease document; `save_checkpoints` takes the directory
+    lock (held until `commit` or `rollback`) and checks the epochs with
+    `consumer.check_epochs`, so no newer owner's `acquire` (which takes the lock too) can
+    interleave.
+    """
 
     writes_per_partition = True
 
     def __init__(self, directory: str | Path, *, lock_timeout_s: float = 30.0) -> None:
-
         self._root = Path(directory)
-        self._own = self._root / OWN_DIR
-        self._lock = _DirectoryLock(self._own / "lock", lock_timeout_s)
+        self._layout = FileLayout(self._root)
+        self._own = self._layout.own
+        self._lock = DirectoryLock(self._layout.lock, lock_timeout_s)
         self._crash = CrashInjector.from_environment()
         self._state: str = "closed"  # closed | read-only | open
         self._pending: dict[tuple[str, RowsOrigin], _PendingFile] = {}
@@ -411,25 +113,6 @@ class FileSink:
     def directory(self) -> Path:
         return self._root
 
-    # -- paths ---------------------------------------------------------------------------------
-
-    def _checkpoint_path(self, group: str) -> Path:
-        return self._own / "checkpoints" / f"{safe_name(group)}.json"
-
-    def _lease_path(self, group: str) -> Path:
-        return self._own / "leases" / f"{safe_name(group)}.json"
-
-    def _job_path(self, job_id: str) -> Path:
-        return self._own / "jobs" / f"{safe_name(job_id)}.json"
-
-    def _data_dirs(self, group: str) -> list[Path]:
-        """The group's directory in every table directory (tables of other apps included)."""
-        try:
-            tables = [p for p in self._root.iterdir() if p.is_dir() and p.name != OWN_DIR]
-        except FileNotFoundError:
-            return []
-        return [table / safe_name(group) for table in tables if (table / safe_name(group)).is_dir()]
-
     def _require(self, *, write: bool) -> None:
         if self._state == "closed":
             raise SinkError("sink is not open", sink=self.description)
@@ -443,10 +126,10 @@ class FileSink:
             if table.name == OWN_DIR:
                 raise ConfigError("table name is reserved by the file sink", table=table.name)
         try:
-            for sub in ("checkpoints", "leases", "jobs"):
-                _make_directory(self._own / sub)
+            for sub in OWN_SUBDIRS:
+                make_directory(self._own / sub)
             for table in tables:
-                _make_directory(self._root / table.name)
+                make_directory(self._root / table.name)
             self._lock.acquire()
             try:
                 self._remove_stale_own_temps()
@@ -463,7 +146,7 @@ class FileSink:
 
     def _remove_stale_own_temps(self) -> None:
         # Every writer of these documents holds the lock, which we hold: any temp is a leftover.
-        for sub in ("checkpoints", "leases", "jobs"):
+        for sub in OWN_SUBDIRS:
             for temp in (self._own / sub).glob(".*.tmp"):
                 temp.unlink(missing_ok=True)
                 log.info("file_sink_removed_stale_temp", path=str(temp))
@@ -484,12 +167,14 @@ class FileSink:
         try:
             self._lock.acquire()
             try:
-                epochs = _read_epochs(self._lease_path(group))
+                epochs = read_epochs(self._layout.lease_path(group))
                 for tp in wanted:
                     epochs[tp] = epochs.get(tp, 0) + 1
-                _write_durably(self._lease_path(group), _epochs_document(group, epochs))
-                stored = read_checkpoint_document(self._checkpoint_path(group))
-                self._remove_uncommitted(group, wanted, {} if stored is None else stored[1])
+                write_durably(self._layout.lease_path(group), epochs_document(group, epochs))
+                stored = read_checkpoint_document(self._layout.checkpoint_path(group))
+                _remove_uncommitted(
+                    self._layout, group, wanted, {} if stored is None else stored[1]
+                )
             finally:
                 self._lock.release()
         except OSError as exc:
@@ -499,48 +184,12 @@ class FileSink:
         self._writers.update(dict.fromkeys(wanted, group))
         return {tp: epochs[tp] for tp in wanted}
 
-    def _remove_uncommitted(
-        self,
-        group: str,
-        partitions: set[TopicPartition],
-        checkpoints: Mapping[TopicPartition, Checkpoint],
-    ) -> None:
-        """Delete the group's files of `partitions` that reach its checkpoint (left by a crash
-        between renaming and checkpointing, or beyond a checkpoint moved back) and stale temps."""
-        touched: set[Path] = set()
-        for directory in self._data_dirs(group):
-            for entry in directory.iterdir():
-                temp = _TEMP_NAME.match(entry.name)
-                parsed = _parse_data_file(entry.with_name(temp["final"]) if temp else entry)
-                if parsed is None or parsed.topic_partition not in partitions:
-                    continue
-                checkpoint = checkpoints.get(parsed.topic_partition)
-                if (
-                    temp is None
-                    and checkpoint is not None
-                    and (parsed.last_offset < checkpoint.next_offset)
-                ):
-                    continue  # committed
-                entry.unlink(missing_ok=True)
-                touched.add(directory)
-                log.warning(
-                    "file_sink_removed_uncommitted",
-                    path=str(entry),
-                    topic=parsed.topic,
-                    partition=parsed.partition,
-                    offsets=(parsed.first_offset, parsed.last_offset),
-                    checkpoint=None if checkpoint is None else checkpoint.next_offset,
-                    temp=temp is not None,
-                )
-        for directory in touched:
-            _fsync_directory(directory)
-
     def load_checkpoints(
         self, group: str, partitions: Iterable[TopicPartition] | None = None
     ) -> dict[TopicPartition, Checkpoint]:
         self._require(write=False)
         try:
-            stored = read_checkpoint_document(self._checkpoint_path(group))
+            stored = read_checkpoint_document(self._layout.checkpoint_path(group))
         except OSError as exc:
             raise SinkError(
                 "cannot read checkpoints", sink=self.description, reason=str(exc)
@@ -583,12 +232,12 @@ class FileSink:
                         partition=tp.partition,
                         group=origin.group,
                     )
-                directory = self._root / table.name / safe_name(origin.group)
-                _make_directory(directory)
+                directory = self._layout.data_dir(table.name, origin.group)
+                make_directory(directory)
                 final = directory / data_file_name(
                     tp.topic, tp.partition, origin.first_offset, origin.next_offset - 1
                 )
-                pending = _PendingFile(_temp_path(final), final, origin)
+                pending = _PendingFile(temp_path(final), final, origin)
                 self._pending[key] = pending
             with pending.temp.open("ab") as handle:
                 handle.write(data)
@@ -624,14 +273,14 @@ class FileSink:
             )
         try:
             self._lock.acquire()  # held until commit() or rollback()
-            current = _read_epochs(self._lease_path(group))
+            current = read_epochs(self._layout.lease_path(group))
             check_epochs(group, {cp.topic_partition for cp in checkpoints}, current, epochs)
-            stored = read_checkpoint_document(self._checkpoint_path(group))
+            stored = read_checkpoint_document(self._layout.checkpoint_path(group))
             merged = {} if stored is None else dict(stored[1])
             for pending in self._pending.values():
                 self._refuse_overlap(group, pending, merged.get(pending.origin.partition))
             merged.update({cp.topic_partition: cp for cp in checkpoints})
-            self._next_checkpoints = (group, _checkpoint_document(group, merged.values()))
+            self._next_checkpoints = (group, checkpoint_document(group, merged.values()))
         except OSError as exc:
             raise SinkError(
                 "cannot save checkpoints", sink=self.description, reason=str(exc)
@@ -667,12 +316,12 @@ class FileSink:
                 pending.temp.replace(pending.final)
                 renamed.append(pending.final)
             for directory in directories:
-                _fsync_directory(directory)
+                fsync_directory(directory)
             if renamed:
                 self._crash.at(CRASH_AFTER_DATA)
             if self._next_checkpoints is not None:
                 group, document = self._next_checkpoints
-                _write_durably(self._checkpoint_path(group), document)  # the commit point
+                write_durably(self._layout.checkpoint_path(group), document)  # the commit point
             checkpoint_replaced = True
         except OSError as exc:
             if not checkpoint_replaced:
@@ -739,7 +388,7 @@ class FileSink:
                     if (cp.read_from_format or CURRENT_FORMAT_VERSION) < CURRENT_FORMAT_VERSION
                 ]
                 if stale and not dry_run:
-                    _write_durably(path, _checkpoint_document(group, checkpoints.values()))
+                    write_durably(path, checkpoint_document(group, checkpoints.values()))
                 older.extend(stale)
         except OSError as exc:
             raise SinkError(
@@ -754,7 +403,7 @@ class FileSink:
 
     def create_job(self, job_id: str, document: str) -> str:
         self._require(write=True)
-        path = self._job_path(job_id)
+        path = self._layout.job_path(job_id)
         try:
             self._lock.acquire()  # two runs creating the same job: the first one's stays
             try:
@@ -762,7 +411,7 @@ class FileSink:
                 if stored is not None:
                     return stored
                 record = {"job_id": job_id, "created_at": datetime.now(tz=UTC).isoformat()}
-                _write_durably(path, (json.dumps({**record, "document": document}) + "\n").encode())
+                write_durably(path, (json.dumps({**record, "document": document}) + "\n").encode())
             finally:
                 self._lock.release()
         except OSError as exc:
@@ -773,9 +422,9 @@ class FileSink:
 
     def load_job(self, job_id: str) -> str | None:
         self._require(write=False)
-        path = self._job_path(job_id)
+        path = self._layout.job_path(job_id)
         try:
-            stored = _read_json(path)
+            stored = read_json(path)
         except OSError as exc:
             raise SinkError(
                 "cannot read replay job", sink=self.description, job=job_id, reason=str(exc)
@@ -785,3 +434,40 @@ class FileSink:
         if not isinstance(stored, dict) or not isinstance(stored.get("document"), str):
             raise SinkError("replay job file has no document", path=str(path), job=job_id)
         return str(stored["document"])
+
+
+def _remove_uncommitted(
+    layout: FileLayout,
+    group: str,
+    partitions: set[TopicPartition],
+    checkpoints: Mapping[TopicPartition, Checkpoint],
+) -> None:
+    """Delete the group's files of `partitions` that reach its checkpoint (left by a crash
+    between renaming and checkpointing, or beyond a checkpoint moved back) and stale temps."""
+    touched: set[Path] = set()
+    for directory in layout.data_dirs(group):
+        for entry in directory.iterdir():
+            temp = TEMP_NAME.match(entry.name)
+            parsed = parse_data_file(entry.with_name(temp["final"]) if temp else entry)
+            if parsed is None or parsed.topic_partition not in partitions:
+                continue
+            checkpoint = checkpoints.get(parsed.topic_partition)
+            if (
+                temp is None
+                and checkpoint is not None
+                and (parsed.last_offset < checkpoint.next_offset)
+            ):
+                continue  # committed
+            entry.unlink(missing_ok=True)
+            touched.add(directory)
+            log.warning(
+                "file_sink_removed_uncommitted",
+                path=str(entry),
+                topic=parsed.topic,
+                partition=parsed.partition,
+                offsets=(parsed.first_offset, parsed.last_offset),
+                checkpoint=None if checkpoint is None else checkpoint.next_offset,
+                temp=temp is not None,
+            )
+    for directory in touched:
+        fsync_directory(directory)

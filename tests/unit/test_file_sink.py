@@ -1,4 +1,4 @@
-"""sinks._file: data files renamed into place, the checkpoint after them, fencing, the reader."""
+"""sinks._file*: data files renamed into place, the checkpoint after them, fencing, the reader."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from consumer import (
     TopicPartition,
 )
 from sinks import FileSink, committed_files, read_committed_rows
-from sinks._file import data_file_name, safe_name
+from sinks._file_layout import data_file_name, safe_name
 from tests.apps.chaos import EVENTS
 from tests.fixtures.file_sink import CommittedFileWatcher
 from tests.fixtures.processes import OFFSETKEEPER, REPO

@@ -1,0 +1,141 @@
+"""The file sink's documents: rows as JSON Lines, checkpoints and epochs as JSON documents."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from consumer import (
+    Checkpoint,
+    SinkError,
+    Table,
+    TopicPartition,
+    decode_checkpoint,
+    encode_checkpoint,
+)
+from sinks._file_io import read_json
+
+CHECKPOINT_KIND = "offsetkeeper-file-checkpoints"
+LEASE_KIND = "offsetkeeper-file-leases"
+DOCUMENT_VERSION = 1  # of the checkpoint/lease documents; each checkpoint has its own format
+
+
+# -- rows <-> JSON Lines ---------------------------------------------------------------------
+
+
+def _encode_value(column_type: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if column_type == "bytes":
+        return base64.b64encode(bytes(value)).decode("ascii")
+    if column_type == "double" and not math.isfinite(value):
+        return None  # JSON has no NaN or infinities
+    return value
+
+
+def encode_rows(table: Table, rows: Sequence[Mapping[str, Any]]) -> bytes:
+    """JSON Lines of `rows`: the table's columns in declared order, bytes as base64."""
+    columns = tuple(table.columns.items())
+    lines = []
+    for row in rows:
+        record = {name: _encode_value(kind, row.get(name)) for name, kind in columns}
+        try:
+            lines.append(
+                json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+            )
+        except (TypeError, ValueError) as exc:
+            raise SinkError(
+                "a row cannot be written as JSON", table=table.name, reason=str(exc)
+            ) from exc
+    return ("\n".join(lines) + "\n").encode() if lines else b""
+
+
+def decode_line(line: bytes | str, table: Table | None = None) -> dict[str, Any]:
+    """One row from a data file line; with `table`, bytes columns are decoded from base64."""
+    row: dict[str, Any] = json.loads(line)
+    if table is not None:
+        for name, kind in table.columns.items():
+            if kind == "bytes" and row.get(name) is not None:
+                row[name] = base64.b64decode(row[name])
+    return row
+
+
+# -- checkpoint and lease documents ----------------------------------------------------------
+
+
+def _checkpoint_to_json(checkpoint: Checkpoint) -> dict[str, Any]:
+    record = encode_checkpoint(checkpoint)
+    record["updated_at"] = int(checkpoint.updated_at.timestamp() * 1000)
+    if checkpoint.state is not None:
+        record["state"] = base64.b64encode(checkpoint.state).decode("ascii")
+    return record
+
+
+def _checkpoint_from_json(record: Any, *, path: Path) -> Checkpoint:
+    if not isinstance(record, dict):
+        raise SinkError("checkpoint entry is not an object", path=str(path))
+    state = record.get("state")
+    return decode_checkpoint(
+        {**record, "state": None if state is None else base64.b64decode(state)}
+    )
+
+
+def checkpoint_document(group: str, checkpoints: Iterable[Checkpoint]) -> bytes:
+    ordered = sorted(checkpoints, key=lambda cp: cp.topic_partition)
+    document = {
+        "kind": CHECKPOINT_KIND,
+        "document_version": DOCUMENT_VERSION,
+        "group": group,
+        "checkpoints": [_checkpoint_to_json(cp) for cp in ordered],
+    }
+    return (json.dumps(document, indent=1) + "\n").encode()
+
+
+def read_checkpoint_document(path: Path) -> tuple[str, dict[TopicPartition, Checkpoint]] | None:
+    """(group, checkpoints) from a checkpoint document; None if there is none. Older checkpoint
+    formats are upgraded in memory; a newer one raises CheckpointFormatError."""
+    document = read_json(path)
+    if document is None:
+        return None
+    if not isinstance(document, dict) or document.get("kind") != CHECKPOINT_KIND:
+        raise SinkError("not an offsetkeeper checkpoint document", path=str(path))
+    if document.get("document_version") != DOCUMENT_VERSION:
+        raise SinkError(
+            "unknown checkpoint document version",
+            path=str(path),
+            version=document.get("document_version"),
+            supported_version=DOCUMENT_VERSION,
+        )
+    checkpoints = [
+        _checkpoint_from_json(record, path=path) for record in document.get("checkpoints", [])
+    ]
+    return str(document["group"]), {cp.topic_partition: cp for cp in checkpoints}
+
+
+def read_epochs(path: Path) -> dict[TopicPartition, int]:
+    document = read_json(path)
+    if document is None:
+        return {}
+    if not isinstance(document, dict) or document.get("kind") != LEASE_KIND:
+        raise SinkError("not an offsetkeeper lease document", path=str(path))
+    return {
+        TopicPartition(str(entry["topic"]), int(entry["partition"])): int(entry["epoch"])
+        for entry in document.get("epochs", [])
+    }
+
+
+def epochs_document(group: str, epochs: Mapping[TopicPartition, int]) -> bytes:
+    document = {
+        "kind": LEASE_KIND,
+        "document_version": DOCUMENT_VERSION,
+        "group": group,
+        "epochs": [
+            {"topic": tp.topic, "partition": tp.partition, "epoch": epoch}
+            for tp, epoch in sorted(epochs.items())
+        ],
+    }
+    return (json.dumps(document, indent=1) + "\n").encode()

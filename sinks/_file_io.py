@@ -1,0 +1,54 @@
+"""Durable file operations of the file sink: what is renamed into place survives a power loss."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from consumer import SinkError
+from sinks._file_layout import temp_path
+
+
+def fsync_directory(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def make_directory(directory: Path) -> None:
+    """Create `directory` (and parents) so that the new entries survive a power loss too."""
+    if directory.is_dir():
+        return
+    make_directory(directory.parent)
+    with contextlib.suppress(FileExistsError):  # another writer made it meanwhile
+        directory.mkdir()
+    fsync_directory(directory.parent)
+
+
+def write_durably(path: Path, data: bytes) -> None:
+    """Replace `path` with `data` atomically: temp file, fsync, rename, fsync the directory."""
+    temp = temp_path(path)
+    try:
+        with temp.open("wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        temp.replace(path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except json.JSONDecodeError as exc:  # written atomically, so only by hand
+        raise SinkError("file sink document is not valid JSON", path=str(path)) from exc
