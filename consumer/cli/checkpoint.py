@@ -221,7 +221,7 @@ def checkpoint_export(args: argparse.Namespace, out: TextIO) -> int:
     sink = _open(settings, write=False)
     try:
         checkpoints = sorted(sink.load_checkpoints(group).values(), key=lambda c: c.topic_partition)
-        document = export_document(checkpoints, source=sink.description)
+        document = export_document(checkpoints, source=mask_url(sink.description))
     finally:
         sink.close()
     text = json.dumps(document, indent=2) + "\n"
@@ -308,7 +308,8 @@ def checkpoint_migrate(args: argparse.Namespace, out: TextIO) -> int:
         stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
         backup = args.backup or Path(f"offsetkeeper-checkpoints-backup-{stamp}.json")
         backup.write_text(
-            json.dumps(export_document(everything, source=sink.description), indent=2) + "\n",
+            json.dumps(export_document(everything, source=mask_url(sink.description)), indent=2)
+            + "\n",
             encoding="utf-8",
         )
         out.write(f"backup of {len(everything)} checkpoint(s) written to {backup}\n")

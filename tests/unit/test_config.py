@@ -239,3 +239,50 @@ def test_a_config_error_does_not_show_the_sink_password() -> None:
 )
 def test_mask_url_masks_passwords_only(url: str, masked: str) -> None:
     assert mask_url(url) == masked
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        (
+            "postgresql://h/db?password=hunter2&sslmode=require",
+            "postgresql://h/db?password=***&sslmode=require",
+        ),
+        (
+            "kafka://h:9092/t?sasl.password=hunter2&sasl.username=me@corp&linger.ms=5",
+            "kafka://h:9092/t?sasl.password=***&sasl.username=me@corp&linger.ms=5",
+        ),
+        (
+            "kafka://h:9092/t?ssl.key.password=hunter2&ssl.keystore.location=/k.p12",
+            "kafka://h:9092/t?ssl.key.password=***&ssl.keystore.location=/k.p12",
+        ),
+        (
+            "kafka://h:9/t?SASL.PASSWORD=hunter2&sasl.oauthbearer.client.secret=hunter2",
+            "kafka://h:9/t?SASL.PASSWORD=***&sasl.oauthbearer.client.secret=***",
+        ),
+        ("http://h/x?passwd=hunter2&pwd=hunter2", "http://h/x?passwd=***&pwd=***"),
+        ("http://h/x?token=hunter2;api_token=hunter2", "http://h/x?token=***;api_token=***"),
+        ("http://h/x?client_secret=hunter2&x=1", "http://h/x?client_secret=***&x=1"),
+        ("http://h/x?sasl%2Epassword=hunter2", "http://h/x?sasl%2Epassword=***"),
+        ("postgresql://u:pw@h/db?password=hunter2", "postgresql://u:***@h/db?password=***"),
+        ("postgresql://h?password=hunter2", "postgresql://h?password=***"),
+        (
+            "postgresql://h/db?passfile=/home/me/.pgpass",
+            "postgresql://h/db?passfile=/home/me/.pgpass",
+        ),
+        ("sqlite:///x.db?password=hunter2", "sqlite:///x.db?password=***"),
+        # A raw "?", "@" or "/" in a password: the whole user info is masked.
+        ("postgresql://u:hunt?er2@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:hunt@er2@h/db", "postgresql://u:***@h/db"),
+        ("postgresql://u:hunt/er2@h/db", "postgresql://u:***@h/db"),
+        # Not a URL: a libpq conninfo given where a URL belongs.
+        ("host=h password=hunter2 dbname=d", "host=h password=*** dbname=d"),
+        ("host=h password = 'hunter2 x' user=u", "host=h password = *** user=u"),
+    ],
+)
+def test_mask_url_masks_secret_query_parameters(url: str, masked: str) -> None:
+    shown = mask_url(url)
+
+    assert shown == masked
+    assert "hunter2" not in shown
+    assert "hunt" not in shown
