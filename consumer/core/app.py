@@ -17,7 +17,8 @@ COLUMN_TYPES: frozenset[str] = frozenset(
 )
 DecodeName = Literal["json", "bytes", "utf8", "avro", "avro-local"]
 
-_IDENTIFIER = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,62}$")
+# Matched with fullmatch: `$` would also match before a trailing newline ("orders\n").
+_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 
 ProcessorResult = Row | Iterable[Row] | None
 # A stateless processor takes the record; a stateful one (App.state set) also takes the
@@ -28,7 +29,7 @@ StateUpgrader = Callable[[Any], Any]
 
 def check_identifier(name: str, *, what: str) -> str:
     """Table and column names are spliced into SQL, so only plain identifiers are allowed."""
-    if not _IDENTIFIER.match(name):
+    if not isinstance(name, str) or not _IDENTIFIER.fullmatch(name):
         raise ConfigError(f"{what} must be a plain SQL identifier", name=name)
     return name
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from consumer import App, ConfigError, Row, Table, load_app
+from consumer import App, ConfigError, Row, Table, check_identifier, load_app
 from tests.fixtures.apps import EVENTS
 
 
@@ -15,12 +15,37 @@ def test_a_valid_table() -> None:
         table.name = "other"  # type: ignore[misc]
 
 
-@pytest.mark.parametrize("name", ["1abc", "a-b", "a b", 'x"; DROP TABLE t; --', "", "a" * 64, "é"])
+@pytest.mark.parametrize(
+    "name",
+    [
+        "1abc",
+        "a-b",
+        "a b",
+        'x"; DROP TABLE t; --',
+        "",
+        "a" * 64,
+        "é",
+        # `$` matches before a trailing newline; the whole name must match.
+        "orders\n",
+        "orders\r\n",
+        "orders\x00",
+        "\norders",
+    ],
+)
 def test_table_and_column_names_must_be_plain_identifiers(name: str) -> None:
     with pytest.raises(ConfigError, match="table name must be a plain SQL identifier"):
         Table(name, columns={"a": "text"}, key=("a",))
     with pytest.raises(ConfigError, match="column name must be a plain SQL identifier"):
         Table("t", columns={"a": "text", name: "text"}, key=("a",))
+
+
+def test_check_identifier_refuses_a_trailing_newline_and_non_strings() -> None:
+    assert check_identifier("orders", what="table name") == "orders"
+    with pytest.raises(ConfigError, match="plain SQL identifier") as caught:
+        check_identifier("orders\n", what="table name")
+    assert caught.value.context["name"] == "orders\n"
+    with pytest.raises(ConfigError, match="plain SQL identifier"):
+        check_identifier(7, what="table name")  # type: ignore[arg-type]
 
 
 def test_an_unknown_column_type_is_named() -> None:
