@@ -225,10 +225,12 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
                     consumer.seek(_kafka_tp(tp), start)
                 elif start == "earliest":
                     await consumer.seek_to_beginning(_kafka_tp(tp))
-                else:
+                else:  # "latest", or held (None): a known position, never an automatic reset
                     await consumer.seek_to_end(_kafka_tp(tp))
-            # A partition we paused and lost comes back fresh: it must fetch again.
-            consumer.resume(*(_kafka_tp(tp) for tp in tps))
+            # A partition we paused and lost comes back fresh: it must fetch again; one the
+            # engine stopped at assignment (start None) is held.
+            consumer.resume(*(_kafka_tp(tp) for tp in tps if starts[tp] is not None))
+            consumer.pause(*(_kafka_tp(tp) for tp in tps if starts[tp] is None))
 
 
 class AiokafkaDriver:
@@ -274,13 +276,26 @@ class AiokafkaDriver:
             self._failure = exc
         self.engine.request_stop()
 
+    async def _reposition(self, exc: Any) -> None:
+        """Partitions whose fetch position fell outside the log: the engine decides where
+        they go on (seek) or stops them (pause); nothing jumps on its own."""
+        tps = _out_of_range(exc)
+        async with self.batch_lock:
+            go_on = await asyncio.to_thread(self.engine.on_out_of_range, tps)
+        for tp, offset in go_on.items():
+            self.consumer.seek(_kafka_tp(tp), offset)
+        held = [_kafka_tp(tp) for tp in tps if tp not in go_on]
+        if held:
+            self.consumer.pause(*held)
+
     async def run(self) -> int:
         """Consume until stopped; returns the process exit code."""
         self._consumer = aiokafka.AIOKafkaConsumer(
             bootstrap_servers=self._bootstrap_servers,
             group_id=self._group,
             enable_auto_commit=False,  # the sink holds the offsets; Kafka gets an advisory copy
-            auto_offset_reset="earliest",
+            # Never jump on our own: a position outside the log is the engine's decision.
+            auto_offset_reset="none",
             **self._settings,
         )
         bridge = AiokafkaBridge(self._consumer, asyncio.get_running_loop())
@@ -299,6 +314,10 @@ class AiokafkaDriver:
                     fetched = await self._consumer.getmany(
                         timeout_ms=self._poll_timeout_ms, max_records=self._batch_max_records
                     )
+                except aiokafka.errors.OffsetOutOfRangeError as exc:
+                    # Raised only once the other partitions' records were returned.
+                    await self._reposition(exc)
+                    continue
                 except aiokafka.errors.KafkaError as exc:
                     raise translate(exc, "poll failed", group=self._group) from exc
                 records = [_raw_record(message) for batch in fetched.values() for message in batch]
@@ -314,6 +333,12 @@ class AiokafkaDriver:
             await self._consumer.stop()
             code = await asyncio.to_thread(engine.finish)
         return code
+
+
+def _out_of_range(exc: Any) -> list[TopicPartition]:
+    """The partitions an aiokafka OffsetOutOfRangeError names ({tp: offset} in its args)."""
+    named = exc.args[0] if exc.args and isinstance(exc.args[0], dict) else {}
+    return sorted(TopicPartition(tp.topic, tp.partition) for tp in named)
 
 
 def _raw_record(message: Any) -> RawRecord:
@@ -336,6 +361,7 @@ class AiokafkaReader:
     def __init__(self, *, bootstrap_servers: str, client_config: Mapping[str, str]) -> None:
         settings = aiokafka_settings(client_config)
         settings.pop("partition_assignment_strategy", None)
+        self._out_of_range: set[TopicPartition] = set()
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(
             target=self._loop.run_forever, name="offsetkeeper-aiokafka-reader", daemon=True
@@ -347,7 +373,7 @@ class AiokafkaReader:
                 bootstrap_servers=bootstrap_servers,
                 group_id=None,
                 enable_auto_commit=False,
-                auto_offset_reset="earliest",
+                auto_offset_reset="none",  # out of range is reported (out_of_range), not reset
                 **settings,
             )
             await consumer.start()
@@ -419,8 +445,16 @@ class AiokafkaReader:
 
         try:
             return self._run(fetch())
+        except aiokafka.errors.OffsetOutOfRangeError as exc:
+            # Raised only once the other partitions' records were returned.
+            self._out_of_range.update(_out_of_range(exc))
+            return []
         except aiokafka.errors.KafkaError as exc:
             raise translate(exc, "poll failed") from exc
+
+    def out_of_range(self) -> list[TopicPartition]:
+        found, self._out_of_range = sorted(self._out_of_range), set()
+        return found
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
         async def pause() -> None:

@@ -51,13 +51,15 @@ class ConfluentBackend:
             "enable.auto.commit": False,
             "enable.auto.offset.store": False,
             "partition.assignment.strategy": "cooperative-sticky",
-            "auto.offset.reset": "earliest",
             # Bounded prefetch: while the sink is down we stop polling, and at most this much
             # waits in memory per consumer (librdkafka's default is 64 MiB).
             "queued.max.messages.kbytes": 32768,
             "error_cb": self._on_client_error,
         }
         config.update(client_config or {})
+        # Never jump on our own: a position outside the log (records deleted by retention
+        # before they were read) is reported to the listener, which decides (data_loss).
+        config["auto.offset.reset"] = "error"
         self._group = group
         # librdkafka's cooperative protocols hand out increments; eager ones whole assignments.
         self._cooperative = (
@@ -139,10 +141,14 @@ class ConfluentBackend:
             consumer.incremental_assign(positioned)
         else:
             consumer.assign(positioned)
-        if positioned:
+        held = [p for p in positioned if starts[TopicPartition(p.topic, p.partition)] is None]
+        fetching = [p for p in positioned if p not in held]
+        if fetching:
             # A partition we paused (fenced, or stopped on a bad record) and lost comes back
             # fresh: it must fetch again.
-            consumer.resume(positioned)
+            consumer.resume(fetching)
+        if held:
+            consumer.pause(held)  # stopped by the engine at assignment: assigned, not fetched
 
     def _on_revoke(self, consumer: Any, partitions: list[confluent_kafka.TopicPartition]) -> None:
         listener = self._require_listener()
@@ -174,10 +180,19 @@ class ConfluentBackend:
         else:
             self._check_reachable()
         records: list[RawRecord] = []
+        out_of_range: list[TopicPartition] = []
         for message in messages:
             error = message.error()
             if error is not None:
                 if error.code() == confluent_kafka.KafkaError._PARTITION_EOF:
+                    continue
+                topic, partition = message.topic(), message.partition()
+                if (
+                    error.code() == confluent_kafka.KafkaError._AUTO_OFFSET_RESET
+                    and topic is not None
+                    and partition is not None
+                ):
+                    out_of_range.append(TopicPartition(topic, partition))
                     continue
                 if error.fatal():
                     raise KafkaError(
@@ -196,7 +211,20 @@ class ConfluentBackend:
                 )
                 continue
             records.append(_raw_record(message))
+        if out_of_range:
+            self._reposition(sorted(set(out_of_range)))
         return records
+
+    def _reposition(self, partitions: Sequence[TopicPartition]) -> None:
+        """Ask the listener where partitions whose fetch position fell outside the log go on;
+        seek those, pause the rest."""
+        go_on = self._require_listener().on_out_of_range(partitions)
+        try:
+            for tp, offset in go_on.items():
+                self._consumer.seek(confluent_kafka.TopicPartition(tp.topic, tp.partition, offset))
+        except confluent_kafka.KafkaException as exc:
+            raise translate(exc, "cannot seek after an out-of-range fetch") from exc
+        self.pause([tp for tp in partitions if tp not in go_on])
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
         if partitions:
@@ -270,9 +298,11 @@ def _raw_record(message: Any) -> RawRecord:
     )
 
 
-def _offset(position: StartPosition) -> int:
+def _offset(position: StartPosition | None) -> int:
     if isinstance(position, int):
         return position
+    if position is None:  # held (paused at once): no position is fetched from
+        return int(confluent_kafka.OFFSET_INVALID)
     return int(_START[position])
 
 
@@ -298,6 +328,9 @@ class ConfluentReader:
             "queued.max.messages.kbytes": 32768,
         }
         config.update(client_config or {})
+        # A position outside the log is reported (out_of_range), never silently reset.
+        config["auto.offset.reset"] = "error"
+        self._out_of_range: set[TopicPartition] = set()
         self._bootstrap = bootstrap_servers
         self._client_config = dict(client_config or {})
         self._closed = False
@@ -364,10 +397,17 @@ class ConfluentReader:
         records = []
         for message in messages:
             error = message.error()
+            topic, partition = message.topic(), message.partition()
             if error is None:
                 records.append(_raw_record(message))
             elif error.fatal():
                 raise KafkaError("fatal consumer error", code=error.name(), reason=error.str())
+            elif (
+                error.code() == confluent_kafka.KafkaError._AUTO_OFFSET_RESET
+                and topic is not None
+                and partition is not None
+            ):
+                self._out_of_range.add(TopicPartition(topic, partition))
             else:
                 log.warning(
                     "kafka_fetch_error",
@@ -377,6 +417,10 @@ class ConfluentReader:
                     partition=message.partition(),
                 )
         return records
+
+    def out_of_range(self) -> list[TopicPartition]:
+        found, self._out_of_range = sorted(self._out_of_range), set()
+        return found
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
         if partitions:

@@ -48,6 +48,7 @@ BAD_RECORD_SETTINGS = (
     "bad_record_retries",
     "bad_record_backoff_s",
     "bad_record_max_backoff_s",
+    "on_data_loss",
 )
 
 # Settings given as repeatable KEY=VALUE flags, gathered into a dict.
@@ -132,6 +133,12 @@ def add_bad_record_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         metavar="SECONDS",
         help="longest pause between retries (default 5)",
+    )
+    bad.add_argument(
+        "--on-data-loss",
+        choices=["stop", "skip"],
+        help="records deleted from the log before they were read: stop the partition "
+        "(default, exit code 2) or skip them with a records_lost event and metric",
     )
 
 

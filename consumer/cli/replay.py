@@ -172,6 +172,7 @@ def _options(settings: ReplaySettings, resolve: Callable[[Any], Any] | None) -> 
         poll_timeout_s=settings.poll_timeout_s,
         retry=RetryPolicy(deadline_s=settings.sink_retry_deadline_s),
         bad_records=bad_record_policy(settings),
+        on_data_loss=settings.on_data_loss,
         resolve_awaitable=resolve,
     )
 
@@ -238,6 +239,7 @@ def _plan(
         partitions=settings.partitions,
         request=request,
         fingerprint=fingerprint,
+        allow_data_loss=settings.on_data_loss == "skip",
     )
 
 

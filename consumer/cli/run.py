@@ -175,6 +175,7 @@ def run_command(args: argparse.Namespace) -> int:
         stop_when_idle_s=settings.stop_when_idle_s,
         sink_retry_deadline_s=settings.sink_retry_deadline_s,
         bad_records=bad_record_policy(settings),
+        on_data_loss=settings.on_data_loss,
     )
     decoders = TopicDecoders(app, decode_settings(settings))
     dead_letters = dead_letter_writer(settings, group=settings.group, topics=settings.topics)

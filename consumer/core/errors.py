@@ -12,6 +12,7 @@
      +-- RecordError                 one record cannot be decoded or processed
           +-- DecodeError            its bytes are not what the app declared
           +-- InvalidRecordError     it decoded, but a field is missing or wrong
+          +-- RecordsLostError       records at the checkpoint are gone from the log (retention)
 
 Errors carry what they are about (topic, partition, offset, field) as keyword context, so that
 both the message and structured logs name the exact record.
@@ -135,3 +136,36 @@ class DecodeError(RecordError):
 
 class InvalidRecordError(RecordError):
     """A record decoded, but a field is missing or has the wrong type. Raise it from processors."""
+
+
+class RecordsLostError(RecordError):
+    """Records a partition's checkpoint points at are gone from the log: deleted by retention
+    before they were read (`lost` of them, from `offset` = the checkpoint up to `log_start`),
+    or the checkpoint is beyond the log's end (the topic was deleted and recreated; `lost` is
+    unknown). By default the partition stops here; it is never skipped silently."""
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        topic: str,
+        partition: int,
+        offset: int,
+        log_start: int,
+        log_end: int,
+        lost: int | None,
+        **context: Any,
+    ) -> None:
+        self.log_start = log_start
+        self.log_end = log_end
+        self.lost = lost
+        super().__init__(
+            message,
+            topic=topic,
+            partition=partition,
+            offset=offset,
+            log_start=log_start,
+            log_end=log_end,
+            lost=lost,
+            **context,
+        )

@@ -20,8 +20,14 @@ class RebalanceListener(Protocol):
     Ordering guarantees a backend must keep:
 
     - `on_assigned` runs before any record of those partitions is returned; the backend starts
-      each partition at the position it returns. It is also called with no partitions when the
-      group hands this member an empty assignment, so the listener knows it has joined.
+      each partition at the position it returns, or assigns it paused where it returns None
+      (the engine stopped it, e.g. on records lost to retention). It is also called with no
+      partitions when the group hands this member an empty assignment, so the listener knows
+      it has joined.
+    - `on_out_of_range` runs when the client finds a partition's position outside its log
+      (records deleted by retention before they were read, or a recreated topic). The backend
+      never jumps on its own (no automatic offset reset): it seeks each partition to the
+      offset returned for it and pauses the partitions the listener leaves out.
     - `on_revoked` runs before the partitions are released to another member, and after the last
       `poll_batch` that returned their records; the engine settles their in-flight work here.
     - `on_lost` replaces `on_revoked` when the partitions are already gone (session expired):
@@ -30,7 +36,11 @@ class RebalanceListener(Protocol):
 
     def on_assigned(
         self, partitions: Sequence[TopicPartition]
-    ) -> Mapping[TopicPartition, StartPosition]: ...
+    ) -> Mapping[TopicPartition, StartPosition | None]: ...
+
+    def on_out_of_range(
+        self, partitions: Sequence[TopicPartition]
+    ) -> Mapping[TopicPartition, int]: ...
 
     def on_revoked(self, partitions: Sequence[TopicPartition]) -> None: ...
 
@@ -92,6 +102,12 @@ class PartitionReader(Protocol):
     def poll_batch(self, max_records: int, timeout_s: float) -> list[RawRecord]: ...
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None: ...
+
+    def out_of_range(self) -> list[TopicPartition]:
+        """Partitions whose fetch position fell outside the log (records deleted by retention
+        before they were read) since the last call. The reader never jumps on its own: they
+        fetch nothing more until assigned again."""
+        ...
 
     def position(self, partition: TopicPartition) -> int | None:
         """The next offset the reader will return for the partition (None: not known yet)."""

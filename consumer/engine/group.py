@@ -19,13 +19,20 @@ import structlog
 
 from consumer.checkpoints.model import Checkpoint
 from consumer.core.app import App
-from consumer.core.errors import CheckpointError, FencedError, KafkaError, RecordError
+from consumer.core.errors import (
+    CheckpointError,
+    FencedError,
+    KafkaError,
+    RecordError,
+    RecordsLostError,
+)
 from consumer.core.exit_codes import EXIT_OK, EXIT_PARTITIONS_STOPPED
 from consumer.core.records import RawRecord, TopicPartition
 from consumer.decoding.topics import TopicDecoders
 from consumer.engine.batch import BadRecordPolicy
 from consumer.engine.client import ClientBackend, StartPosition
 from consumer.engine.commit import CommittedBatch
+from consumer.engine.data_loss import DataLossPolicy, lost_records, skip_loss
 from consumer.engine.dead_letters import DeadLetterWriter
 from consumer.engine.loop import BatchLoop, Position
 from consumer.engine.observer import EngineObserver
@@ -53,6 +60,8 @@ class EngineSettings:
     sink_retry_max_backoff_s: float = 5.0
     # A record that fails: retried, then it stops its partition or becomes a dead letter.
     bad_records: BadRecordPolicy = field(default_factory=BadRecordPolicy)
+    # Records gone from the log before they were read: stop the partition, or skip (reported).
+    on_data_loss: DataLossPolicy = "stop"
 
 
 class Engine:
@@ -250,7 +259,7 @@ class Engine:
 
     def on_assigned(
         self, partitions: Sequence[TopicPartition]
-    ) -> Mapping[TopicPartition, StartPosition]:
+    ) -> Mapping[TopicPartition, StartPosition | None]:
         group = self._settings.group
         self._observer.joined()
         if not partitions:
@@ -261,11 +270,14 @@ class Engine:
         stored = retrier.sink(
             "load_checkpoints", lambda: self._sink.load_checkpoints(group, partitions)
         )
-        starts: dict[TopicPartition, StartPosition] = {}
+        starts: dict[TopicPartition, StartPosition | None] = {}
         for tp in partitions:
             checkpoint = stored.get(tp)
-            starts[tp] = self._start_of(tp, checkpoint)
-            start = starts[tp]
+            start = self._start_of(tp, checkpoint)
+            loss = None if checkpoint is None else self._checked(tp, checkpoint.next_offset)
+            if loss is not None and self._settings.on_data_loss == "skip":
+                start = skip_loss(loss, self._observer, group=group)
+                loss = None
             self._loop.track(
                 tp,
                 Position(
@@ -274,6 +286,9 @@ class Engine:
                     state=self._loop.initial_state(tp, checkpoint),
                 ),
             )
+            if loss is not None:
+                self._loop.stop(tp, loss, pause=False)  # the backend holds it (start None)
+            starts[tp] = None if loss is not None else start
         self._observer.partitions_assigned(
             {tp: self._loop.positions[tp].next_offset for tp in partitions}
         )
@@ -305,6 +320,36 @@ class Engine:
             )
             return policy
         return low if policy == "earliest" else high
+
+    def _checked(self, tp: TopicPartition, next_offset: int) -> RecordsLostError | None:
+        """The records lost between the checkpoint and the log, if any (module data_loss)."""
+        try:
+            low, high = self._backend.watermarks(tp)
+        except KafkaError as exc:
+            # Not knowable now; a fetch outside the log is still caught (on_out_of_range).
+            log.warning(
+                "data_loss_unchecked", topic=tp.topic, partition=tp.partition, error=str(exc)
+            )
+            return None
+        return lost_records(tp, next_offset, low, high)
+
+    def on_out_of_range(self, partitions: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
+        """A fetch found these partitions' positions outside their logs: per the data-loss
+        policy, go on from the log start (reported) or stop them (left out: paused)."""
+        go_on: dict[TopicPartition, int] = {}
+        for tp in partitions:
+            position = self._loop.positions.get(tp)
+            if position is None or position.stopped is not None or position.next_offset is None:
+                continue
+            loss = self._checked(tp, position.next_offset)
+            if loss is None:  # back within the log (or not knowable): fetch there again
+                go_on[tp] = position.next_offset
+            elif self._settings.on_data_loss == "skip":
+                position.next_offset = skip_loss(loss, self._observer, group=self._settings.group)
+                go_on[tp] = position.next_offset
+            else:
+                self._loop.stop(tp, loss)
+        return go_on
 
     def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
         # Nothing is in flight here (see the module docstring): forgetting them is enough.

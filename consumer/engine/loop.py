@@ -368,10 +368,19 @@ class BatchLoop:
         position = self.positions.get(tp)
         return position is not None and position.stopped is None
 
-    def _stop_partition(self, tp: TopicPartition, error: RecordError) -> None:
+    def stop(self, tp: TopicPartition, error: RecordError, *, pause: bool = True) -> None:
+        """Halt a tracked partition at `error.offset`: nothing more of it is processed (the
+        driver's exit code says so). For the drivers' own reasons, e.g. records lost; without
+        `pause` where the client does not fetch it yet (the driver holds it itself)."""
+        self._stop_partition(tp, error, pause=pause)
+
+    def _stop_partition(
+        self, tp: TopicPartition, error: RecordError, *, pause: bool = True
+    ) -> None:
         self.positions[tp].stopped = error
         self.halted[tp] = error
-        self._pause([tp])
+        if pause:
+            self._pause([tp])
         self.observer.partition_stopped(tp, error)
         log.error(
             "partition_stopped",

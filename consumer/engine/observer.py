@@ -15,7 +15,8 @@ When each call is made:
     partitions_assigned(starts)  partitions taken, with their start offsets (None: not known)
     partitions_revoked(tps, lost) partitions released (lost=True: taken away without a revoke)
     partitions_fenced(tps)       a newer owner fenced these partitions; they were dropped
-    partition_stopped(tp, error) a bad record halted the partition at error.offset
+    partition_stopped(tp, error) a bad record (or records lost, under "stop") halted it
+    records_lost(tp, n)          under "skip": n records were gone from the log (retention)
     stopping()                   a stop was requested (may be called from a signal handler)
 """
 
@@ -55,6 +56,8 @@ class EngineObserver(Protocol):
 
     def partition_stopped(self, partition: TopicPartition, error: RecordError) -> None: ...
 
+    def records_lost(self, partition: TopicPartition, records: int) -> None: ...
+
     def stopping(self) -> None: ...
 
 
@@ -89,6 +92,9 @@ class NullObserver:
         pass
 
     def partition_stopped(self, partition: TopicPartition, error: RecordError) -> None:
+        pass
+
+    def records_lost(self, partition: TopicPartition, records: int) -> None:
         pass
 
     def stopping(self) -> None:

@@ -17,6 +17,7 @@ from consumer.checkpoints.model import Checkpoint
 from consumer.core.errors import KafkaError, RecordError
 from consumer.core.records import TopicPartition
 from consumer.engine.client import PartitionReader
+from consumer.engine.data_loss import DataLossPolicy, lost_records, skip_loss
 from consumer.engine.loop import BatchLoop, Position
 
 log = structlog.get_logger("offsetkeeper.engine")
@@ -59,6 +60,8 @@ class PlannedRun:
     # Called once the work is known (records left), then with each commit's record count.
     on_started: Callable[[int], None] = lambda _records_left: None
     on_committed: Callable[[int], None] = lambda _records: None
+    # Records gone from the log before they were read: stop the partition, or skip (reported).
+    on_data_loss: DataLossPolicy = "stop"
     _remaining: set[TopicPartition] = field(default_factory=set)
 
     def run(self) -> PlannedSummary:
@@ -85,9 +88,22 @@ class PlannedRun:
         for tp in sorted(self._remaining):
             state = loop.initial_state(tp, stored.get(tp))
             loop.track(tp, Position(epochs[tp], starts[tp], end=self.ranges[tp][1], state=state))
-        self.reader.assign({tp: starts[tp] for tp in sorted(self._remaining)})
-        self.on_started(sum(self.ranges[tp][1] - starts[tp] for tp in self._remaining))
+            self._check_log(tp)
+        self._assign()
+        self.on_started(sum(self.ranges[tp][1] - self._next(tp) for tp in self._remaining))
         records, rows = loop.records_committed, loop.rows_committed
+        self._consume()
+        return PlannedSummary(
+            records=loop.records_committed - records,
+            rows=loop.rows_committed - rows,
+            duration_s=loop.clock() - started,
+            resumed_from=resumed_from,
+            stopped=dict(loop.halted),
+            dead_lettered=loop.dead_lettered,
+        )
+
+    def _consume(self) -> None:
+        loop = self.loop
         idle_polls = 0
         progressed_at = loop.clock()
         while self._remaining and not self.should_stop():
@@ -100,15 +116,32 @@ class PlannedRun:
             else:
                 idle_polls += 1
                 self._check_stall(progressed_at)
+            lost = [tp for tp in self.reader.out_of_range() if tp in self._remaining]
+            if lost:
+                for tp in lost:
+                    self._check_log(tp)
+                self._assign()
             self._retire_finished(check_positions=idle_polls >= _IDLE_POLLS_BEFORE_POSITION_CHECK)
-        return PlannedSummary(
-            records=loop.records_committed - records,
-            rows=loop.rows_committed - rows,
-            duration_s=loop.clock() - started,
-            resumed_from=resumed_from,
-            stopped=dict(loop.halted),
-            dead_lettered=loop.dead_lettered,
-        )
+
+    def _check_log(self, tp: TopicPartition) -> None:
+        """Compare the partition's position with its log; records gone from it follow the
+        data-loss policy (module consumer.engine.data_loss)."""
+        position = self.loop.positions[tp]
+        low, high = self.reader.watermarks(tp)
+        loss = lost_records(tp, self._next(tp), low, high)
+        if loss is None:
+            return
+        if self.on_data_loss == "skip":
+            position.next_offset = skip_loss(loss, self.loop.observer, group=self.loop.group)
+            return
+        self.loop.stop(tp, loss, pause=False)  # left out of the next assignment
+        self._remaining.discard(tp)
+
+    def _assign(self) -> None:
+        """(Re)assign the remaining partitions at their positions; finished ones retire."""
+        self._remaining = {tp for tp in self._remaining if self._next(tp) < self.ranges[tp][1]}
+        if self._remaining:
+            self.reader.assign({tp: self._next(tp) for tp in sorted(self._remaining)})
 
     def _start(self, tp: TopicPartition, checkpoint: Checkpoint | None) -> int:
         """Where the run (re)starts: the plan's start, or past it where a checkpoint says so."""

@@ -18,6 +18,7 @@ from consumer.core.records import TopicPartition
 from consumer.decoding.topics import TopicDecoders
 from consumer.engine.batch import BadRecordPolicy
 from consumer.engine.client import PartitionReader
+from consumer.engine.data_loss import DataLossPolicy
 from consumer.engine.dead_letters import DeadLetterWriter
 from consumer.engine.loop import BatchLoop
 from consumer.engine.observer import EngineObserver
@@ -65,6 +66,8 @@ class ReplayOptions:
     poll_timeout_s: float = 0.5
     retry: RetryPolicy = field(default_factory=RetryPolicy)
     bad_records: BadRecordPolicy = field(default_factory=BadRecordPolicy)
+    # Records deleted from the log before the replay read them: stop the partition, or skip.
+    on_data_loss: DataLossPolicy = "stop"
     # Awaits an async processor's result (the aiokafka reader's event loop); None: sync only.
     resolve_awaitable: Callable[[Any], Any] | None = None
 
@@ -113,6 +116,7 @@ def run_replay(
         batch_max_records=options.batch_max_records,
         poll_timeout_s=options.poll_timeout_s,
         should_stop=should_stop,
+        on_data_loss=options.on_data_loss,
         on_started=started,
         on_committed=lambda records: shown[0].advance(records),  # noqa: PLW0108 - bound late
     )

@@ -168,6 +168,7 @@ def resolve_plan(
     partitions: Sequence[int] | None,
     request: RangeRequest,
     fingerprint: dict[str, Any],
+    allow_data_loss: bool = False,
 ) -> ReplayPlan:
     """Turn the request into offsets per partition, checking every bound against the log."""
     existing = reader.partitions(topic)
@@ -179,7 +180,7 @@ def resolve_plan(
         )
     tps = [TopicPartition(topic, p) for p in chosen]
     logs = {tp: reader.watermarks(tp) for tp in tps}
-    starts = _resolve_starts(reader, sink, tps, logs, request)
+    starts = _resolve_starts(reader, sink, tps, logs, request, allow_data_loss=allow_data_loss)
     ends = _resolve_ends(reader, tps, logs, request)
     for tp in tps:
         if ends[tp] < starts[tp]:
@@ -234,6 +235,8 @@ def _resolve_starts(
     tps: Sequence[TopicPartition],
     logs: Logs,
     request: RangeRequest,
+    *,
+    allow_data_loss: bool = False,
 ) -> dict[TopicPartition, int]:
     if request.from_offset is not None:
         check_in_log(tps, logs, request.from_offset, "--from-offset")
@@ -257,7 +260,33 @@ def _resolve_starts(
             topic=missing[0].topic,
             partition=missing[0].partition,
         )
-    return {tp: stored[tp].next_offset for tp in tps}
+    starts = {tp: stored[tp].next_offset for tp in tps}
+    for tp in tps:
+        low = logs[tp][0]
+        if starts[tp] < low:
+            if not allow_data_loss:
+                raise ConfigError(
+                    "the group's checkpoint is below the log start: records were deleted by "
+                    "retention before it read them (--on-data-loss skip starts at the log start)",
+                    group=group,
+                    topic=tp.topic,
+                    partition=tp.partition,
+                    checkpoint=starts[tp],
+                    log_start=low,
+                    lost=low - starts[tp],
+                )
+            log.error(
+                "records_lost",
+                group=group,
+                topic=tp.topic,
+                partition=tp.partition,
+                checkpoint=starts[tp],
+                log_start=low,
+                lost=low - starts[tp],
+                action="the replay starts at the log start",
+            )
+            starts[tp] = low
+    return starts
 
 
 def _resolve_ends(

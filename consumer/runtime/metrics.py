@@ -145,7 +145,14 @@ class Metrics:
         )
         self.partitions_stopped = Gauge(
             "offsetkeeper_partitions_stopped",
-            "Partitions halted on a bad record now.",
+            "Partitions halted on a bad record (or on records lost to retention) now.",
+            registry=r,
+        )
+        self.records_lost = Counter(
+            "offsetkeeper_records_lost",
+            "Records deleted from the log before they were read, skipped under "
+            "--on-data-loss skip (under the default, stop, the partition halts instead).",
+            _TP,
             registry=r,
         )
         self.last_commit = Gauge(

@@ -112,6 +112,9 @@ class Telemetry:
         self.metrics.partitions_stopped.set(len(self._stopped))
         self.health.stopped(partition, error.offset)
 
+    def records_lost(self, partition: TopicPartition, records: int) -> None:
+        self.metrics.records_lost.labels(partition.topic, str(partition.partition)).inc(records)
+
     def stopping(self) -> None:
         self.health.mark_stopping()  # a plain store: safe from a signal handler
 

@@ -20,6 +20,7 @@ from consumer import (
     InvalidRecordError,
     KafkaError,
     Record,
+    RecordsLostError,
     Row,
     RowsOrigin,
     RowsRefusedError,
@@ -28,6 +29,7 @@ from consumer import (
     TopicPartition,
 )
 from consumer.engine.batch import BadRecordPolicy, DeadLetter
+from consumer.engine.data_loss import DataLossPolicy
 from consumer.engine.dead_letters import DeadLetterWriter
 from consumer.engine.group import (
     EXIT_OK,
@@ -99,6 +101,7 @@ def make(tmp_path: Path) -> Make:
         sink_retry_deadline_s: float = 120.0,
         bad_records: BadRecordPolicy | None = None,
         dead_letters: DeadLetterWriter | None = None,
+        on_data_loss: DataLossPolicy = "stop",
     ) -> Harness:
         db = tmp_path / "engine.db"
         clock = FakeClock()
@@ -116,6 +119,7 @@ def make(tmp_path: Path) -> Make:
                 stop_when_idle_s=stop_when_idle_s,
                 sink_retry_deadline_s=sink_retry_deadline_s,
                 bad_records=bad_records or BadRecordPolicy(),
+                on_data_loss=on_data_loss,
             ),
             backend,
             real_sink,
@@ -970,3 +974,81 @@ def test_under_stop_a_refused_record_stops_its_partition_after_the_records_befor
     assert sorted(r["id"] for r in h.rows()) == sorted([f"p0-{i}" for i in range(5)] + ["x"])
     stopped = h.engine.stopped_partitions[P0]
     assert (stopped.offset, stopped.field) == (5, "amount")
+
+
+# -- records lost to retention: never skipped silently --------------------------------------------
+
+
+def test_records_deleted_before_they_were_read_stop_the_partition_by_default(
+    make: Make, tmp_path: Path
+) -> None:
+    _store_checkpoints(tmp_path / "engine.db", {P0: 2, P1: 0})
+    h = make([Assign([P0, P1])])
+    h.backend.set_log_start(P0, 5)  # retention deleted offsets 2..4 before the group read them
+    h.backend.append(P0, event("f", 5), event("g", 6))
+    h.backend.append(P1, event("x", 1))
+
+    assert h.run() == EXIT_PARTITIONS_STOPPED
+
+    lost = h.engine.stopped_partitions[P0]
+    assert isinstance(lost, RecordsLostError)
+    assert (lost.offset, lost.log_start, lost.lost) == (2, 5, 3)
+    assert "deleted by retention" in str(lost)
+    assert h.checkpoints() == {0: 2, 1: 1}, "partition 0 waits at its checkpoint"
+    assert [r["id"] for r in h.rows()] == ["x"]
+    assert h.backend.start_positions[0][P0] is None, "held: assigned, nothing of it fetched"
+
+
+def test_with_skip_the_lost_records_are_reported_and_the_partition_goes_on(
+    make: Make, tmp_path: Path, log_events: list[dict[str, Any]]
+) -> None:
+    _store_checkpoints(tmp_path / "engine.db", {P0: 2})
+    h = make([Assign([P0])], on_data_loss="skip")
+    h.backend.set_log_start(P0, 5)
+    h.backend.append(P0, event("f", 5), event("g", 6))
+
+    assert h.run() == EXIT_OK
+
+    assert h.rows() == [_row("f", 5, 0, 5), _row("g", 6, 0, 6)]
+    assert h.checkpoints() == {0: 7}
+    (lost,) = [e for e in log_events if e["event"] == "records_lost"]
+    assert (lost["checkpoint"], lost["log_start"], lost["lost"]) == (2, 5, 3)
+    assert (lost["topic"], lost["partition"]) == (TOPIC, 0)
+
+
+def test_a_checkpoint_beyond_the_log_end_is_refused(make: Make, tmp_path: Path) -> None:
+    _store_checkpoints(tmp_path / "engine.db", {P0: 500})  # the topic was recreated
+    h = make([Assign([P0])])
+    h.backend.append(P0, event("a", 1))
+
+    assert h.run() == EXIT_PARTITIONS_STOPPED
+
+    lost = h.engine.stopped_partitions[P0]
+    assert isinstance(lost, RecordsLostError)
+    assert lost.lost is None
+    assert "beyond the log end" in str(lost)
+    assert h.rows() == []
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_records_deleted_while_the_consumer_lags_are_caught_at_the_fetch(
+    make: Make, policy: DataLossPolicy, log_events: list[dict[str, Any]]
+) -> None:
+    h = make([Assign([P0]), Fetch(per_partition=2)], on_data_loss=policy)
+    h.backend.append(P0, *(event(f"e{i}", i) for i in range(10)))
+    h.backend.then(Call(lambda: h.backend.delete_records(P0, 6)))
+
+    code = h.run()
+
+    assert h.backend.out_of_range_reports == [[P0]]
+    if policy == "stop":
+        assert code == EXIT_PARTITIONS_STOPPED
+        assert h.checkpoints() == {0: 2}
+        lost = h.engine.stopped_partitions[P0]
+        assert isinstance(lost, RecordsLostError)
+        assert (lost.offset, lost.lost) == (2, 4)
+    else:
+        assert code == EXIT_OK
+        assert [r["id"] for r in h.rows()] == ["e0", "e1", "e6", "e7", "e8", "e9"]
+        assert h.checkpoints() == {0: 10}
+        assert [e["lost"] for e in log_events if e["event"] == "records_lost"] == [4]

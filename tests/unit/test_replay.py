@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from consumer import Checkpoint, ConfigError, TopicPartition
+from consumer.engine.data_loss import DataLossPolicy
 from consumer.engine.retry import RetryPolicy
 from consumer.replay.job import ReplayOptions, run_replay
 from consumer.replay.plan import (
@@ -362,3 +363,74 @@ def test_progress_logs_figures_when_not_on_a_terminal(log_events: list[dict[str,
     }
     assert lines[-1]["records_done"] == 100
     assert lines[-1]["eta_s"] == 0.0
+
+
+# -- records lost to retention --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_records_deleted_before_the_replay_read_them_follow_the_data_loss_policy(
+    sink: SqliteSink, tmp_path: Path, policy: DataLossPolicy, log_events: list[dict[str, Any]]
+) -> None:
+    reader = _reader(per_partition=10)
+    plan = _plan(reader, sink, RangeRequest(from_offset=0))
+    reader.delete_records(0, 4)  # retention, after the plan was made
+    polls = [0]
+
+    def delete_more_while_running() -> bool:
+        polls[0] += 1
+        if polls[0] == 2:
+            reader.delete_records(1, 8)  # partition 1 is behind: 2..7 go before it reads them
+        return False
+
+    summary = run_replay(
+        events_app(),
+        reader,
+        sink,
+        plan,
+        options=ReplayOptions(batch_max_records=2, on_data_loss=policy),
+        progress=Progress("job", plan.records, out=io.StringIO()),
+        should_stop=delete_more_while_running,
+    )
+    done = {tp.partition: cp.next_offset for tp, cp in sink.load_checkpoints("replay:job").items()}
+    if policy == "stop":
+        assert set(summary.stopped) == {0, 1}
+        assert summary.stopped[0].context["lost"] == 4
+        assert summary.stopped[1].context["lost"] == 6
+        assert done == {1: 2}, "partition 1 committed what it read before the gap"
+    else:
+        assert not summary.stopped
+        assert done == {0: 10, 1: 10}
+        rows = _rows(tmp_path / "replay.db")
+        assert [r[2] for r in rows if r[1] == 0] == [4, 5, 6, 7, 8, 9]
+        # Partition 0 (from 4) filled the first polls, so partition 1 had read nothing yet.
+        assert [r[2] for r in rows if r[1] == 1] == [8, 9]
+        assert sorted(e["lost"] for e in log_events if e["event"] == "records_lost") == [4, 8]
+
+
+def test_a_replay_from_a_checkpoint_below_the_log_start_is_refused_unless_told(
+    sink: SqliteSink,
+) -> None:
+    reader = _reader(per_partition=10)
+    tp = TopicPartition(TOPIC, 0)
+    epochs = sink.acquire("live", [tp])
+    sink.begin()
+    sink.save_checkpoints("live", [Checkpoint("live", TOPIC, 0, 1, datetime.now(tz=UTC))], epochs)
+    sink.commit()
+    reader.delete_records(0, 3)
+    request = RangeRequest(from_checkpoint="live")
+    with pytest.raises(ConfigError, match="below the log start") as refused:
+        _plan(reader, sink, request, partitions=[0])
+    assert refused.value.context["lost"] == 2
+    fingerprint = request_fingerprint(TOPIC, [0], "tests:app", request)
+    plan = resolve_plan(
+        reader,
+        sink,
+        job_id="job",
+        topic=TOPIC,
+        partitions=[0],
+        request=request,
+        fingerprint=fingerprint,
+        allow_data_loss=True,
+    )
+    assert [(r.start, r.end) for r in plan.ranges] == [(3, 10)]
