@@ -36,6 +36,19 @@ def check_identifier(name: str, *, what: str) -> str:
 
 TableMode = Literal["upsert", "append"]
 
+# offsetkeeper's own tables (checkpoints, leases, replay jobs, PostgreSQL staging tables) all
+# start with this; an app table named so could overwrite the fencing epochs.
+RESERVED_TABLE_PREFIX = "offsetkeeper_"
+
+
+def case_collisions(names: Iterable[str]) -> list[list[str]]:
+    """Groups of `names` that differ only in case (SQLite, and unquoted SQL, fold them)."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(name.casefold(), []).append(name)
+    return [sorted(group) for group in groups.values() if len(group) > 1]
+
+
 # Append tables are keyed by where each row came from, so a replayed record rewrites its rows.
 SOURCE_COLUMNS: Mapping[str, ColumnType] = {
     "source_topic": "text",
@@ -61,10 +74,17 @@ class Table:
     mode: TableMode = "upsert"
 
     def __post_init__(self) -> None:
+        check_identifier(self.name, what="table name")
+        if self.name.casefold().startswith(RESERVED_TABLE_PREFIX):
+            raise ConfigError(
+                f"table names starting with {RESERVED_TABLE_PREFIX!r} are reserved for "
+                "offsetkeeper's own tables (checkpoints, leases, replay jobs, staging)",
+                table=self.name,
+            )
         if self.mode == "append":
             if self.key:
                 raise ConfigError("append tables are keyed by source; give no key", table=self.name)
-            clash = sorted(set(self.columns) & set(SOURCE_COLUMNS))
+            clash = sorted(c for c in self.columns if c.casefold() in SOURCE_COLUMNS)
             if clash:
                 raise ConfigError(
                     "column names reserved for append tables", table=self.name, columns=clash
@@ -73,9 +93,16 @@ class Table:
             object.__setattr__(self, "key", tuple(SOURCE_COLUMNS))
         elif self.mode != "upsert":
             raise ConfigError("unknown table mode", table=self.name, mode=self.mode)
-        check_identifier(self.name, what="table name")
         if not self.columns:
             raise ConfigError("a table needs at least one column", table=self.name)
+        self._check_columns()
+        if not self.key:
+            raise ConfigError("a table needs key columns for idempotent writes", table=self.name)
+        missing = [k for k in self.key if k not in self.columns]
+        if missing:
+            raise ConfigError("key columns are not declared columns", table=self.name, key=missing)
+
+    def _check_columns(self) -> None:
         for column, column_type in self.columns.items():
             check_identifier(column, what="column name")
             if column_type not in COLUMN_TYPES:
@@ -86,11 +113,14 @@ class Table:
                     type=column_type,
                     known=sorted(COLUMN_TYPES),
                 )
-        if not self.key:
-            raise ConfigError("a table needs key columns for idempotent writes", table=self.name)
-        missing = [k for k in self.key if k not in self.columns]
-        if missing:
-            raise ConfigError("key columns are not declared columns", table=self.name, key=missing)
+        collisions = case_collisions(self.columns)
+        if collisions:
+            raise ConfigError(
+                "column names of a table must differ in more than case "
+                "(SQLite and unquoted SQL treat them as one column)",
+                table=self.name,
+                columns=collisions,
+            )
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,7 +175,17 @@ class App:
     def __post_init__(self) -> None:
         self._tables_by_name = {table.name: table for table in self.tables}
         if len(self._tables_by_name) != len(self.tables):
-            raise ConfigError("table names must be unique", app=self.name)
+            names = [table.name for table in self.tables]
+            repeated = sorted({name for name in names if names.count(name) > 1})
+            raise ConfigError("table names must be unique", app=self.name, tables=repeated)
+        collisions = case_collisions(self._tables_by_name)
+        if collisions:
+            raise ConfigError(
+                "table names of an app must differ in more than case "
+                "(SQLite and unquoted SQL treat them as one table)",
+                app=self.name,
+                tables=collisions,
+            )
 
     def decode_for(self, topic: str) -> str | None:
         """The decoder name this app declares for `topic` (None: the mapping omits the topic)."""

@@ -75,6 +75,62 @@ def test_app_table_names_are_unique_and_looked_up() -> None:
     assert caught.value.context == {"app": "one", "table": "other"}
 
 
+@pytest.mark.parametrize(
+    "name",
+    [
+        "offsetkeeper_checkpoints",
+        "offsetkeeper_leases",
+        "offsetkeeper_replay_jobs",
+        "offsetkeeper_stage_events",
+        "offsetkeeper_anything",
+        "OffsetKeeper_Checkpoints",
+        "OFFSETKEEPER_LEASES",
+    ],
+)
+@pytest.mark.parametrize("mode", ["upsert", "append"])
+def test_offsetkeepers_own_table_names_are_refused(name: str, mode: str) -> None:
+    key = ("a",) if mode == "upsert" else ()
+    with pytest.raises(ConfigError, match="reserved for offsetkeeper's own tables") as caught:
+        Table(name, columns={"a": "text"}, key=key, mode=mode)  # type: ignore[arg-type]
+    assert caught.value.context["table"] == name
+    assert name in str(caught.value)
+
+
+def test_a_name_that_only_contains_offsetkeeper_is_allowed() -> None:
+    assert Table("my_offsetkeeper_x", columns={"a": "text"}, key=("a",)).name == "my_offsetkeeper_x"
+    assert Table("offsetkeeper", columns={"a": "text"}, key=("a",)).name == "offsetkeeper"
+
+
+def test_app_tables_differing_only_in_case_are_refused() -> None:
+    orders = Table("orders", columns={"id": "text"}, key=("id",))
+    shouting = Table("ORDERS", columns={"id": "text"}, key=("id",))
+    mixed = Table("Orders", columns={"id": "text"}, key=("id",))
+
+    with pytest.raises(ConfigError, match="differ in more than case") as caught:
+        App(name="shop", tables=(orders, EVENTS, shouting, mixed))
+
+    assert caught.value.context == {"app": "shop", "tables": [["ORDERS", "Orders", "orders"]]}
+    assert "ORDERS" in str(caught.value)
+
+
+def test_repeated_table_names_are_named() -> None:
+    with pytest.raises(ConfigError, match="table names must be unique") as caught:
+        App(name="dup", tables=(EVENTS, EVENTS))
+    assert caught.value.context["tables"] == ["events"]
+
+
+def test_columns_differing_only_in_case_are_refused() -> None:
+    with pytest.raises(ConfigError, match="differ in more than case") as caught:
+        Table("t", columns={"id": "text", "Total": "bigint", "total": "double"}, key=("id",))
+    assert caught.value.context == {"table": "t", "columns": [["Total", "total"]]}
+
+
+def test_an_append_table_column_differing_from_a_source_column_only_in_case_is_refused() -> None:
+    with pytest.raises(ConfigError, match="reserved for append tables") as caught:
+        Table("t", columns={"Source_Offset": "bigint"}, mode="append")
+    assert caught.value.context["columns"] == ["Source_Offset"]
+
+
 def test_process_registers_the_processor_and_returns_it() -> None:
     app = App(name="p", tables=(EVENTS,))
 
