@@ -15,7 +15,9 @@ With a reader schema, every record is resolved from its writer schema to the rea
 promoted to long, float or double, ...). Without one, records are read as written.
 
 Writer schemas are parsed once (per id or per file) and kept with their reader schema as a
-`_Plan`, so decoding a record does no HTTP and no schema parsing. A record that cannot be
+`_Plan`, so decoding a record does no HTTP and no schema parsing. Values of a writer schema
+that could nest past `max_nesting_depth` (a recursive one) are checked before fastavro reads
+them (`avro_limits`): its C reader would overflow the stack. A record that cannot be
 decoded is a `DecodeError`; a registry that cannot be asked (unreachable, timing out, 5xx) is a
 `SchemaRegistryError`, which the engine retries instead of blaming the record.
 """
@@ -45,6 +47,12 @@ from fastavro.read import SchemaResolutionError
 from fastavro.schema import fingerprint, to_parsing_canonical_form
 
 from consumer.core.errors import ConfigError, DecodeError, SchemaRegistryError
+from consumer.decoding.avro_limits import (
+    DEFAULT_MAX_NESTING_DEPTH,
+    ValueGuard,
+    check_max_nesting_depth,
+    guard_for,
+)
 
 log = structlog.get_logger("offsetkeeper.avro")
 
@@ -160,6 +168,9 @@ class _Plan:
     reader: ParsedSchema | None
     writer_label: str  # e.g. "writer schema id 7 (offsetkeeper.examples.Order)"
     reader_label: str | None
+    # Checks a value's nesting depth before fastavro reads it; None when the writer schema
+    # cannot nest past the limit (avro_limits).
+    guard: ValueGuard | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -173,12 +184,15 @@ class ReaderSchema:
         return cls(schema, f"reader schema {schema_name(schema)} ({path})")
 
 
-def _plan(writer: ParsedSchema, writer_label: str, reader: ReaderSchema | None) -> _Plan:
+def _plan(
+    writer: ParsedSchema, writer_label: str, reader: ReaderSchema | None, max_depth: int
+) -> _Plan:
+    guard = guard_for(writer, writer_label, max_depth)
     if reader is None:
-        return _Plan(writer, None, writer_label, None)
+        return _Plan(writer, None, writer_label, None, guard)
     # Equal schemas need no resolution; fastavro would compare them on every record.
     resolved = None if reader.schema == writer else reader.schema
-    return _Plan(writer, resolved, writer_label, reader.label)
+    return _Plan(writer, resolved, writer_label, reader.label, guard)
 
 
 _MISSING_DEFAULT = re.compile(r"field (\w+)")
@@ -189,6 +203,8 @@ def _read(value: bytes, start: int, plan: _Plan) -> Any:
     # (ops/bench/avro_decode.py). Resolving skips the writer's fields the reader lacks, and
     # fastavro does not check that a skip found all its bytes: one byte of padding makes a short
     # skip visible, as the reader then ends past the body (checked below).
+    if plan.guard is not None:
+        plan.guard.check(value, start)
     body = value[start:] if plan.reader is None else value[start:] + b"\x00"
     buffer = io.BytesIO(body)
     try:
@@ -352,9 +368,16 @@ def _registry_message(error: urllib.error.HTTPError) -> str:
 class RegistryAvroDecoder:
     """Decoder `avro`: Confluent-framed values, writer schemas from a schema registry."""
 
-    def __init__(self, registry: SchemaRegistryClient, reader: ReaderSchema | None) -> None:
+    def __init__(
+        self,
+        registry: SchemaRegistryClient,
+        reader: ReaderSchema | None,
+        *,
+        max_nesting_depth: int = DEFAULT_MAX_NESTING_DEPTH,
+    ) -> None:
         self._registry = registry
         self._reader = reader
+        self._max_depth = check_max_nesting_depth(max_nesting_depth)
         self._plans: dict[bytes, _Plan] = {}  # by the 4 id bytes of the Confluent header
         # Schema id -> until when the registry's 404 for it stands, and its message.
         self._unknown_until: dict[int, tuple[float, str]] = {}
@@ -401,7 +424,7 @@ class RegistryAvroDecoder:
                     schema_id=schema_id,
                 ) from exc
             label = f"writer schema id {schema_id} ({schema_name(writer)})"
-            plan = _plan(writer, label, self._reader)
+            plan = _plan(writer, label, self._reader, self._max_depth)
             self._plans[key] = plan
             return plan
 
@@ -447,15 +470,21 @@ class LocalAvroDecoder:
     files named NAME.ID.avsc), writer schemas from the `*.avsc` files of a directory."""
 
     def __init__(
-        self, directory: Path, schemas: list[LocalSchema], reader: ReaderSchema | None
+        self,
+        directory: Path,
+        schemas: list[LocalSchema],
+        reader: ReaderSchema | None,
+        *,
+        max_nesting_depth: int = DEFAULT_MAX_NESTING_DEPTH,
     ) -> None:
         self._directory = directory
+        max_depth = check_max_nesting_depth(max_nesting_depth)
         self._by_fingerprint: dict[bytes, _Plan] = {}
         self._by_id: dict[int, _Plan] = {}
         first_of: dict[bytes, LocalSchema] = {}
         id_owner: dict[int, LocalSchema] = {}
         for local in schemas:
-            plan = _plan(local.schema, f"writer schema {local.path.name}", reader)
+            plan = _plan(local.schema, f"writer schema {local.path.name}", reader, max_depth)
             earlier = first_of.setdefault(local.fingerprint, local)
             # The same canonical form in two files is one wire format; it is only ambiguous
             # when what is dropped from the canonical form (logical types, defaults) differs.

@@ -22,6 +22,7 @@ from consumer.decoding.avro import (
     SchemaRegistryClient,
     load_schema_dir,
 )
+from consumer.decoding.avro_limits import DEFAULT_MAX_NESTING_DEPTH
 
 Decoder = Callable[[bytes | None], Any]
 
@@ -35,6 +36,9 @@ class DecodeOptions:
     # An .avsc file: the schema records are read AS (Avro schema resolution); None: as written.
     reader_schema: Path | None = None
     registry_timeout_s: float = 10.0
+    # Values nesting deeper (records, arrays, maps) are DecodeErrors, refused before fastavro
+    # reads them: its C reader would overflow the stack (consumer.decoding.avro_limits).
+    max_nesting_depth: int = DEFAULT_MAX_NESTING_DEPTH
 
 
 def _decode_json(value: bytes | None) -> Any:
@@ -68,7 +72,9 @@ def _registry_avro(options: DecodeOptions) -> Decoder:
     registry = SchemaRegistryClient(
         options.schema_registry_url, timeout_s=options.registry_timeout_s
     )
-    return RegistryAvroDecoder(registry, _reader_schema(options))
+    return RegistryAvroDecoder(
+        registry, _reader_schema(options), max_nesting_depth=options.max_nesting_depth
+    )
 
 
 def _local_avro(options: DecodeOptions) -> Decoder:
@@ -77,7 +83,12 @@ def _local_avro(options: DecodeOptions) -> Decoder:
             "decoder avro-local needs a schema directory (--schema-dir)", setting="schema_dir"
         )
     schemas = load_schema_dir(options.schema_dir)
-    return LocalAvroDecoder(options.schema_dir, schemas, _reader_schema(options))
+    return LocalAvroDecoder(
+        options.schema_dir,
+        schemas,
+        _reader_schema(options),
+        max_nesting_depth=options.max_nesting_depth,
+    )
 
 
 def _reader_schema(options: DecodeOptions) -> ReaderSchema | None:

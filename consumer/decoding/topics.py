@@ -14,6 +14,7 @@ from pathlib import Path
 
 from consumer.core.app import App
 from consumer.core.errors import ConfigError
+from consumer.decoding.avro_limits import DEFAULT_MAX_NESTING_DEPTH
 from consumer.decoding.decoders import DecodeOptions, Decoder, decoder_for
 
 
@@ -26,6 +27,8 @@ class DecodeSettings:
     # Per topic, overriding the app: decoder names and reader schema files.
     decode: Mapping[str, str] = field(default_factory=dict)
     reader_schema: Mapping[str, str] = field(default_factory=dict)
+    # Avro values nesting deeper are bad records (see DecodeOptions.max_nesting_depth).
+    max_nesting_depth: int = DEFAULT_MAX_NESTING_DEPTH
 
 
 class TopicDecoders:
@@ -76,6 +79,7 @@ class TopicDecoders:
                         Path(self._settings.schema_dir) if self._settings.schema_dir else None
                     ),
                     reader_schema=Path(reader) if reader else None,
+                    max_nesting_depth=self._settings.max_nesting_depth,
                 ),
             )
             self._by_choice[choice] = decoder
