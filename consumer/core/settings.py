@@ -82,7 +82,9 @@ class RunSettings(ConsumingSettings):
     # Operations (README "Deploying"): the HTTP port for /metrics, /healthz and /readyz (None:
     # no server; 0: any free port, logged), graceful shutdown, lag sampling, health thresholds.
     metrics_port: int | None = Field(default=None, ge=0, le=65535)
-    metrics_host: str = "0.0.0.0"  # noqa: S104 - probes and scrapers reach a pod from outside
+    # Loopback unless told otherwise: the image, Compose and Kubernetes set 0.0.0.0, since
+    # probes and scrapers reach a container from outside.
+    metrics_host: str = "127.0.0.1"
     shutdown_deadline_s: float = Field(default=30.0, gt=0)
     lag_interval_s: float = Field(default=10.0, gt=0)
     readiness_timeout_s: float = Field(default=30.0, gt=0)

@@ -40,6 +40,13 @@ class OpsServer:
         self._thread: threading.Thread | None = None
 
     @property
+    def host(self) -> str:
+        """The address the server is bound to (once started)."""
+        if self._server is None:
+            raise ConfigError("the metrics server is not started")
+        return str(self._server.server_address[0])
+
+    @property
     def port(self) -> int:
         if self._server is None:
             raise ConfigError("the metrics server is not started")

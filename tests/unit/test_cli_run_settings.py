@@ -58,7 +58,7 @@ def test_operations_defaults() -> None:
     settings = _settings()
 
     assert settings.metrics_port is None
-    assert settings.metrics_host == "0.0.0.0"  # noqa: S104 - asserting the documented default
+    assert settings.metrics_host == "127.0.0.1"
     assert settings.shutdown_deadline_s == 30.0
     assert settings.lag_interval_s == 10.0
     assert settings.readiness_timeout_s == 30.0

@@ -46,6 +46,7 @@ def test_defaults() -> None:
     assert settings.poll_timeout_s == 0.5
     assert settings.stop_when_idle_s is None
     assert settings.sink_retry_deadline_s == 120.0
+    assert settings.metrics_host == "127.0.0.1"  # the ops server is not exposed by default
     assert (settings.app, settings.group, settings.topics) == (
         "consumer.examples.orders:app",
         "g",

@@ -94,6 +94,9 @@ def test_the_consumer_environment_is_made_of_real_run_settings() -> None:
     assert (settings.group, settings.topics) == ("orders", ["orders"])
     assert settings.app == "consumer.examples.orders:app"
     assert settings.metrics_port == 9108
+    # Set here, not only in the image: the default (127.0.0.1) would hide the published port.
+    assert environment["OFFSETKEEPER_METRICS_HOST"] == "0.0.0.0"  # noqa: S104 - a container
+    assert settings.metrics_host == "0.0.0.0"  # noqa: S104
     assert settings.log_format == "json"
 
 

@@ -16,6 +16,7 @@ import pytest
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from consumer.core.settings import RunSettings
 from consumer.runtime.health import Health
 from consumer.runtime.metrics import Metrics
 from consumer.runtime.ops_server import OpsServer
@@ -165,6 +166,8 @@ def test_the_metrics_port_is_exposed_and_served_on_all_interfaces() -> None:
     final = _final_stage()
     env = _env(final)
     assert env["OFFSETKEEPER_METRICS_PORT"] == _only("EXPOSE", final).text == "9108"
+    # offsetkeeper itself listens on loopback only; the image opens it to the probes.
+    assert RunSettings.model_fields["metrics_host"].default == "127.0.0.1"
     assert env["OFFSETKEEPER_METRICS_HOST"] == "0.0.0.0"  # noqa: S104 - a container's probes
     assert env["OFFSETKEEPER_LOG_FORMAT"] == "json"
 

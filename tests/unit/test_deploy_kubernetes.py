@@ -131,6 +131,16 @@ def test_the_probes_point_at_the_health_endpoints_on_the_metrics_port() -> None:
     assert annotations["prometheus.io/path"] == "/metrics"
 
 
+def test_the_endpoint_listens_on_all_interfaces_for_the_probes_and_the_scraper() -> None:
+    # The kubelet and Prometheus come from outside the pod; the default (127.0.0.1) would fail
+    # every probe. Set in the manifests, not only in the image.
+    environment = _environment(_container(_deployment()))
+    assert environment["OFFSETKEEPER_METRICS_HOST"] == "0.0.0.0"  # noqa: S104 - a pod's probes
+    settings = settings_from(RunSettings, environment)
+    assert isinstance(settings, RunSettings)
+    assert settings.metrics_host == "0.0.0.0"  # noqa: S104
+
+
 def test_the_grace_period_outlasts_the_shutdown_deadline_and_the_abort() -> None:
     deadline = float(k8s_object("ConfigMap")["data"]["OFFSETKEEPER_SHUTDOWN_DEADLINE_S"])
     for workload in (_deployment(), _job()):

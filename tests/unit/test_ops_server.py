@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import pytest
 
 from consumer import ConfigError, TopicPartition
+from consumer.core.settings import CONFIG_FILE_ENV, RunSettings, load_settings
 from consumer.runtime.health import Health
 from consumer.runtime.metrics import Metrics
 from consumer.runtime.ops_server import ENDPOINTS, OpsServer
@@ -46,6 +47,25 @@ def served() -> Iterator[Served]:
     server.start()
     yield Served(server, health, metrics, clock)
     server.stop()
+
+
+def test_the_server_listens_on_loopback_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("OFFSETKEEPER_METRICS_HOST", raising=False)
+    monkeypatch.delenv(CONFIG_FILE_ENV, raising=False)
+    settings = load_settings(
+        RunSettings, {"app": "a:b", "group": "g", "topics": ["t"], "metrics_port": 0}
+    )
+    registry = Metrics(app="a", group="g", process_metrics=False).registry
+    server = OpsServer(settings.metrics_host, settings.metrics_port or 0, registry, Health())
+    server.start()
+    try:
+        assert server.host == "127.0.0.1"
+        with urllib.request.urlopen(f"http://127.0.0.1:{server.port}/healthz", timeout=5) as answer:
+            assert answer.status == 200
+    finally:
+        server.stop()
 
 
 def test_metrics_are_served_in_the_prometheus_text_format(served: Served) -> None:
