@@ -16,8 +16,9 @@ promoted to long, float or double, ...). Without one, records are read as writte
 
 Writer schemas are parsed once (per id or per file) and kept with their reader schema as a
 `_Plan`, so decoding a record does no HTTP and no schema parsing. Values of a writer schema
-that could nest past `max_nesting_depth` (a recursive one) are checked before fastavro reads
-them (`avro_limits`): its C reader would overflow the stack. A record that cannot be
+that could nest past `max_nesting_depth` (a recursive one), or hold arrays of items that take
+no bytes, are checked before fastavro reads them (`avro_limits`): its C reader would overflow
+the stack, or make millions of items out of a few bytes. A record that cannot be
 decoded is a `DecodeError`; a registry that cannot be asked (unreachable, timing out, 5xx) is a
 `SchemaRegistryError`, which the engine retries instead of blaming the record.
 """
@@ -168,8 +169,8 @@ class _Plan:
     reader: ParsedSchema | None
     writer_label: str  # e.g. "writer schema id 7 (offsetkeeper.examples.Order)"
     reader_label: str | None
-    # Checks a value's nesting depth before fastavro reads it; None when the writer schema
-    # cannot nest past the limit (avro_limits).
+    # Checks a value's nesting depth and item counts before fastavro reads it; None when the
+    # writer schema needs no checks (avro_limits).
     guard: ValueGuard | None
 
 

@@ -8,10 +8,19 @@ restart meets the same record forever. A value nesting deeper than `max_nesting_
 (records, arrays and maps; the outermost record is level 1) is a `DecodeError` with
 `field="nesting depth"`.
 
-The check walks the value's bytes against the writer schema without recursion and without
+fastavro also makes one Python object per array item, as many as a block's header declares.
+Items of zero encoded width (null, fixed of size 0, an empty record) take no bytes, so 15
+bytes can declare 2**26 of them: seconds of CPU and gigabytes of memory. A value declaring
+more than `MAX_ZERO_WIDTH_ITEMS` of them in all is a `DecodeError` with `field="item count"`,
+and so is a block declaring more items (or map entries) than the bytes left could hold, as
+every other item takes a byte at least.
+
+The checks walk the value's bytes against the writer schema without recursion and without
 building objects (`ValueGuard.check`). Only a writer schema that needs it gets a guard
-(`guard_for`): one that is recursive, or nests deeper than the limit. Any other schema bounds
-the depth of its values by itself, so they go straight to fastavro and pay nothing.
+(`guard_for`): one that is recursive, nests deeper than the limit, or has an array of
+zero-width items. Any other schema bounds the depth of its values by itself, and fastavro runs
+out of bytes before it can make more items than there are bytes, so its values go straight to
+fastavro and pay nothing.
 """
 
 from __future__ import annotations
@@ -26,6 +35,9 @@ from consumer.core.errors import ConfigError, DecodeError
 DEFAULT_MAX_NESTING_DEPTH = 256
 # A limit above this could let a value overflow a default 8 MiB thread stack in fastavro.
 MAX_NESTING_DEPTH_ALLOWED = 2_000
+# Items of zero width one value may declare, over all its arrays: at most ~4 ms of fastavro's
+# time and ~1 MB of memory (empty records, the dearest), where 2**26 took 25 s and 4.6 GiB.
+MAX_ZERO_WIDTH_ITEMS = 10_000
 
 # How the walk reads each kind of schema node.
 _FIXED = 0  # a fixed number of bytes: null (0), boolean (1), float (4), double (8), fixed (n)
@@ -215,10 +227,9 @@ class ValueGuard:
         except IndexError as exc:  # a varint ran past the end
             raise self._malformed(value, None) from exc
         except _Malformed as exc:
-            if exc.count is not None:
+            if exc.field is not None:
                 raise DecodeError(
-                    f"value is not valid Avro for {self._writer_label}: {exc.problem}",
-                    field="item count",
+                    f"value refused for {self._writer_label}: {exc.problem}", field=exc.field
                 ) from exc
             raise self._malformed(value, exc.problem) from exc
 
@@ -227,6 +238,7 @@ class ValueGuard:
         a stack (None closes a level), so a deep value costs heap, not C stack."""
         end, depth, limit = len(data), 0, self._max_depth
         stack: list[_Type | _Blocks | None] = [self._root]
+        budget = [MAX_ZERO_WIDTH_ITEMS]  # zero-width items this value may still declare
         while stack:
             node = stack.pop()
             if node is None:
@@ -248,7 +260,7 @@ class ValueGuard:
                     depth += 1
                     if depth > limit:
                         raise self._too_deep(pos)
-                    _open(node, stack)
+                    _open(node, stack, budget)
                 if pos > end:  # the last node read checks the end too
                     raise _Malformed
 
@@ -270,18 +282,20 @@ class ValueGuard:
 def guard_for(schema: Any, writer_label: str, max_depth: int) -> ValueGuard | None:
     """A guard for the values of writer schema `schema`, or None if they need none."""
     root = _compile(schema)
-    _mark_zero_width(_nodes(root))
+    nodes = _nodes(root)
+    _mark_zero_width(nodes)
     bound = _depth_bound(root)
-    if bound is not None and bound <= max_depth:
+    empty_items = any(node.kind == _ARRAY and node.children[0].zero_width for node in nodes)
+    if bound is not None and bound <= max_depth and not empty_items:
         return None
     return ValueGuard(root, writer_label, max_depth)
 
 
 class _Malformed(Exception):  # noqa: N818 - internal: ValueGuard.check makes it a DecodeError
-    def __init__(self, problem: str | None = None, *, count: int | None = None) -> None:
+    def __init__(self, problem: str | None = None, *, field: str | None = None) -> None:
         super().__init__(problem)
         self.problem = problem  # None: the bytes ran out
-        self.count = count  # an item count that cannot be real
+        self.field = field  # the DecodeError's field, when a limit refused the value
 
 
 _STRING = _Type()
@@ -291,9 +305,10 @@ _STRING.kind = _BYTES
 class _Blocks:
     """An array or map being read: its items type, the items left in the current block."""
 
-    __slots__ = ("block_end", "is_map", "items", "label", "left")
+    __slots__ = ("block_end", "budget", "is_map", "items", "label", "left")
 
-    def __init__(self, node: _Type) -> None:
+    def __init__(self, node: _Type, budget: list[int]) -> None:
+        self.budget = budget  # the walk's zero-width items still allowed, shared
         self.items = node.children[0]
         self.is_map = node.kind == _MAP
         self.label = node.label
@@ -328,24 +343,31 @@ class _Blocks:
                 raise _Malformed(f"negative block size {size}")
             self.block_end = pos + size
         if self.items.zero_width and not self.is_map:
+            self.budget[0] -= count
+            if self.budget[0] < 0:
+                raise _Malformed(
+                    f"{self.label} declares {count} items of zero width, past the "
+                    f"{MAX_ZERO_WIDTH_ITEMS} one value may hold",
+                    field="item count",
+                )
             return count, pos  # nothing to read; such items nest no deeper than their schema
         if count > len(data) - pos:  # every item (every map key) takes a byte at least
             raise _Malformed(
                 f"{self.label} declares {count} items with {len(data) - pos} bytes left, "
                 "and each takes a byte at least",
-                count=count,
+                field="item count",
             )
         self.left = count
         return count, pos
 
 
-def _open(node: _Type, stack: list[_Type | _Blocks | None]) -> None:
+def _open(node: _Type, stack: list[_Type | _Blocks | None], budget: list[int]) -> None:
     """Put what a record, array or map holds on `stack`, over the None that closes its level."""
     stack.append(None)
     if node.kind == _RECORD:
         stack.extend(node.children)
     else:
-        stack.append(_Blocks(node))
+        stack.append(_Blocks(node, budget))
 
 
 def _skip_varint(data: bytes, pos: int) -> int:

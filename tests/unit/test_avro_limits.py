@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import time
+import tracemalloc
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from consumer.decoding.avro import (
 from consumer.decoding.avro_limits import (
     DEFAULT_MAX_NESTING_DEPTH,
     MAX_NESTING_DEPTH_ALLOWED,
+    MAX_ZERO_WIDTH_ITEMS,
     ValueGuard,
     guard_for,
 )
@@ -274,6 +276,148 @@ def test_a_block_whose_size_disagrees_with_its_items_is_refused(tmp_path: Path) 
         decode(header + lying)
     with pytest.raises(DecodeError, match="negative block size"):
         decode(header + avro_long(-2) + avro_long(-4) + leaf + leaf + b"\x00" + avro_long(1))
+
+
+# --- item counts ----------------------------------------------------------------------------
+
+EMPTY = {"type": "record", "name": "Empty", "fields": []}
+NULLS = {"type": "record", "name": "Nulls", "fields": [{"name": "a", "type": "null"},
+         {"name": "z", "type": {"type": "fixed", "name": "Z", "size": 0}}]}  # fmt: skip
+ZERO_WIDTH_ITEMS = {
+    "null": ("null", None),
+    "empty record": (EMPTY, {}),
+    "record of null and fixed(0)": (NULLS, {"a": None, "z": b""}),
+}
+
+
+def holder(items: Any) -> dict[str, Any]:
+    return {"type": "record", "name": "Holder", "fields": [
+        {"name": "xs", "type": {"type": "array", "items": items}},
+        {"name": "n", "type": "long"},
+    ]}  # fmt: skip
+
+
+def holder_decoder(directory: Path, items: Any) -> tuple[Decoder, bytes]:
+    schema = holder(items)
+    write_schema(directory, "holder.avsc", schema)
+    return local(directory), b"\xc3\x01" + schema_fingerprint(parse_schema(schema))
+
+
+def decode_measured(decode: Decoder, value: bytes) -> tuple[DecodeError, float, int]:
+    """The DecodeError `decode` raises, the seconds it took, the peak bytes it allocated."""
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(DecodeError) as caught:
+            decode(value)
+    finally:
+        took = time.perf_counter() - started
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return caught.value, took, peak
+
+
+@pytest.mark.parametrize("kind", sorted(ZERO_WIDTH_ITEMS))
+def test_huge_counts_of_zero_width_items_are_refused_at_once(tmp_path: Path, kind: str) -> None:
+    decode, header = holder_decoder(tmp_path, ZERO_WIDTH_ITEMS[kind][0])
+    bodies = {
+        # 15 bytes once took fastavro 3 s and 540 MiB (null), 25 s and 4.6 GiB (empty records).
+        "one block of 2**26": avro_long(2**26) + b"\x00" + avro_long(1),
+        "a sized block": avro_long(-(2**40)) + avro_long(0) + b"\x00" + avro_long(1),
+        "blocks under the cap, more than it in all": avro_long(4_000) * 3 + b"\x00" + avro_long(1),
+    }
+    for name, body in bodies.items():
+        error, took, peak = decode_measured(decode, header + body)
+        assert error.field == "item count", name
+        assert "items of zero width, past the 10000 one value may hold" in str(error), name
+        assert took < 0.5, (name, took)
+        assert peak < 256 * 1024, (name, peak)
+
+
+@pytest.mark.parametrize("kind", sorted(ZERO_WIDTH_ITEMS))
+def test_zero_width_items_up_to_the_cap_decode(tmp_path: Path, kind: str) -> None:
+    items, item = ZERO_WIDTH_ITEMS[kind]
+    decode, header = holder_decoder(tmp_path, items)
+    assert MAX_ZERO_WIDTH_ITEMS == 10_000
+    full = {"xs": [item] * MAX_ZERO_WIDTH_ITEMS, "n": 3}
+    assert decode(encode_single_object(holder(items), full)) == full
+    split = avro_long(6_000) + avro_long(4_000) + b"\x00" + avro_long(3)
+    assert decode(header + split) == full
+    with pytest.raises(DecodeError) as caught:
+        decode(header + avro_long(6_000) + avro_long(4_001) + b"\x00" + avro_long(3))
+    assert caught.value.field == "item count"
+
+
+def test_zero_width_items_are_counted_over_every_array_of_the_value(tmp_path: Path) -> None:
+    # xs: an array of arrays of null.
+    decode, header = holder_decoder(tmp_path, {"type": "array", "items": "null"})
+    inner = avro_long(2_000) + b"\x00"  # 2,000 nulls in 2 bytes
+    five = avro_long(5) + inner * 5 + b"\x00"
+    assert decode(header + five + avro_long(1)) == {"xs": [[None] * 2_000] * 5, "n": 1}
+    error, took, peak = decode_measured(decode, header + avro_long(6) + inner * 6 + b"\x00\x02")
+    assert error.field == "item count"
+    assert took < 0.5
+    assert peak < 256 * 1024
+
+
+def test_a_count_larger_than_the_bytes_left_is_refused_in_a_walked_value(tmp_path: Path) -> None:
+    # Walked because the schema is recursive: every count is checked against the bytes left.
+    tree = {"type": "record", "name": "T", "fields": [
+        {"name": "kids", "type": {"type": "array", "items": "T"}},
+        {"name": "tags", "type": {"type": "map", "values": "null"}},
+    ]}  # fmt: skip
+    write_schema(tmp_path, "t.avsc", tree)
+    decode = local(tmp_path)
+    header = b"\xc3\x01" + schema_fingerprint(parse_schema(tree))
+    one_tag = b"\x00" + avro_long(1) + b"\x00" + b"\x00"  # no kids; tags {"": None}
+    assert decode(header + one_tag) == {"kids": [], "tags": {"": None}}
+    for body, what in (
+        (
+            avro_long(2**60) + b"\x00" * 4,
+            "array in field 'kids' declares 1152921504606846976 items",
+        ),
+        (b"\x00" + avro_long(5) + b"\x00" * 4, "map in field 'tags' declares 5 items with 4 bytes"),
+    ):
+        error, took, _peak = decode_measured(decode, header + body)
+        assert error.field == "item count"
+        assert what in str(error)
+        assert "each takes a byte at least" in str(error)
+        assert took < 0.5
+
+
+def test_arrays_of_items_that_take_bytes_need_no_walk(tmp_path: Path) -> None:
+    # fastavro runs out of bytes before it makes more items than there are bytes.
+    longs = holder("long")
+    assert guard_for(parse_schema(longs), "longs", DEFAULT_MAX_NESTING_DEPTH) is None
+    assert guard_for(parse_schema(holder("null")), "nulls", DEFAULT_MAX_NESTING_DEPTH) is not None
+    mapped = {"type": "map", "values": "null"}  # every key takes a byte
+    assert guard_for(parse_schema(mapped), "map", DEFAULT_MAX_NESTING_DEPTH) is None
+    decode, header = holder_decoder(tmp_path, "long")
+    error, took, peak = decode_measured(decode, header + avro_long(2**60) + b"\x02" * 8)
+    assert "value truncated" in str(error)
+    assert took < 0.5
+    assert peak < 256 * 1024
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    nulls=st.lists(st.none(), max_size=40),
+    empties=st.lists(st.just({}), max_size=40),
+    n=st.integers(-(2**63), 2**63 - 1),
+)
+def test_small_arrays_of_zero_width_items_round_trip(
+    tmp_path_factory: pytest.TempPathFactory, nulls: list[None], empties: list[Any], n: int
+) -> None:
+    schema = {"type": "record", "name": "Two", "fields": [
+        {"name": "nulls", "type": {"type": "array", "items": "null"}},
+        {"name": "empties", "type": {"type": "array", "items": EMPTY}},
+        {"name": "n", "type": "long"},
+    ]}  # fmt: skip
+    directory = tmp_path_factory.getbasetemp() / "two-arrays"
+    if not directory.exists():
+        write_schema(directory, "two.avsc", schema)
+    value = {"nulls": nulls, "empties": empties, "n": n}
+    assert local(directory)(encode_single_object(schema, value)) == value
 
 
 # --- the setting -----------------------------------------------------------------------------
