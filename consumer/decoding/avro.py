@@ -36,6 +36,7 @@ import time
 import urllib.error
 import urllib.parse
 import urllib.request
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
@@ -70,6 +71,9 @@ SINGLE_OBJECT_HEADER_SIZE = 10
 REGISTRY_CONTENT_TYPE = "application/vnd.schemaregistry.v1+json"
 # An unknown schema id is asked for again after this long (it may have been registered since).
 _UNKNOWN_ID_RETRY_S = 30.0
+# How many unknown schema ids are remembered (the most recently met): a stream of random ids
+# must not fill memory. An id pushed out is asked for again when it comes back.
+_UNKNOWN_IDS_KEPT = 1024
 _ID_IN_FILE_NAME = re.compile(r"\.(\d+)$")
 
 
@@ -380,8 +384,7 @@ class RegistryAvroDecoder:
         self._reader = reader
         self._max_depth = check_max_nesting_depth(max_nesting_depth)
         self._plans: dict[bytes, _Plan] = {}  # by the 4 id bytes of the Confluent header
-        # Schema id -> until when the registry's 404 for it stands, and its message.
-        self._unknown_until: dict[int, tuple[float, str]] = {}
+        self._unknown_ids = _UnknownIds(_UNKNOWN_IDS_KEPT, _UNKNOWN_ID_RETRY_S)
         # Only a cache miss takes the lock, so two threads never fetch the same id twice.
         self._fetch_lock = threading.Lock()
 
@@ -406,14 +409,13 @@ class RegistryAvroDecoder:
             plan = self._plans.get(key)
             if plan is not None:
                 return plan
-            unknown = self._unknown_until.get(schema_id)
-            if unknown is not None and time.monotonic() < unknown[0]:
-                raise DecodeError(unknown[1], field="schema id", schema_id=schema_id)
+            unknown = self._unknown_ids.message(schema_id)
+            if unknown is not None:
+                raise DecodeError(unknown, field="schema id", schema_id=schema_id)
             try:
                 text = self._registry.schema_text(schema_id)
             except DecodeError as exc:
-                retry_at = time.monotonic() + _UNKNOWN_ID_RETRY_S
-                self._unknown_until[schema_id] = (retry_at, exc.message)
+                self._unknown_ids.remember(schema_id, exc.message)
                 raise
             try:
                 writer = parse_schema(text)
@@ -428,6 +430,38 @@ class RegistryAvroDecoder:
             plan = _plan(writer, label, self._reader, self._max_depth)
             self._plans[key] = plan
             return plan
+
+
+class _UnknownIds:
+    """Schema ids the registry does not know (or knows as another schema type): each answer
+    stands for `retry_after_s`, and only the `kept` most recently met ids are remembered.
+    Used under the decoder's fetch lock."""
+
+    def __init__(self, kept: int, retry_after_s: float) -> None:
+        self._kept = kept
+        self._retry_after_s = retry_after_s
+        # Schema id -> until when the registry's answer stands, and its message; oldest first.
+        self._until: OrderedDict[int, tuple[float, str]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._until)
+
+    def message(self, schema_id: int) -> str | None:
+        """The registry's answer for `schema_id` if it still stands, else None."""
+        found = self._until.get(schema_id)
+        if found is None:
+            return None
+        if time.monotonic() >= found[0]:
+            del self._until[schema_id]
+            return None
+        self._until.move_to_end(schema_id)
+        return found[1]
+
+    def remember(self, schema_id: int, message: str) -> None:
+        self._until[schema_id] = (time.monotonic() + self._retry_after_s, message)
+        self._until.move_to_end(schema_id)
+        while len(self._until) > self._kept:
+            self._until.popitem(last=False)
 
 
 def _first_byte(value: bytes) -> str:

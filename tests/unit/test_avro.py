@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from collections.abc import Iterator, MutableMapping
 from pathlib import Path
 from typing import Any
@@ -15,7 +16,9 @@ from hypothesis import strategies as st
 
 from consumer import ConfigError, DecodeError, Record, Row
 from consumer.core.errors import SchemaRegistryError
+from consumer.decoding import avro as avro_module
 from consumer.decoding.avro import (
+    RegistryAvroDecoder,
     encode_confluent,
     encode_single_object,
     parse_schema,
@@ -369,6 +372,68 @@ def test_one_registry_request_per_schema_id(registry: FakeSchemaRegistry) -> Non
     assert registry.fetches(id1) == 1
     assert registry.fetches(id2) == 1
     assert sum(registry.requests.values()) == 2
+
+
+def _unknown(decode: Decoder, schema_id: int) -> None:
+    with pytest.raises(DecodeError, match=f"unknown schema id {schema_id} "):
+        decode(b"\x00" + schema_id.to_bytes(4, "big") + b"\x02")
+
+
+def test_unknown_ids_remembered_are_bounded_the_most_recent_kept(
+    registry: FakeSchemaRegistry,
+) -> None:
+    decode = registry_decoder(registry, reader=None)
+    assert isinstance(decode, RegistryAvroDecoder)
+    kept = avro_module._UNKNOWN_IDS_KEPT
+    assert kept == 1024
+    started = time.monotonic()
+    for schema_id in range(100_000, 100_000 + kept + 200):  # a stream of random ids
+        _unknown(decode, schema_id)
+    assert len(decode._unknown_ids) == kept, "no more than the bound, whatever comes"
+    assert time.monotonic() - started < 20
+    asked = sum(registry.requests.values())
+    # The most recent ids still stand: no request.
+    for schema_id in range(100_000 + 200, 100_000 + kept + 200):
+        _unknown(decode, schema_id)
+    assert sum(registry.requests.values()) == asked
+    # The first ones were pushed out: asked for again (and remembered again).
+    _unknown(decode, 100_000)
+    _unknown(decode, 100_000)
+    assert registry.fetches(100_000) == 2
+    assert len(decode._unknown_ids) == kept
+
+
+def test_a_remembered_unknown_id_is_used_and_kept_over_newer_ones(
+    registry: FakeSchemaRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(avro_module, "_UNKNOWN_IDS_KEPT", 3)
+    decode = registry_decoder(registry, reader=None)
+    for schema_id in (1, 2, 3):
+        _unknown(decode, schema_id)
+    _unknown(decode, 1)  # met again: now the most recent
+    _unknown(decode, 4)  # pushes out 2, the least recently met
+    _unknown(decode, 1)
+    _unknown(decode, 3)
+    _unknown(decode, 2)
+    assert [registry.fetches(i) for i in (1, 2, 3, 4)] == [1, 2, 1, 1]
+
+
+def test_an_unknown_id_is_asked_for_again_after_its_time(
+    registry: FakeSchemaRegistry, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(avro_module, "_UNKNOWN_ID_RETRY_S", 0.2)
+    decode = registry_decoder(registry, reader=None)
+    _unknown(decode, 7)
+    _unknown(decode, 7)
+    assert registry.fetches(7) == 1
+    # Registered meanwhile (ids are given in order): once the 404 has had its time, the
+    # record decodes.
+    schemas = [{**V1, "name": f"Order{n}"} for n in range(1, 8)]
+    assert [registry.register("late-value", schema) for schema in schemas][-1] == 7
+    _unknown(decode, 7)
+    time.sleep(0.3)
+    assert decode(encode_confluent(schemas[-1], 7, v1_order(1))) == v1_order(1)
+    assert registry.fetches(7) == 2
 
 
 # --- configuration errors -------------------------------------------------------------------
