@@ -10,7 +10,9 @@ is idle with no lag. It is not ready while
 
 - it has not joined the group yet, or is shutting down;
 - the loop is stalled (liveness fails);
-- the sink has been failing for `readiness_timeout_s` or longer;
+- the sink has been failing for `readiness_timeout_s` or longer (reported as the action, the
+  error class, its cause's class and a code where the sink gave one, never the message: a
+  sink's message can quote the row values it refused; the engine's log has it in full);
 - a partition is stopped on a bad record (it will not move until someone acts);
 - a partition has lag and committed nothing for `readiness_timeout_s` (lag that just appeared
   starts that clock, so a partition that was idle is not blamed for the time it had no work);
@@ -19,13 +21,68 @@ is idle with no lag. It is not ready while
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from consumer.core.errors import OffsetkeeperError
 from consumer.core.records import TopicPartition
+
+# Context keys of a sink error that hold a code (PostgreSQL's SQLSTATE, a Kafka error name, the
+# Kafka sink's transaction failure class), shown under these labels; nothing else is shown.
+_CODE_KEYS = {"sqlstate": "SQLSTATE", "code": "code", "failure": "failure", "errno": "errno"}
+# What may be served of a name or code: a short token, nothing that could carry a value.
+_TOKEN = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def _token(value: object) -> str | None:
+    text = str(value)
+    return text if _TOKEN.fullmatch(text) else None
+
+
+@dataclass(frozen=True, slots=True)
+class SinkFailure:
+    """What readiness may say about a failed sink call: safe to serve over HTTP.
+
+    Never the error's message or its context values other than codes: a sink's message can
+    quote the values of the row it refused (PostgreSQL's does), and /readyz is not the log.
+    """
+
+    action: str  # the sink call: open, acquire, commit, ...
+    error: str  # the error's class name, e.g. SinkError
+    cause: str | None = None  # the class of the driver error under it, e.g. psycopg.errors.X
+    codes: tuple[tuple[str, str], ...] = ()  # (label, code), e.g. ("SQLSTATE", "22001")
+
+    @classmethod
+    def of(cls, action: str, error: BaseException) -> SinkFailure:
+        cause = error.__cause__
+        context = error.context if isinstance(error, OffsetkeeperError) else {}
+        codes = tuple(
+            (label, code)
+            for key, label in _CODE_KEYS.items()
+            if key in context and (code := _token(context[key])) is not None
+        )
+        return cls(
+            action=_token(action) or "sink call",
+            error=_token(type(error).__name__) or "error",
+            cause=None if cause is None else _token(_qualified_name(type(cause))),
+            codes=codes,
+        )
+
+    def describe(self) -> str:
+        """E.g. `commit failed with SinkError (psycopg.errors.StringDataRightTruncation,
+        SQLSTATE 22001)`."""
+        details = ([self.cause] if self.cause else []) + [f"{k} {v}" for k, v in self.codes]
+        suffix = f" ({', '.join(details)})" if details else ""
+        return f"{self.action} failed with {self.error}{suffix}"
+
+
+def _qualified_name(kind: type) -> str:
+    module = kind.__module__
+    return kind.__qualname__ if module == "builtins" else f"{module}.{kind.__qualname__}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,7 +125,7 @@ class Health:
         self._joined = False
         self._stopping = False
         self._sink_failing_since: float | None = None
-        self._sink_error = ""
+        self._sink_failure: SinkFailure | None = None
         self._ends_unknown_since: float | None = None
         self._partitions: dict[TopicPartition, _Partition] = {}
 
@@ -84,19 +141,20 @@ class Health:
     def mark_stopping(self) -> None:
         self._stopping = True  # a plain store: safe from a signal handler
 
-    def sink_failed(self, error: str) -> None:
+    def sink_failed(self, failure: SinkFailure) -> None:
+        """A sink call failed (the last failure is the one reported; see `SinkFailure`)."""
         self._last_beat = now = self._clock()
         with self._lock:
             if self._sink_failing_since is None:
                 self._sink_failing_since = now
-            self._sink_error = error
+            self._sink_failure = failure
 
     def sink_ok(self) -> None:
         self._last_beat = self._clock()
         if self._sink_failing_since is not None:
             with self._lock:
                 self._sink_failing_since = None
-                self._sink_error = ""
+                self._sink_failure = None
 
     def sink_failing_for(self) -> float:
         """Seconds the sink has been failing without a success in between (0.0: it is fine)."""
@@ -195,9 +253,10 @@ class Health:
             if beat_age > self.liveness_timeout_s:
                 reasons.append(f"the partition loop has not run for {beat_age:.0f}s")
             if self._sink_failing_since is not None and now - self._sink_failing_since >= limit:
+                failure = self._sink_failure
                 reasons.append(
-                    f"the sink has been failing for {now - self._sink_failing_since:.0f}s: "
-                    f"{self._sink_error}"
+                    f"the sink has been failing for {now - self._sink_failing_since:.0f}s"
+                    + ("" if failure is None else f": {failure.describe()}")
                 )
             if self._ends_unknown_since is not None and now - self._ends_unknown_since >= limit:
                 reasons.append(

@@ -15,7 +15,7 @@ from consumer.core.errors import RecordError, SinkError
 from consumer.core.records import TopicPartition
 from consumer.engine.batch import PartitionWork
 from consumer.engine.commit import CommittedBatch
-from consumer.runtime.health import Health
+from consumer.runtime.health import Health, SinkFailure
 from consumer.runtime.metrics import Metrics
 
 
@@ -80,7 +80,8 @@ class Telemetry:
         self.metrics.sink_seconds.labels(action).observe(duration_s)
 
     def sink_failed(self, action: str, error: SinkError) -> None:
-        self.health.sink_failed(str(error))
+        # Readiness gets the action, classes and codes only; the message is in the engine's log.
+        self.health.sink_failed(SinkFailure.of(action, error))
         self.metrics.sink_retries.labels(action).inc()
 
     def joined(self) -> None:

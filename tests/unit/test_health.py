@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from consumer import TopicPartition
-from consumer.runtime.health import Health
+from consumer import KafkaError, SinkError, TopicPartition
+from consumer.runtime.health import Health, SinkFailure
 from tests.fixtures.fake_backend import FakeClock
 
 P0 = TopicPartition("orders", 0)
@@ -82,9 +82,9 @@ def test_sink_failures_make_it_unready_only_after_the_timeout(
     health: Health, clock: FakeClock
 ) -> None:
     health.assigned({P0: 0})
-    health.sink_failed("cannot connect to PostgreSQL")
+    health.sink_failed(SinkFailure("open", "SinkError"))
     clock.sleep(29)
-    health.sink_failed("cannot connect to PostgreSQL")  # retries do not restart the clock
+    health.sink_failed(SinkFailure("open", "SinkError"))  # retries do not restart the clock
     assert _ready(health) == (True, [])
     assert health.sink_failing_for() == 29
     clock.sleep(1)
@@ -92,12 +92,67 @@ def test_sink_failures_make_it_unready_only_after_the_timeout(
     ok, reasons = _ready(health)
 
     assert not ok
-    assert reasons == ["the sink has been failing for 30s: cannot connect to PostgreSQL"]
+    assert reasons == ["the sink has been failing for 30s: open failed with SinkError"]
     # A sink failure keeps the loop alive: it is retrying, not wedged.
     assert health.liveness().ok
     health.sink_ok()
     assert _ready(health) == (True, [])
     assert health.sink_failing_for() == 0
+
+
+class UniqueViolation(Exception):  # noqa: N818 - named as psycopg names it
+    pass
+
+
+def _raised(error: Exception, cause: Exception | None = None) -> Exception:
+    try:
+        raise error from cause
+    except Exception as raised:
+        return raised
+
+
+def test_a_sink_failure_keeps_the_action_classes_and_codes_but_no_message() -> None:
+    row = "(id)=(alice@example.com)"
+    error = _raised(
+        SinkError(
+            f"cannot write rows: duplicate key {row}",
+            sink="postgresql://u:***@h/db",
+            table="users",
+            sqlstate="23505",
+            reason=f"duplicate key value violates unique constraint: Key {row} already exists",
+        ),
+        UniqueViolation(f"Key {row} already exists"),
+    )
+
+    failure = SinkFailure.of("commit", error)
+
+    assert failure == SinkFailure(
+        action="commit",
+        error="SinkError",
+        cause=f"{__name__}.UniqueViolation",
+        codes=(("SQLSTATE", "23505"),),
+    )
+    assert failure.describe() == (
+        f"commit failed with SinkError ({__name__}.UniqueViolation, SQLSTATE 23505)"
+    )
+    assert "alice" not in repr(failure)
+
+
+def test_only_code_shaped_context_values_are_kept() -> None:
+    error = SinkError(
+        "commit failed",
+        code="_TRANSPORT",
+        failure="abortable",
+        sqlstate="23505 (id)=(alice)",  # not a code: a sink put a value in it
+        reason="alice",
+    )
+
+    failure = SinkFailure.of("commit", error)
+
+    assert failure.codes == (("code", "_TRANSPORT"), ("failure", "abortable"))
+    assert failure.describe() == "commit failed with SinkError (code _TRANSPORT, failure abortable)"
+    assert SinkFailure.of("open", KafkaError("x")).describe() == "open failed with KafkaError"
+    assert SinkFailure.of("open", ValueError("alice")).describe() == "open failed with ValueError"
 
 
 def test_a_lagging_partition_that_commits_stays_ready(health: Health, clock: FakeClock) -> None:

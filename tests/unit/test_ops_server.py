@@ -11,11 +11,12 @@ from dataclasses import dataclass
 
 import pytest
 
-from consumer import ConfigError, TopicPartition
+from consumer import ConfigError, SinkError, TopicPartition
 from consumer.core.settings import CONFIG_FILE_ENV, RunSettings, load_settings
 from consumer.runtime.health import Health
 from consumer.runtime.metrics import Metrics
 from consumer.runtime.ops_server import ENDPOINTS, OpsServer
+from consumer.runtime.telemetry import Telemetry
 from tests.fixtures.fake_backend import FakeClock
 
 
@@ -66,6 +67,37 @@ def test_the_server_listens_on_loopback_unless_told_otherwise(
             assert answer.status == 200
     finally:
         server.stop()
+
+
+def test_readyz_reports_a_failing_sink_without_the_row_values_in_its_message(
+    served: Served,
+) -> None:
+    row_value = "4111-1111-1111-1111"
+    try:
+        try:
+            raise ValueError(f"numeric field overflow: {row_value}")
+        except ValueError as driver_error:
+            raise SinkError(
+                f"cannot write rows: {row_value}",
+                sqlstate="22003",
+                reason=f'ERROR: numeric field overflow DETAIL: value "{row_value}"',
+            ) from driver_error
+    except SinkError as error:
+        Telemetry(served.metrics, served.health, clock=served.clock.now).sink_failed(
+            "commit", error
+        )
+    served.health.mark_joined()
+    served.clock.sleep(31)
+
+    status, content_type, body = served.get("/readyz")
+
+    assert (status, content_type) == (503, "application/json")
+    assert row_value.encode() not in body
+    assert b"overflow" not in body
+    assert json.loads(body)["reasons"] == [
+        "the sink has been failing for 31s: commit failed with SinkError "
+        "(ValueError, SQLSTATE 22003)"
+    ]
 
 
 def test_metrics_are_served_in_the_prometheus_text_format(served: Served) -> None:

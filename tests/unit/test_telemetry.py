@@ -3,14 +3,19 @@ the Prometheus registry and the health state, plus the lag sampler fed from the 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import json
+import re
+import urllib.error
+import urllib.request
+from collections.abc import Callable, MutableMapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import prometheus_client
 import pytest
 
-from consumer import Sink, TopicPartition
+from consumer import Sink, SinkError, TopicPartition
 from consumer.core.exit_codes import EXIT_OK, EXIT_PARTITIONS_STOPPED
 from consumer.engine.batch import BadRecordPolicy, DeadLetter
 from consumer.engine.dead_letters import DeadLetterWriter
@@ -18,6 +23,7 @@ from consumer.engine.group import Engine, EngineSettings
 from consumer.runtime.health import Health, Verdict
 from consumer.runtime.lag import LagSampler
 from consumer.runtime.metrics import Metrics
+from consumer.runtime.ops_server import OpsServer
 from consumer.runtime.telemetry import Telemetry
 from sinks import SqliteSink
 from tests.fixtures.apps import event, events_app
@@ -180,6 +186,74 @@ def test_sink_retries_are_counted_and_the_failing_gauge_resets(tmp_path: Path) -
     assert o.telemetry.health.readiness().ok
 
 
+ROW_VALUE = "card-4111-1111-1111-1111"
+
+
+class StringDataRightTruncation(Exception):  # noqa: N818 - named as psycopg names it
+    """Stands in for the driver's exception (psycopg's quotes the refused value)."""
+
+
+class RowQuotingSink(SqliteSink):
+    """A SqliteSink whose commits fail the way PostgreSQL's do: the message quotes the row."""
+
+    def commit(self) -> None:
+        try:
+            raise StringDataRightTruncation(f'value too long: "{ROW_VALUE}"')
+        except StringDataRightTruncation as exc:
+            raise SinkError(
+                f"cannot write rows: value too long for column id: {ROW_VALUE}",
+                table="events",
+                sqlstate="22001",
+                reason=f'ERROR: value too long for type character varying(8): "{ROW_VALUE}"',
+            ) from exc
+
+
+def test_readyz_names_the_failing_action_class_and_sqlstate_but_never_a_row_value(
+    tmp_path: Path, log_events: list[MutableMapping[str, Any]]
+) -> None:
+    answers: list[tuple[int, dict[str, Any]]] = []
+
+    def ask_readyz() -> None:  # over real HTTP, while the engine waits to retry the commit
+        request = urllib.request.Request(f"http://127.0.0.1:{server.port}/readyz")
+        try:
+            with urllib.request.urlopen(request, timeout=5) as answer:  # noqa: S310 - our server
+                status, body = answer.status, answer.read()
+        except urllib.error.HTTPError as error:
+            status, body = error.code, error.read()
+        assert ROW_VALUE.encode() not in body
+        answers.append((status, json.loads(body)))
+
+    o = _observed(
+        tmp_path,
+        [Assign([P0])],
+        sink=RowQuotingSink(tmp_path / "telemetry.db"),
+        readiness_timeout_s=2.0,
+        after_sleep=ask_readyz,
+    )
+    server = OpsServer("127.0.0.1", 0, o.telemetry.metrics.registry, o.telemetry.health)
+    server.start()
+    try:
+        o.backend.append(P0, event(ROW_VALUE, 1))
+        with pytest.raises(SinkError, match="value too long"):
+            o.engine.run()
+    finally:
+        server.stop()
+
+    status, body = answers[-1]
+    assert status == 503
+    [reason] = body["reasons"]
+    assert re.fullmatch(
+        r"the sink has been failing for \d+s: commit failed with SinkError "
+        rf"\({re.escape(__name__)}\.StringDataRightTruncation, SQLSTATE 22001\)",
+        reason,
+    ), reason
+    assert "value too long" not in reason
+    # The log keeps the whole message: it is not served over HTTP.
+    retries = [e for e in log_events if e["event"] == "sink_retry"]
+    assert retries
+    assert all(ROW_VALUE in e["error"] for e in retries)
+
+
 def test_a_sink_that_is_not_up_at_start_is_retried_not_fatal(tmp_path: Path) -> None:
     flaky = FlakySink(tmp_path / "telemetry.db", failures=0, open_failures=2)
     o = _observed(tmp_path, [Assign([P0])], sink=flaky)
@@ -214,7 +288,9 @@ def test_a_sink_failing_longer_than_the_readiness_timeout_is_reported(tmp_path: 
     assert readiness[0] == (True, [])
     assert readiness[-1][0] is False
     assert readiness[-1][1][0].startswith("the sink has been failing for ")
-    assert readiness[-1][1][0].endswith(": disk full (injected)")
+    # The action and the error class, never the message (a sink's message can quote rows).
+    assert readiness[-1][1][0].endswith("s: commit failed with SinkError")
+    assert not any("disk full" in reason for _ok, reasons in readiness for reason in reasons)
     assert o.value("offsetkeeper_sink_retries_total", action="commit") == flaky.commit_attempts
 
 
