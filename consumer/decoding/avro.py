@@ -41,7 +41,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from http import HTTPStatus
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import fastavro
 import structlog
@@ -257,7 +257,9 @@ def _confluent_id(value: bytes) -> int:
 class SchemaRegistryClient:
     """Fetches writer schemas by id from a Confluent-compatible schema registry (stdlib HTTP).
 
-    `user:password@` in the URL becomes HTTP basic auth; the password is never logged.
+    `user:password@` in the URL becomes HTTP basic auth; the password is never logged, and
+    never sent to another origin: a redirect to another scheme, host or port is followed
+    without the Authorization header (`_CredentialsStayHome`).
     """
 
     def __init__(self, url: str, *, timeout_s: float = 10.0) -> None:
@@ -280,6 +282,7 @@ class SchemaRegistryClient:
             token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
             self._headers["Authorization"] = f"Basic {token}"
         self._timeout_s = timeout_s
+        self._opener = urllib.request.build_opener(_CredentialsStayHome(self.base_url))
 
     def schema_text(self, schema_id: int) -> str:
         """The writer schema registered under `schema_id`, as JSON text.
@@ -303,7 +306,7 @@ class SchemaRegistryClient:
         # The scheme was checked to be http(s) in __init__.
         request = urllib.request.Request(url, headers=self._headers)  # noqa: S310
         try:
-            with urllib.request.urlopen(request, timeout=self._timeout_s) as answer:  # noqa: S310
+            with self._opener.open(request, timeout=self._timeout_s) as answer:
                 body: bytes = answer.read()
         except urllib.error.HTTPError as exc:
             raise self._http_error(schema_id, exc) from exc
@@ -360,6 +363,57 @@ class SchemaRegistryClient:
                 schema_id=schema_id,
             )
         return text
+
+
+class _CredentialsStayHome(urllib.request.HTTPRedirectHandler):
+    """Follows the registry's redirects, but drops the Authorization header from a redirected
+    request to another origin (scheme, host, port). urllib would send it anywhere."""
+
+    def __init__(self, registry: str) -> None:
+        self._registry = registry  # for the log, without credentials
+
+    def redirect_request(  # noqa: PLR0917 - urllib's signature, positional as it calls it
+        self,
+        req: urllib.request.Request,
+        fp: IO[bytes],
+        code: int,
+        msg: str,
+        headers: http.client.HTTPMessage,
+        newurl: str,
+    ) -> urllib.request.Request | None:
+        redirected = super().redirect_request(req, fp, code, msg, headers, newurl)
+        if redirected is not None and _origin(newurl) != _origin(req.full_url):
+            dropped = redirected.has_header("Authorization")
+            redirected.remove_header("Authorization")
+            log.warning(
+                "schema_registry_redirected_elsewhere",
+                registry=self._registry,
+                status=code,
+                redirected_to=_without_credentials(newurl),
+                credentials_dropped=dropped,
+            )
+        return redirected
+
+
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    """Scheme, host and port of `url`: where a request goes, as far as credentials care."""
+    parts = urllib.parse.urlsplit(url)
+    scheme = parts.scheme.lower()
+    try:
+        port = parts.port or _DEFAULT_PORTS.get(scheme)
+    except ValueError:  # not a port number: an origin like no other
+        port = -1
+    return scheme, (parts.hostname or "").lower(), port
+
+
+def _without_credentials(url: str) -> str:
+    """`url` without its user:password@ and query: fit for a log."""
+    parts = urllib.parse.urlsplit(url)
+    host = parts.netloc.rpartition("@")[2]
+    return urllib.parse.urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def _registry_message(error: urllib.error.HTTPError) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import time
@@ -354,6 +355,78 @@ def test_credentials_from_the_url_are_sent_and_never_logged(
         }
     ]
     assert "p@ss" not in repr(log_events)
+
+
+BASIC_SVC = "Basic " + base64.b64encode(b"svc:s3cret").decode()
+
+
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_to_another_origin_does_not_carry_the_credentials(
+    registry: FakeSchemaRegistry, status: int, log_events: list[MutableMapping[str, Any]]
+) -> None:
+    with FakeSchemaRegistry() as elsewhere:  # another local server: another port
+        schema_id = elsewhere.register("orders-value", V1)
+        registry.redirect_next(elsewhere.url, status)
+        authed = registry.url.replace("http://", "http://svc:s3cret@")
+        decode = decoder_for("avro", DecodeOptions(schema_registry_url=authed))
+        assert decode(encode_confluent(V1, schema_id, v1_order(1))) == v1_order(1)
+    path = f"/schemas/ids/{schema_id}"
+    assert [(p, h.get("authorization")) for p, h in registry.received] == [(path, BASIC_SVC)]
+    assert [p for p, _h in elsewhere.received] == [path]
+    assert "authorization" not in elsewhere.received[0][1], "the credentials stayed home"
+    redirected = [e for e in log_events if e["event"] == "schema_registry_redirected_elsewhere"]
+    assert redirected == [
+        {
+            "event": "schema_registry_redirected_elsewhere",
+            "log_level": "warning",
+            "registry": registry.url,
+            "status": status,
+            "redirected_to": elsewhere.url + path,
+            "credentials_dropped": True,
+        }
+    ]
+    assert "s3cret" not in repr(log_events)
+
+
+def test_another_origin_that_wants_credentials_gets_none(registry: FakeSchemaRegistry) -> None:
+    with FakeSchemaRegistry() as elsewhere:
+        schema_id = elsewhere.register("orders-value", V1)
+        elsewhere.require_auth("svc", "s3cret")  # it would accept them: they are still not sent
+        registry.redirect_next(elsewhere.url, 302)
+        authed = registry.url.replace("http://", "http://svc:s3cret@")
+        decode = decoder_for("avro", DecodeOptions(schema_registry_url=authed))
+        with pytest.raises(SchemaRegistryError, match="answered 401"):
+            decode(encode_confluent(V1, schema_id, v1_order(1)))
+    assert "authorization" not in elsewhere.received[0][1]
+
+
+def test_a_redirect_within_the_registry_keeps_the_credentials(
+    registry: FakeSchemaRegistry, log_events: list[MutableMapping[str, Any]]
+) -> None:
+    schema_id = registry.register("orders-value", V1)
+    registry.require_auth("svc", "s3cret")
+    registry.redirect_next(registry.url, 307)  # same scheme, host and port
+    authed = registry.url.replace("http://", "http://svc:s3cret@")
+    decode = decoder_for("avro", DecodeOptions(schema_registry_url=authed))
+    assert decode(encode_confluent(V1, schema_id, v1_order(1))) == v1_order(1)
+    assert [h.get("authorization") for _p, h in registry.received] == [BASIC_SVC, BASIC_SVC]
+    assert not [e for e in log_events if e["event"] == "schema_registry_redirected_elsewhere"]
+
+
+@pytest.mark.parametrize(
+    ("first", "second", "same"),
+    [
+        ("http://Registry.Example/a", "http://registry.example:80/b", True),
+        ("https://registry.example/a", "https://registry.example:443/b", True),
+        ("http://registry.example/a", "https://registry.example/a", False),
+        ("http://registry.example/a", "http://registry.example:8081/a", False),
+        ("http://registry.example/a", "http://registry.example.evil/a", False),
+        ("http://127.0.0.1:8081/a", "http://localhost:8081/a", False),
+        ("http://registry.example/a", "http://registry.example:port/a", False),
+    ],
+)
+def test_what_counts_as_the_same_origin(first: str, second: str, same: bool) -> None:
+    assert (avro_module._origin(first) == avro_module._origin(second)) is same
 
 
 # --- caching --------------------------------------------------------------------------------
