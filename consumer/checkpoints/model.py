@@ -30,6 +30,12 @@ from schemas import checkpoint_schema_text
 
 CURRENT_FORMAT_VERSION = 2
 
+# Ranges of the record's integers (Kafka's partitions and leader epochs are Java ints, offsets
+# Java longs), and how much of a bad value an error quotes.
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+_SHOWN_CHARS = 60
+
 CheckpointRecord = dict[str, Any]
 _Upgrade = Callable[[CheckpointRecord], CheckpointRecord]
 
@@ -102,7 +108,13 @@ def upgrade_record(record: Mapping[str, Any]) -> CheckpointRecord:
     version = record.get("format_version")
     if isinstance(version, bool) or not isinstance(version, int) or version < 1:
         raise CheckpointFormatError(
-            "checkpoint has no valid format_version", format_version=version
+            "checkpoint has no valid format_version", format_version=_shown(version)
+        )
+    if version > _INT32_MAX:  # no format will ever be numbered so; and str() of it may fail
+        raise CheckpointFormatError(
+            "checkpoint format_version is newer than this code knows (and than any release)",
+            format_version=_shown(version),
+            supported_version=CURRENT_FORMAT_VERSION,
         )
     upgraded = upgrade_chain(
         dict(record),
@@ -110,44 +122,117 @@ def upgrade_record(record: Mapping[str, Any]) -> CheckpointRecord:
         to_version=CURRENT_FORMAT_VERSION,
         steps=_UPGRADES,
         what="checkpoint format",
-        topic=record.get("topic"),
-        partition=record.get("partition"),
+        topic=_shown(record.get("topic")),
+        partition=_shown(record.get("partition")),
     )
     upgraded["format_version"] = CURRENT_FORMAT_VERSION
     return upgraded
 
 
 def decode_checkpoint(record: Mapping[str, Any]) -> Checkpoint:
-    """A `Checkpoint` from a stored record of any released format."""
+    """A `Checkpoint` from a stored record of any released format.
+
+    The record may come from outside (a file, Kafka offset metadata, a database row someone
+    edited): every field is checked for its type and range, and anything else is a
+    `CheckpointError` naming the field, never a `TypeError` or a silently coerced value."""
+    if not isinstance(record, Mapping):
+        raise CheckpointError("checkpoint record is not an object", got=type(record).__name__)
     current = upgrade_record(record)
     stored_format = record.get("format_version")
     try:
-        updated_at = current["updated_at"]
-        if isinstance(updated_at, int):
-            updated_at = datetime.fromtimestamp(updated_at / 1000, tz=UTC)
         return Checkpoint(
-            group=str(current["group"]),
-            topic=str(current["topic"]),
-            partition=int(current["partition"]),
-            next_offset=int(current["next_offset"]),
-            updated_at=updated_at,
-            epoch=int(current["epoch"]),
-            leader_epoch=_optional_int(current["leader_epoch"]),
-            writer_version=str(current["writer_version"]),
-            state=None if current["state"] is None else bytes(current["state"]),
-            state_version=_optional_int(current["state_version"]),
+            group=_text(current, "group"),
+            topic=_text(current, "topic"),
+            partition=_integer(current, "partition", 0, _INT32_MAX),
+            next_offset=_integer(current, "next_offset", 0, _INT64_MAX),
+            updated_at=_timestamp(current, "updated_at"),
+            epoch=_integer(current, "epoch", 0, _INT64_MAX),
+            leader_epoch=_optional(current, "leader_epoch", -1, _INT32_MAX),
+            writer_version=_text(current, "writer_version"),
+            state=_state(current, "state"),
+            state_version=_optional(current, "state_version", 0, _INT32_MAX),
             read_from_format=stored_format if isinstance(stored_format, int) else None,
         )
-    except (KeyError, TypeError, ValueError) as exc:
+    except _BadFieldError as exc:
         raise CheckpointError(
             "checkpoint record is missing a field or has a wrong type",
-            format_version=record.get("format_version"),
-            detail=str(exc),
-        ) from exc
+            format_version=stored_format if isinstance(stored_format, int) else None,
+            field=exc.field,
+            detail=exc.detail,
+            topic=_shown(record.get("topic")),
+            partition=_shown(record.get("partition")),
+        ) from None
 
 
-def _optional_int(value: Any) -> int | None:
-    return None if value is None else int(value)
+# -- checking the fields of a record that may come from outside ---------------------------------
+
+
+class _BadFieldError(Exception):
+    def __init__(self, field: str, detail: str) -> None:
+        super().__init__(field, detail)
+        self.field = field
+        self.detail = detail
+
+
+def _shown(value: Any) -> Any:
+    """`value` as it may appear in an error: short, whatever it was."""
+    if value is None or (isinstance(value, int) and abs(value) <= _INT64_MAX):
+        return value
+    if isinstance(value, int):  # repr() of a huge int is slow, and refused past 4300 digits
+        return f"an integer of {value.bit_length()} bits"
+    if isinstance(value, float):
+        return value
+    if not isinstance(value, str | bytes):  # a container may be huge or nested past repr()
+        return f"a {type(value).__name__}"
+    text = value if isinstance(value, str) else repr(value[:_SHOWN_CHARS])
+    return text if len(text) <= _SHOWN_CHARS else f"{text[: _SHOWN_CHARS - 3]}..."
+
+
+def _field(record: Mapping[str, Any], name: str) -> Any:
+    if name not in record:
+        raise _BadFieldError(name, f"{name!r} is missing")
+    return record[name]
+
+
+def _text(record: Mapping[str, Any], name: str) -> str:
+    value = _field(record, name)
+    if not isinstance(value, str):
+        raise _BadFieldError(name, f"{name!r} must be a string, got {_shown(value)}")
+    return value
+
+
+def _integer(record: Mapping[str, Any], name: str, low: int, high: int) -> int:
+    value = _field(record, name)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _BadFieldError(name, f"{name!r} must be an integer, got {_shown(value)}")
+    if not low <= value <= high:
+        raise _BadFieldError(name, f"{name!r} must be in [{low}, {high}], got {_shown(value)}")
+    return value
+
+
+def _optional(record: Mapping[str, Any], name: str, low: int, high: int) -> int | None:
+    return None if _field(record, name) is None else _integer(record, name, low, high)
+
+
+def _state(record: Mapping[str, Any], name: str) -> bytes | None:
+    value = _field(record, name)
+    if value is None or isinstance(value, bytes):
+        return value
+    if isinstance(value, bytearray | memoryview):
+        return bytes(value)
+    raise _BadFieldError(name, f"{name!r} must be bytes or null, got {type(value).__name__}")
+
+
+def _timestamp(record: Mapping[str, Any], name: str) -> datetime:
+    value = _field(record, name)
+    if isinstance(value, datetime):
+        return value
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise _BadFieldError(name, f"{name!r} must be epoch milliseconds or a datetime")
+    try:
+        return datetime.fromtimestamp(value / 1000, tz=UTC)
+    except (OverflowError, OSError, ValueError):
+        raise _BadFieldError(name, f"{name!r} is out of range: {_shown(value)}") from None
 
 
 @cache
@@ -179,7 +264,16 @@ def from_avro(data: bytes, *, format_version: int) -> Checkpoint:
             supported_version=CURRENT_FORMAT_VERSION,
         )
     reader = avro.io.DatumReader(_parsed_schema(format_version))
-    record = reader.read(avro.io.BinaryDecoder(io.BytesIO(data)))
+    try:
+        record = reader.read(avro.io.BinaryDecoder(io.BytesIO(data)))
+    except Exception as exc:  # bytes from outside: any decoder failure is theirs
+        # avro raises its own errors, struct.error, UnicodeDecodeError, ValueError, ... for
+        # truncated or garbled bytes; none of them may escape as a traceback.
+        raise CheckpointError(
+            "checkpoint bytes are not a valid Avro record of their format",
+            format_version=format_version,
+            reason=f"{type(exc).__name__}: {str(exc)[:120]}",
+        ) from None
     if not isinstance(record, dict):
         raise CheckpointError(
             "checkpoint Avro datum is not a record", format_version=format_version

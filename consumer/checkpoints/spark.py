@@ -89,9 +89,10 @@ _HEADER_LINES = 2  # the version line and the metadata line precede the sources
 
 _VOID_OFFSET = "-"  # OffsetSeqLog.SERIALIZED_VOID_OFFSET: the source has no offset yet
 _BATCH_FILE = re.compile(r"[0-9]+")
-_VERSION_HEADER = re.compile(r"v([0-9]+)")
+_VERSION_HEADER = re.compile(r"v([0-9]{1,9})")  # more digits: not a version Spark wrote
 _PARTITION_KEY = re.compile(r"[0-9]+")
 _LONG_MAX = 2**63 - 1
+_INT_MAX = 2**31 - 1  # Kafka partitions are Java ints
 _PLACEHOLDERS = {-1: "latest", -2: "earliest"}
 _EXAMPLE = '{"topic":{"0":23,"1":42}}'
 
@@ -118,9 +119,22 @@ def read_spark_kafka_offsets(
     The offsets are next offsets to read (Spark's exclusive `untilOffset`), ready to be stored as
     offsetkeeper checkpoints. Raises `ConfigError`, naming the file, for anything this cannot
     adopt: a missing or empty log, no committed batch, a version newer than v2, malformed JSON,
-    a chosen source that is not Kafka, or an offset that is not a concrete position.
+    a chosen source that is not Kafka, or an offset that is not a concrete position. Files that
+    cannot be read (permissions, a directory where a file belongs, not UTF-8, JSON nested too
+    deeply) are a `ConfigError` naming the file too, never a traceback.
     """
     root = Path(checkpoint_dir)
+    try:
+        return _read_checkpoint(root, source_index)
+    except OSError as exc:  # a stat or a listing that failed, wherever in the tree
+        where = exc.filename if isinstance(exc.filename, str) else str(root)
+        raise ConfigError(
+            f"cannot read the Spark checkpoint: {exc.strerror or type(exc).__name__}",
+            path=where,
+        ) from None
+
+
+def _read_checkpoint(root: Path, source_index: int | None) -> dict[str, dict[int, int]]:
     if not root.is_dir():
         what = "path is not a directory" if root.exists() else "directory does not exist"
         raise ConfigError(f"Spark checkpoint {what}", path=str(root))
@@ -171,14 +185,16 @@ def _batch_ids(log_dir: Path) -> list[int]:
             if _BATCH_FILE.fullmatch(entry.name) and entry.is_file()
         ]
     except OSError as exc:
-        raise ConfigError(f"cannot list Spark log directory: {exc}", path=str(log_dir)) from exc
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"cannot list Spark log directory: {reason}", path=str(log_dir)) from exc
 
 
 def _read_lines(path: Path) -> list[str]:
     try:
         text = path.read_bytes().decode("utf-8")
     except OSError as exc:
-        raise ConfigError(f"cannot read Spark log file: {exc}", path=str(path)) from exc
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"cannot read Spark log file: {reason}", path=str(path)) from exc
     except UnicodeDecodeError as exc:
         raise ConfigError("Spark log file is not UTF-8 text", path=str(path)) from exc
     # Like scala.io.Source.getLines: split on \n (dropping a \r before it), no final empty line.
@@ -315,6 +331,7 @@ def _kafka_offsets(path: Path, source: _SourceLine) -> dict[str, dict[int, int]]
     offsets: dict[str, dict[int, int]] = {}
     for topic in sorted(value):
         partitions = value[topic]
+        _check_partition_keys(path, source, topic, partitions)
         for key in sorted(partitions, key=int):
             offset = partitions[key]
             if offset < 0:
@@ -335,6 +352,17 @@ def _kafka_offsets(path: Path, source: _SourceLine) -> dict[str, dict[int, int]]
     return offsets
 
 
+def _check_partition_keys(path: Path, source: _SourceLine, topic: str, partitions: Any) -> None:
+    for key in partitions:
+        if len(key) > len(str(_INT_MAX)) or int(key) > _INT_MAX:
+            raise ConfigError(
+                f"{source.label} names a partition of {topic!r} beyond the largest Kafka "
+                f"partition number ({_INT_MAX}): {key[:40]!r}",
+                path=str(path),
+                topic=topic,
+            )
+
+
 def _parse_json_of(path: Path, source: _SourceLine) -> Any:
     return _parse_json(path, source.text, f"{source.label}'s offset")
 
@@ -344,9 +372,15 @@ def _parse_json(path: Path, text: str, what: str) -> Any:
         return json.loads(text)
     except ValueError as exc:  # json.JSONDecodeError, or an integer too long to convert
         raise ConfigError(
-            f"malformed JSON in Spark log file: {what} does not parse ({exc}): {text[:80]!r}",
+            f"malformed JSON in Spark log file: {what} does not parse "
+            f"({str(exc)[:120]}): {text[:80]!r}",
             path=str(path),
         ) from exc
+    except RecursionError:
+        raise ConfigError(
+            f"malformed JSON in Spark log file: {what} nests too deeply to read: {text[:40]!r}",
+            path=str(path),
+        ) from None
 
 
 def _is_kafka_map(value: Any) -> bool:

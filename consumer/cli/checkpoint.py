@@ -20,7 +20,7 @@ from consumer.cli.checkpoint_tools import (
     check_offsets_in_log,
     export_document,
     offsets_to_checkpoints,
-    parse_export,
+    read_export,
     read_offsets_file,
     refuse_live_group,
     store_checkpoints,
@@ -236,13 +236,7 @@ def checkpoint_export(args: argparse.Namespace, out: TextIO) -> int:
 def checkpoint_import(args: argparse.Namespace, out: TextIO) -> int:
     settings = _settings(args)
     group = _group(settings)
-    try:
-        document = json.loads(args.input.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise ConfigError(
-            "cannot read the export file", path=str(args.input), reason=str(exc)
-        ) from None
-    checkpoints = parse_export(document, path=str(args.input))
+    checkpoints = read_export(args.input)
     reader = _reader(settings, f"import-{group}")
     try:
         refuse_live_group(reader, group, "import checkpoints")
@@ -325,23 +319,12 @@ def checkpoint_adopt(args: argparse.Namespace, out: TextIO) -> int:
     settings = _settings(args)
     group = _group(settings)
     kind, source = args.source
+    # A file source is read, and refused if it is bad, before Kafka is asked anything.
+    offsets = None if kind == "kafka-group" else _offsets_from_file(kind, source, args)
     reader = _reader(settings, f"adopt-{group}")
     try:
-        if kind == "kafka-group":
+        if offsets is None:
             offsets = reader.committed_offsets(source)
-        elif kind == "spark-checkpoint":
-            from consumer.checkpoints.spark import read_spark_kafka_offsets  # noqa: PLC0415
-
-            spark = read_spark_kafka_offsets(Path(source), source_index=args.spark_source)
-            offsets = {TopicPartition(t, p): o for t, ps in spark.items() for p, o in ps.items()}
-        elif kind == "offsets-file":
-            offsets = read_offsets_file(Path(source))
-        else:
-            raise ConfigError(
-                "unknown adopt source",
-                kind=kind,
-                known=["kafka-group", "spark-checkpoint", "offsets-file"],
-            )
         if args.topics:
             offsets = {tp: o for tp, o in offsets.items() if tp.topic in set(args.topics)}
         if not offsets:
@@ -357,6 +340,21 @@ def checkpoint_adopt(args: argparse.Namespace, out: TextIO) -> int:
         out,
         dry_run=args.dry_run,
         verb="adopt",
+    )
+
+
+def _offsets_from_file(
+    kind: str, source: str, args: argparse.Namespace
+) -> dict[TopicPartition, int]:
+    if kind == "spark-checkpoint":
+        from consumer.checkpoints.spark import read_spark_kafka_offsets  # noqa: PLC0415
+
+        spark = read_spark_kafka_offsets(Path(source), source_index=args.spark_source)
+        return {TopicPartition(t, p): o for t, ps in spark.items() for p, o in ps.items()}
+    if kind == "offsets-file":
+        return read_offsets_file(Path(source))
+    raise ConfigError(
+        "unknown adopt source", kind=kind, known=["kafka-group", "spark-checkpoint", "offsets-file"]
     )
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from consumer.checkpoints.model import (
     encode_checkpoint,
     writer_version,
 )
-from consumer.core.errors import ConfigError
+from consumer.core.errors import CheckpointError, ConfigError
 from consumer.core.records import TopicPartition
 from consumer.engine.client import PartitionReader
 from consumer.engine.sink import Sink
@@ -47,59 +48,167 @@ def export_document(checkpoints: list[Checkpoint], *, source: str) -> dict[str, 
     }
 
 
+def read_json_file(path: Path, what: str) -> Any:
+    """The JSON value in the file at `path`. Anything wrong with the file (missing, a directory
+    or a device, unreadable, not UTF-8, not JSON, nested past what the parser can follow) is a
+    `ConfigError` that names the file and says what is wrong; `what` names the file's role."""
+    shown = str(path)
+    try:
+        if path.is_dir():
+            raise ConfigError(f"the {what} is a directory, not a file", path=shown)
+        if path.exists() and not path.is_file():
+            raise ConfigError(f"the {what} is not a regular file", path=shown)
+        text = path.read_bytes().decode("utf-8")
+        return json.loads(text)
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        raise ConfigError(f"cannot read the {what}: {reason}", path=shown) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            f"the {what} is not UTF-8 text (byte {exc.start} is not valid)", path=shown
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"the {what} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}",
+            path=shown,
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"the {what} nests JSON too deeply to read", path=shown) from None
+    except ValueError as exc:  # e.g. an integer literal past Python's 4300-digit limit
+        raise ConfigError(f"the {what} is not usable JSON: {str(exc)[:120]}", path=shown) from None
+
+
+def read_export(path: Path) -> list[Checkpoint]:
+    """Checkpoints from the export document at `path` (see `parse_export`)."""
+    return parse_export(read_json_file(path, "export file"), path=str(path))
+
+
 def parse_export(document: Any, *, path: str) -> list[Checkpoint]:
-    """Checkpoints from an export document; records of any released format are upgraded."""
+    """Checkpoints from an export document; records of any released format are upgraded.
+    Every entry is checked (types, ranges, topic names, one entry per partition); anything
+    wrong is a `ConfigError` naming the file and the entry."""
     if not isinstance(document, dict) or document.get("kind") != EXPORT_KIND:
         raise ConfigError("not an offsetkeeper checkpoint export", path=path)
     if document.get("export_version") != EXPORT_VERSION:
         raise ConfigError(
-            "unknown export document version", path=path, version=document.get("export_version")
+            "unknown export document version",
+            path=path,
+            version=_shown(document.get("export_version")),
         )
-    checkpoints = []
-    for index, record in enumerate(document.get("checkpoints", [])):
-        if not isinstance(record, dict):
-            raise ConfigError("checkpoint entry is not an object", path=path, index=index)
-        state = record.get("state")
-        decoded = {**record, "state": None if state is None else base64.b64decode(state)}
-        checkpoints.append(decode_checkpoint(decoded))
-    return checkpoints
+    records = document.get("checkpoints", [])
+    if not isinstance(records, list):
+        raise ConfigError("the export's checkpoints must be a list", path=path)
+    checkpoints: dict[TopicPartition, Checkpoint] = {}
+    for index, record in enumerate(records):
+        checkpoint = _export_entry(record, path=path, index=index)
+        if checkpoint.topic_partition in checkpoints:
+            raise ConfigError(
+                "the export has two entries for one partition",
+                path=path,
+                index=index,
+                topic=checkpoint.topic,
+                partition=checkpoint.partition,
+            )
+        checkpoints[checkpoint.topic_partition] = checkpoint
+    return list(checkpoints.values())
+
+
+def _export_entry(record: Any, *, path: str, index: int) -> Checkpoint:
+    if not isinstance(record, dict):
+        raise ConfigError("checkpoint entry is not an object", path=path, index=index)
+    state = record.get("state")
+    if state is not None:
+        if not isinstance(state, str):
+            raise ConfigError("checkpoint state must be base64 text", path=path, index=index)
+        try:
+            state = base64.b64decode(state, validate=True)
+        except ValueError:  # binascii.Error
+            raise ConfigError(
+                "checkpoint state is not valid base64", path=path, index=index
+            ) from None
+    try:
+        checkpoint = decode_checkpoint({**record, "state": state})
+    except CheckpointError as exc:
+        raise ConfigError(
+            f"invalid checkpoint entry: {exc.message}", path=path, index=index, **exc.context
+        ) from None
+    _check_topic(checkpoint.topic, path=path, index=index)
+    return checkpoint
 
 
 def read_offsets_file(path: Path) -> dict[TopicPartition, int]:
     """`{topic: {partition: next_offset}}` from a JSON file, every value checked."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ConfigError("cannot read offsets file", path=str(path), reason=str(exc)) from None
-    except json.JSONDecodeError as exc:
-        raise ConfigError(
-            "offsets file is not valid JSON", path=str(path), reason=str(exc)
-        ) from None
+    shown = str(path)
+    data = read_json_file(path, "offsets file")
     if not isinstance(data, dict):
-        raise ConfigError("offsets file must map topic to {partition: offset}", path=str(path))
+        raise ConfigError("offsets file must map topic to {partition: offset}", path=shown)
     offsets: dict[TopicPartition, int] = {}
     for topic, partitions in data.items():
+        _check_topic(topic, path=shown)
         if not isinstance(partitions, dict):
             raise ConfigError(
-                "offsets of a topic must be a {partition: offset} object",
-                path=str(path),
-                topic=topic,
+                "offsets of a topic must be a {partition: offset} object", path=shown, topic=topic
             )
         for partition, offset in partitions.items():
-            if not str(partition).isdigit():
+            number = _partition_number(partition)
+            if number is None:
                 raise ConfigError(
-                    "partition must be a number", path=str(path), topic=topic, partition=partition
+                    f"partition must be a number from 0 to {_INT32_MAX}",
+                    path=shown,
+                    topic=topic,
+                    partition=_shown(partition),
                 )
             if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
                 raise ConfigError(
                     "offset must be a non-negative integer",
-                    path=str(path),
+                    path=shown,
                     topic=topic,
-                    partition=int(partition),
-                    offset=offset,
+                    partition=number,
+                    offset=_shown(offset),
                 )
-            offsets[TopicPartition(topic, int(partition))] = offset
+            if offset > _INT64_MAX:
+                raise ConfigError(
+                    f"offset is beyond the largest Kafka offset ({_INT64_MAX})",
+                    path=shown,
+                    topic=topic,
+                    partition=number,
+                    offset=_shown(offset),
+                )
+            offsets[TopicPartition(topic, number)] = offset
     return offsets
+
+
+# Kafka's rule for topic names (kafka.common.internals.Topic): 1 to 249 of these characters.
+_TOPIC = re.compile(r"[A-Za-z0-9._\-]{1,249}")
+_PARTITION = re.compile(r"[0-9]{1,10}")
+_INT32_MAX = 2**31 - 1
+_INT64_MAX = 2**63 - 1
+_SHOWN_CHARS = 60
+
+
+def _check_topic(topic: str, **context: Any) -> None:
+    if not _TOPIC.fullmatch(topic) or topic in (".", ".."):
+        raise ConfigError(
+            "not a Kafka topic name (1 to 249 of a-z, A-Z, 0-9, '.', '_', '-')",
+            topic=_shown(topic),
+            **context,
+        )
+
+
+def _partition_number(key: str) -> int | None:
+    if not _PARTITION.fullmatch(key) or int(key) > _INT32_MAX:
+        return None
+    return int(key)
+
+
+def _shown(value: Any) -> Any:
+    """`value` as an error may quote it: short, whatever the file held."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _INT64_MAX:
+        return f"an integer of {value.bit_length()} bits"
+    if value is None or isinstance(value, bool | int | float):
+        return value
+    text = value if isinstance(value, str) else type(value).__name__
+    return text if len(text) <= _SHOWN_CHARS else f"{text[: _SHOWN_CHARS - 3]}..."
 
 
 def check_offsets_in_log(reader: PartitionReader, offsets: Mapping[TopicPartition, int]) -> None:

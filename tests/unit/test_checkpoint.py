@@ -262,3 +262,72 @@ def test_the_encoded_record_validates_against_the_current_schema() -> None:
 def test_a_record_with_a_wrong_type_does_not_validate() -> None:
     schema = avro.schema.parse(checkpoint_schema_text(CURRENT_FORMAT_VERSION))
     assert not avro.io.validate(schema, _record(partition="three"))
+
+
+# -- records from outside: every field checked, a CheckpointError naming it ------------------------
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "detail"),
+    [
+        ("group", 7, "must be a string"),
+        ("topic", ["orders"], "must be a string, got a list"),
+        ("writer_version", None, "must be a string"),
+        ("partition", -1, "must be in [0, 2147483647]"),
+        ("partition", 2**31, "must be in [0, 2147483647]"),
+        ("partition", True, "must be an integer"),
+        ("partition", "3", "must be an integer"),
+        ("partition", 3.0, "must be an integer"),
+        ("next_offset", -1, "must be in [0, 9223372036854775807]"),
+        ("next_offset", 2**63, "must be in [0, 9223372036854775807]"),
+        pytest.param("next_offset", 10**5000, "got an integer of", id="next_offset-5000-digits"),
+        ("next_offset", "ten", "must be an integer"),
+        ("epoch", -5, "must be in [0,"),
+        ("leader_epoch", -2, "must be in [-1,"),
+        ("leader_epoch", "7", "must be an integer"),
+        ("state", 10**12, "must be bytes or null, got int"),  # bytes(10**12) would allocate
+        ("state", "c3RhdGU=", "must be bytes or null, got str"),
+        ("state_version", -1, "must be in [0,"),
+        ("updated_at", 10**20, "out of range"),
+        ("updated_at", -(10**20), "out of range"),
+        ("updated_at", "2024-05-01", "epoch milliseconds or a datetime"),
+        ("updated_at", 1.5, "epoch milliseconds or a datetime"),
+    ],
+)
+def test_a_field_of_the_wrong_type_or_range_is_a_checkpoint_error_naming_it(
+    field: str, value: Any, detail: str
+) -> None:
+    with pytest.raises(CheckpointError, match="missing a field or has a wrong type") as caught:
+        decode_checkpoint(_record(**{field: value}))
+
+    assert caught.value.context["field"] == field
+    assert detail in caught.value.context["detail"]
+    assert len(str(caught.value)) < 400, "a hostile value is never quoted in full"
+
+
+def test_a_record_that_is_not_a_mapping_is_a_checkpoint_error() -> None:
+    for record in ([1, 2], "text", None, 7):
+        with pytest.raises(CheckpointError, match="not an object"):
+            decode_checkpoint(record)  # type: ignore[arg-type]
+
+
+def test_bytes_like_state_is_kept_as_bytes() -> None:
+    for state in (bytearray(b"s"), memoryview(b"s")):
+        assert decode_checkpoint(_record(state=state)).state == b"s"
+
+
+def test_a_huge_format_version_is_refused_without_quoting_it() -> None:
+    with pytest.raises(CheckpointFormatError, match="newer than this code knows") as caught:
+        decode_checkpoint(_record(format_version=10**5000))
+    assert len(str(caught.value)) < 400
+
+
+@pytest.mark.parametrize(
+    "data",
+    [b"", b"\x04", b"\xff" * 64, b"\x00" * 3, to_avro(CHECKPOINT)[:-3], b"\x80" * 20],
+    ids=["empty", "truncated-varint", "garbage", "zeros", "truncated", "endless-varint"],
+)
+def test_avro_bytes_that_do_not_decode_are_a_checkpoint_error(data: bytes) -> None:
+    with pytest.raises(CheckpointError) as caught:
+        from_avro(data, format_version=CURRENT_FORMAT_VERSION)
+    assert caught.value.context["format_version"] == CURRENT_FORMAT_VERSION

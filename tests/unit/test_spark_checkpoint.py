@@ -615,3 +615,128 @@ def test_offsets_file_text_helper_matches_builder(tmp_path: Path) -> None:
     assert (root / "offsets" / "2").read_text() == offsets_file_text(
         2, [kafka_offset_json(BATCHES[2])], "v2"
     )
+
+
+# -- hostile files: a ConfigError naming the file, never a traceback -----------------------------
+
+DEEP = "[" * 100_000
+
+
+@pytest.mark.parametrize(
+    ("file", "content"),
+    [
+        ("offsets", f"v1\n{{}}\n{DEEP}"),  # a source's offset
+        ("offsets", f"v1\n{DEEP}\n{{}}"),  # the batch metadata
+        ("offsets", "v1\n{}\n" + '{"a":' * 100_000),
+        ("commits", f"v1\n{DEEP}"),
+    ],
+)
+def test_json_nested_too_deeply_is_refused_naming_the_file(
+    tmp_path: Path, file: str, content: str
+) -> None:
+    root = write_spark_checkpoint(tmp_path / "cp", BATCHES, committed=0)
+    (root / file / "0").write_text(content)
+
+    with pytest.raises(ConfigError, match="nests too deeply") as exc:
+        read_spark_kafka_offsets(root)
+
+    assert exc.value.context == {"path": str(root / file / "0")}
+    assert str(root / file / "0") in str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "partition", ["2147483648", "99999999999", "9" * 5_000], ids=["int32+1", "11", "5000"]
+)
+def test_a_partition_beyond_a_java_int_is_refused(tmp_path: Path, partition: str) -> None:
+    root = write_spark_checkpoint(tmp_path / "cp", BATCHES, committed=0)
+    (root / "offsets" / "0").write_text(f'v1\n{{}}\n{{"orders":{{"{partition}":5}}}}')
+
+    with pytest.raises(ConfigError, match="beyond the largest Kafka partition number") as exc:
+        read_spark_kafka_offsets(root)
+
+    assert exc.value.context == {"path": str(root / "offsets" / "0"), "topic": "orders"}
+    assert len(str(exc.value)) < 400
+
+
+def test_an_offset_literal_too_long_for_python_is_refused(tmp_path: Path) -> None:
+    root = write_spark_checkpoint(tmp_path / "cp", BATCHES, committed=0)
+    (root / "offsets" / "0").write_text('v1\n{}\n{"orders":{"0":' + "7" * 5_000 + "}}")
+
+    with pytest.raises(ConfigError, match="does not parse") as exc:
+        read_spark_kafka_offsets(root)
+
+    assert exc.value.context == {"path": str(root / "offsets" / "0")}
+
+
+@pytest.mark.parametrize("offset", ['"12"', "12.0", "true", "null", "[12]", str(2**63)])
+def test_an_offset_of_the_wrong_type_or_range_is_not_a_kafka_offset(
+    tmp_path: Path, offset: str
+) -> None:
+    root = write_spark_checkpoint(tmp_path / "cp", BATCHES, committed=0)
+    (root / "offsets" / "0").write_text(f'v1\n{{}}\n{{"orders":{{"0":{offset}}}}}')
+
+    with pytest.raises(ConfigError, match="is not a Kafka source") as exc:
+        read_spark_kafka_offsets(root)
+
+    assert exc.value.context == {"path": str(root / "offsets" / "0")}
+
+
+def test_a_version_header_with_thousands_of_digits_is_malformed(tmp_path: Path) -> None:
+    root = write_spark_checkpoint(tmp_path / "cp", BATCHES, committed=0)
+    (root / "offsets" / "0").write_text("v" + "9" * 5_000 + '\n{}\n{"orders":{"0":1}}')
+
+    with pytest.raises(ConfigError, match="must be a version header") as exc:
+        read_spark_kafka_offsets(root)
+
+    assert exc.value.context == {"path": str(root / "offsets" / "0")}
+
+
+def test_an_offsets_file_that_is_a_directory(tmp_path: Path) -> None:
+    root = write_spark_checkpoint(tmp_path / "cp", BATCHES, committed=0)
+    (root / "offsets" / "0").unlink()
+    (root / "offsets" / "0").mkdir()
+
+    with pytest.raises(ConfigError, match="has no offsets file") as exc:
+        read_spark_kafka_offsets(root)
+
+    assert exc.value.context["path"] == str(root / "offsets" / "0")
+
+
+def test_an_unreadable_offsets_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    root = write_spark_checkpoint(tmp_path / "cp", BATCHES, committed=0)
+    unreadable = root / "offsets" / "0"
+    read_bytes = Path.read_bytes
+
+    def deny(path: Path) -> bytes:  # as chmod 000 would for a user other than root
+        if path == unreadable:
+            raise PermissionError(13, "Permission denied", str(path))
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", deny)
+
+    with pytest.raises(ConfigError) as exc:
+        read_spark_kafka_offsets(root)
+
+    assert exc.value.message == "cannot read Spark log file: Permission denied"
+    assert exc.value.context == {"path": str(unreadable)}
+
+
+def test_a_directory_that_cannot_be_searched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = write_spark_checkpoint(tmp_path / "cp", BATCHES, committed=0)
+    commits = root / "commits"
+    is_dir = Path.is_dir
+
+    def deny(path: Path) -> bool:  # stat() of an entry of a directory without search permission
+        if path == commits:
+            raise PermissionError(13, "Permission denied", str(path))
+        return is_dir(path)
+
+    monkeypatch.setattr(Path, "is_dir", deny)
+
+    with pytest.raises(ConfigError) as exc:
+        read_spark_kafka_offsets(root)
+
+    assert exc.value.message == "cannot read the Spark checkpoint: Permission denied"
+    assert exc.value.context == {"path": str(commits)}
