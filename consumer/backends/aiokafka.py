@@ -38,6 +38,7 @@ log = structlog.get_logger("offsetkeeper.kafka")
 
 T = TypeVar("T")
 
+_NO_POSITION_YET_PAUSE_S = 0.05
 _BRIDGE_TIMEOUT_S = 60.0
 
 # librdkafka-style names (as given with -X) that have an aiokafka equivalent.
@@ -317,6 +318,11 @@ class AiokafkaDriver:
                 except aiokafka.errors.OffsetOutOfRangeError as exc:
                     # Raised only once the other partitions' records were returned.
                     await self._reposition(exc)
+                    continue
+                except aiokafka.errors.NoOffsetForPartitionError:
+                    # A partition just assigned, before the listener's seek took effect: with
+                    # no automatic reset aiokafka says so instead of guessing. Poll again.
+                    await asyncio.sleep(_NO_POSITION_YET_PAUSE_S)
                     continue
                 except aiokafka.errors.KafkaError as exc:
                     raise translate(exc, "poll failed", group=self._group) from exc
