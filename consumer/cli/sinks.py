@@ -54,12 +54,14 @@ def open_sink(url: str) -> Sink:
 def checkpoint_admin(sink: Sink) -> CheckpointAdmin:
     """The sink's checkpoint-tool capability, or a ConfigError saying it has none."""
     if not isinstance(sink, CheckpointAdmin):
-        raise ConfigError("this sink does not support the checkpoint tools", sink=sink.description)
+        raise ConfigError(
+            "this sink does not support the checkpoint tools", sink=mask_url(sink.description)
+        )
     return sink
 
 
 def job_store(sink: Sink) -> JobStore:
     """The sink's replay-job store, or a ConfigError saying it cannot keep replay jobs."""
     if not isinstance(sink, JobStore):
-        raise ConfigError("this sink cannot keep replay jobs", sink=sink.description)
+        raise ConfigError("this sink cannot keep replay jobs", sink=mask_url(sink.description))
     return sink

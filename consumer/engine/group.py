@@ -28,6 +28,7 @@ from consumer.core.errors import (
 )
 from consumer.core.exit_codes import EXIT_OK, EXIT_PARTITIONS_STOPPED
 from consumer.core.records import RawRecord, TopicPartition
+from consumer.core.urls import mask_url
 from consumer.decoding.topics import TopicDecoders
 from consumer.engine.batch import BadRecordPolicy
 from consumer.engine.client import ClientBackend, StartPosition
@@ -178,7 +179,7 @@ class Engine:
             app=self._app.name,
             group=self._settings.group,
             topics=list(self._settings.topics),
-            sink=self._sink.description,
+            sink=mask_url(self._sink.description),  # a plugin sink may not mask it
         )
         self._started = self._idle_since = self._last_commit_at = self._clock()
 
