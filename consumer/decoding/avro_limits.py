@@ -30,8 +30,8 @@ from typing import Any
 from consumer.core.errors import ConfigError, DecodeError
 
 # 256 levels take about 0.5 MB of C stack in fastavro: less than half of a 1 MiB thread stack
-# (what Alpine's Python gives its threads; fastavro overflows one past ~560 levels), a sixteenth
-# of the 8 MiB that the main thread and worker threads get from glibc here (~4,600 levels).
+# (what Alpine's Python gives its threads; fastavro overflows one past ~570 levels), a twentieth
+# of the 8 MiB the main thread and worker threads get from glibc by default (~4,600 levels).
 DEFAULT_MAX_NESTING_DEPTH = 256
 # A limit above this could let a value overflow a default 8 MiB thread stack in fastavro.
 MAX_NESTING_DEPTH_ALLOWED = 2_000
