@@ -15,7 +15,10 @@ from dataclasses import dataclass
 CRASH_POINT_ENV = "OFFSETKEEPER_TEST_CRASH_POINT"
 CRASH_AFTER_ENV = "OFFSETKEEPER_TEST_CRASH_AFTER_BATCHES"
 # "file-after-data": inside the file sink's commit, data files renamed, checkpoint not yet.
-CRASH_POINTS = frozenset({"after-rows", "after-commit", "after-dead-letters", "file-after-data"})
+# "after-split-part": a part of a batch the sink refused committed, the rest not yet.
+CRASH_POINTS = frozenset(
+    {"after-rows", "after-commit", "after-dead-letters", "file-after-data", "after-split-part"}
+)
 
 
 @dataclass(slots=True)

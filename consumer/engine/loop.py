@@ -331,6 +331,7 @@ class BatchLoop:
             self._write_dead_letters([work])
         try:
             self._commit([work])
+            self.crash.at("after-split-part")
         except RowsRefusedError as refusal:
             if len(records) == 1:
                 return self._refused_record(tp, records[0], state, refusal)
