@@ -37,6 +37,10 @@ class LagTarget(Protocol):
 
     def ends_sampled(self, ends: Mapping[TopicPartition, int]) -> None: ...
 
+    def starts_sampled(self, starts: Mapping[TopicPartition, int]) -> None:
+        """The log start offsets sampled with the ends (records below them are gone)."""
+        ...
+
     def ends_unknown(self) -> None: ...
 
 
@@ -92,16 +96,17 @@ class LagSampler:
     def sample(self, source: WatermarkSource) -> None:
         """One sample of every owned partition whose stored position is known."""
         ends: dict[TopicPartition, int] = {}
+        starts: dict[TopicPartition, int] = {}
         for tp in sorted(self._target.positions()):
             if self._stop.is_set():
                 return
             try:
-                _low, high = source.watermarks(tp, self._timeout_s)
+                starts[tp], ends[tp] = source.watermarks(tp, self._timeout_s)
             except OffsetkeeperError as exc:
                 self._note_failure(str(exc))
                 return
-            ends[tp] = high
         self._target.ends_sampled(ends)
+        self._target.starts_sampled(starts)
         if self._failing:
             self._failing = False
             log.info("lag_sampling_recovered", partitions=len(ends))

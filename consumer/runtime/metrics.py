@@ -82,6 +82,14 @@ class Metrics:
             _TP,
             registry=r,
         )
+        self.behind_log_start = Gauge(
+            "offsetkeeper_records_behind_log_start",
+            "Records between the checkpoint and the log start: deleted by retention before "
+            "they were read (0: none). Not zero means loss; the partition stops on it unless "
+            "--on-data-loss skip.",
+            _TP,
+            registry=r,
+        )
         self.lag_sample_errors = Counter(
             "offsetkeeper_lag_sample_errors",
             "End-offset samples that failed (the broker did not answer in time).",
@@ -186,7 +194,7 @@ class Metrics:
     def forget_partition_gauges(self, tp: TopicPartition) -> None:
         """A released partition's gauges would be stale: drop them (counters stay, as counters
         must for rate())."""
-        for gauge in (self.committed_offset, self.end_offset, self.lag):
+        for gauge in (self.committed_offset, self.end_offset, self.lag, self.behind_log_start):
             try:
                 gauge.remove(tp.topic, str(tp.partition))
             except KeyError:

@@ -132,6 +132,17 @@ class Telemetry:
                 if lag is not None:
                     m.lag.labels(tp.topic, str(tp.partition)).set(lag)
 
+    def starts_sampled(self, starts: Mapping[TopicPartition, int]) -> None:
+        """Records between a partition's checkpoint and its log start are gone (deleted by
+        retention before they were read): the same condition `checkpoint verify` reports."""
+        positions = self.health.positions()
+        with self._lag_lock:
+            for tp, start in starts.items():
+                position = positions.get(tp)
+                if position is not None:
+                    gone = max(start - position, 0)
+                    self.metrics.behind_log_start.labels(tp.topic, str(tp.partition)).set(gone)
+
     def ends_unknown(self) -> None:
         self.metrics.lag_sample_errors.inc()
         self.health.ends_unknown()

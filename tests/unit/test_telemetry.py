@@ -18,6 +18,7 @@ import pytest
 from consumer import Sink, SinkError, TopicPartition
 from consumer.core.exit_codes import EXIT_OK, EXIT_PARTITIONS_STOPPED
 from consumer.engine.batch import BadRecordPolicy, DeadLetter
+from consumer.engine.data_loss import DataLossPolicy
 from consumer.engine.dead_letters import DeadLetterWriter
 from consumer.engine.group import Engine, EngineSettings
 from consumer.runtime.health import Health, Verdict
@@ -78,6 +79,7 @@ def _observed(
     readiness_timeout_s: float = 30.0,
     dead_letters: DeadLetterWriter | None = None,
     after_sleep: Callable[[], None] = lambda: None,
+    on_data_loss: DataLossPolicy = "stop",
 ) -> Observed:
     clock = FakeClock()
 
@@ -103,6 +105,7 @@ def _observed(
             poll_timeout_s=0.5,
             stop_when_idle_s=1.0,
             bad_records=BadRecordPolicy(action="stop" if dead_letters is None else "dead-letter"),
+            on_data_loss=on_data_loss,
         ),
         backend,
         sink or SqliteSink(db),
@@ -499,3 +502,28 @@ def test_a_dead_lettered_record_is_counted_and_the_consumer_stays_ready(tmp_path
     verdict = o.ready_at_close
     assert verdict is not None
     assert verdict.ok
+
+
+@pytest.mark.parametrize("policy", ["stop", "skip"])
+def test_records_lost_to_retention_show_in_the_metrics(
+    tmp_path: Path, policy: DataLossPolicy
+) -> None:
+    o = _observed(tmp_path, [], on_data_loss=policy)
+    o.backend.then(Assign([P0]), Fetch(per_partition=2))
+    o.backend.append(P0, *(event(f"a{i}", i) for i in range(10)))
+    # The consumer read 2 records; retention then deleted 2..5 before it read them, and the
+    # lag sampler saw the log start move past the checkpoint before the next fetch.
+    o.backend.then(Call(lambda: o.backend.delete_records(P0, 6)), Call(o.sample_lag))
+
+    code = o.engine.run()
+
+    behind = o.before_close("offsetkeeper_records_behind_log_start", **_tp(P0))
+    if policy == "stop":
+        assert code == EXIT_PARTITIONS_STOPPED
+        assert behind == 4, "the gauge says what checkpoint verify would"
+        assert o.before_close("offsetkeeper_partitions_stopped") == 1
+        assert o.value("offsetkeeper_records_lost_total", **_tp(P0)) is None
+    else:
+        assert code == EXIT_OK
+        assert o.value("offsetkeeper_records_lost_total", **_tp(P0)) == 4
+        assert checkpoints(o.db, GROUP) == {(TOPIC, 0): 10}
