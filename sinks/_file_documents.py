@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import base64
 import json
-import math
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from consumer import (
     encode_checkpoint,
 )
 from sinks._file_io import read_json
+from sinks._json_rows import row_json
 
 CHECKPOINT_KIND = "offsetkeeper-file-checkpoints"
 LEASE_KIND = "offsetkeeper-file-leases"
@@ -27,31 +27,11 @@ DOCUMENT_VERSION = 1  # of the checkpoint/lease documents; each checkpoint has i
 # -- rows <-> JSON Lines ---------------------------------------------------------------------
 
 
-def _encode_value(column_type: str, value: Any) -> Any:
-    if value is None:
-        return None
-    if column_type == "bytes":
-        return base64.b64encode(bytes(value)).decode("ascii")
-    if column_type == "double" and not math.isfinite(value):
-        return None  # JSON has no NaN or infinities
-    return value
-
-
 def encode_rows(table: Table, rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """JSON Lines of `rows`: the table's columns in declared order, bytes as base64."""
-    columns = tuple(table.columns.items())
-    lines = []
-    for row in rows:
-        record = {name: _encode_value(kind, row.get(name)) for name, kind in columns}
-        try:
-            lines.append(
-                json.dumps(record, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
-            )
-        except (TypeError, ValueError) as exc:
-            raise SinkError(
-                "a row cannot be written as JSON", table=table.name, reason=str(exc)
-            ) from exc
-    return ("\n".join(lines) + "\n").encode() if lines else b""
+    """JSON Lines of `rows`: the table's columns in declared order, bytes as base64 (see
+    `sinks._json_rows`: a value JSON cannot hold, NaN included, is a `RowsRefusedError`)."""
+    columns = tuple(table.columns)
+    return b"".join(row_json(table, row, columns) + b"\n" for row in rows)
 
 
 def decode_line(line: bytes | str, table: Table | None = None) -> dict[str, Any]:

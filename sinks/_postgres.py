@@ -21,13 +21,16 @@ from consumer import (
     check_identifier,
     mask_url,
 )
+from sinks._postgres_refusals import constraint_column, refusal
 from sinks._sql import (
     CHECKPOINT_V2_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,
     DEFAULT_LEASE_TABLE,
     JOB_TABLE,
     CheckpointRows,
+    Refusal,
     SqlSink,
+    Written,
 )
 
 _V2_TYPES = {
@@ -66,7 +69,10 @@ class PostgresSink(SqlSink):
     newer owner's `acquire` waits for this batch's COMMIT or this batch sees its epoch.
 
     Errors: a failed statement aborts a PostgreSQL transaction, so every failure rolls the
-    session's transaction back before it is raised (`SqlSink._mapped`).
+    session's transaction back before it is raised (`SqlSink._mapped`). Rows refused for a
+    data reason (`sinks._postgres_refusals`: SQLSTATE class 22 or 23, a value psycopg cannot
+    dump) are a `consumer.RowsRefusedError` naming the table and, where known, the column;
+    every other failure is a `SinkError` (retried).
     """
 
     driver_error = psycopg.Error
@@ -99,6 +105,13 @@ class PostgresSink(SqlSink):
     def _error_context(self, exc: Exception) -> dict[str, Any]:
         sqlstate = exc.sqlstate if isinstance(exc, psycopg.Error) else None
         return {"sqlstate": sqlstate, "reason": str(exc).strip()}
+
+    def _refusal(self, exc: Exception, written: Written) -> Refusal | None:
+        return refusal(
+            exc,
+            written,
+            lambda error: constraint_column(self._connection, error, self._rollback_quietly),
+        )
 
     # -- connection ------------------------------------------------------------------------------
 
@@ -286,7 +299,11 @@ class PostgresSink(SqlSink):
         columns = list(table.columns)
         json_columns = {c for c, t in table.columns.items() if t == "json"}
         column_list = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
-        with self._mapped("cannot write rows", table=table.name), self._db.cursor() as cursor:
+        written = Written(table, rows)
+        with (
+            self._mapped("cannot write rows", written=written, table=table.name),
+            self._db.cursor() as cursor,
+        ):
             staging = self._staging_for(cursor, table)
             with cursor.copy(
                 sql.SQL("COPY {} ({}) FROM STDIN").format(staging, column_list)
@@ -344,7 +361,8 @@ class PostgresSink(SqlSink):
         )
 
     def commit(self) -> None:
-        with self._mapped("commit failed; batch rolled back"):
+        # A deferred constraint is checked at COMMIT: a refusal too (of the table it names).
+        with self._mapped("commit failed; batch rolled back", written=Written()):
             self._db.commit()
 
     def rollback(self) -> None:

@@ -1,19 +1,23 @@
 """What the SQL sinks (SQLite, PostgreSQL) share: their own tables' names, the checkpoint row
-codec, and one base class that maps the driver's exceptions to `SinkError` at one place."""
+codec, and one base class that maps the driver's exceptions to `SinkError` (or, for a batch's
+rows the database refuses, `RowsRefusedError`) at one place."""
 
 from __future__ import annotations
 
 import abc
 import contextlib
-from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+import json
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, ClassVar
 
 from consumer import (
     CURRENT_FORMAT_VERSION,
     Checkpoint,
+    RowsRefusedError,
     SinkError,
+    Table,
     decode_checkpoint,
     encode_checkpoint,
 )
@@ -21,6 +25,8 @@ from consumer import (
 DEFAULT_CHECKPOINT_TABLE = "offsetkeeper_checkpoints"
 DEFAULT_LEASE_TABLE = "offsetkeeper_leases"
 JOB_TABLE = "offsetkeeper_replay_jobs"
+
+_INT64 = (-(2**63), 2**63 - 1)
 
 # Checkpoint columns after the v1 ones (group_id, topic, partition, next_offset,
 # format_version, updated_at): added by format v2. Sinks add them to a v1 table on open.
@@ -102,6 +108,58 @@ class CheckpointRows:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class Refusal:
+    """The database refused a batch's rows for a data reason: `why` (short, for the message),
+    the column where known (the error's `field`), and what else the `RowsRefusedError`
+    carries."""
+
+    why: str
+    column: str | None = None
+    context: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """The rows a block writes into `table`, to name the column of a refused value."""
+
+    table: Table | None = None
+    rows: Sequence[Mapping[str, Any]] = ()
+
+
+def unbindable_column(written: Written, *, nul: bool = False) -> str | None:
+    """The column of the first value no SQL driver can bind as it is: a str that is not valid
+    Unicode (a lone surrogate), or holds NUL where the driver refuses it (`nul`), an int
+    beyond 64 bits in an integer column, a json value that is not strict JSON. Used only to
+    name the field of a refusal whose error does not."""
+    table = written.table
+    if table is None:
+        return None
+    for row in written.rows:
+        for column, column_type in table.columns.items():
+            if _unbindable(column_type, row.get(column), nul=nul):
+                return column
+    return None
+
+
+def _unbindable(column_type: str, value: Any, *, nul: bool) -> bool:
+    if column_type == "json":
+        try:
+            json.dumps(value, allow_nan=False)
+        except (TypeError, ValueError, RecursionError):
+            return True
+        return False
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return nul and "\x00" in value
+    if type(value) is int and column_type != "double":
+        return not _INT64[0] <= value <= _INT64[1]
+    return False
+
+
 class SqlSink(abc.ABC):
     """The base of the SQL sinks: where a driver's exception becomes a `SinkError`.
 
@@ -109,7 +167,11 @@ class SqlSink(abc.ABC):
     `map_httpcore_exceptions` in miniature: the driver's exception (`driver_error`) is raised
     again as `SinkError(message, sink=..., <context>, reason=...)` chained with `raise ...
     from`; every other exception (`FencedError`, `CheckpointFormatError`, a `SinkError` of the
-    sink's own) passes through unchanged.
+    sink's own) passes through unchanged. Where a batch's rows are written and committed
+    (`written=`), a data refusal (`_refusal`: a value the database cannot store, a violated
+    constraint, or a value the driver cannot even bind) is a `RowsRefusedError` instead, which
+    the engine does not retry but isolates; everything else stays a `SinkError` (transient:
+    retried).
     """
 
     writes_per_partition = False
@@ -130,6 +192,11 @@ class SqlSink(abc.ABC):
     def _is_missing_table(self, exc: Exception) -> bool:
         """Whether the driver's `exc` says a table does not exist (yet)."""
 
+    @abc.abstractmethod
+    def _refusal(self, exc: Exception, written: Written) -> Refusal | None:
+        """What `exc`, raised while `written` was written or committed, says when it is a data
+        refusal; None when it is not (a lost connection, a lock, a full disk: transient)."""
+
     def _error_context(self, exc: Exception) -> dict[str, Any]:
         """What of the driver's exception goes into the `SinkError`'s context."""
         return {"reason": str(exc)}
@@ -142,6 +209,7 @@ class SqlSink(abc.ABC):
         rollback: bool = True,
         missing_table_ok: bool = False,
         show_reason: bool = True,
+        written: Written | None = None,
         **context: Any,
     ) -> Iterator[None]:
         """Run the block; raise the driver's exceptions as `SinkError(message, **context)`.
@@ -150,13 +218,26 @@ class SqlSink(abc.ABC):
         `missing_table_ok`: a table that does not exist yet (read-only opens of a store nothing
         was written to) is not an error: the block stops, and what it would have set keeps the
         value the caller gave it beforehand. `show_reason`: False leaves the driver's message
-        out (it may quote a connection string).
+        out (it may quote a connection string). `written`: the block writes or commits a
+        batch's rows; a data refusal is raised as `RowsRefusedError(message: why, field=...)`.
         """
         try:
             yield
         except BaseException as exc:
             if rollback:
                 self._rollback_quietly()
+            refusal = (
+                self._refusal(exc, written)
+                if written is not None and isinstance(exc, Exception)
+                else None
+            )
+            if refusal is not None:
+                raise RowsRefusedError(
+                    f"{message}: {refusal.why}",
+                    sink=self.description,
+                    **{**refusal.context, **context},
+                    field=refusal.column,
+                ) from exc
             if not isinstance(exc, self.driver_error):
                 raise
             if missing_table_ok and self._is_missing_table(exc):

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import sqlite3
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,7 +27,10 @@ from sinks._sql import (
     DEFAULT_LEASE_TABLE,
     JOB_TABLE,
     CheckpointRows,
+    Refusal,
     SqlSink,
+    Written,
+    unbindable_column,
 )
 
 _V2_TYPES = {
@@ -54,8 +58,32 @@ _CHECKPOINT_ROWS = CheckpointRows(
 )
 
 
+# Raised by Python's sqlite3 (or json) while binding a row's values, before SQLite sees them:
+# an int beyond 64 bits (OverflowError), a lone surrogate (UnicodeEncodeError, a ValueError),
+# a json value that is not strict JSON (ValueError, TypeError, RecursionError).
+_BINDING_ERRORS = (OverflowError, ValueError, TypeError, RecursionError)
+# "Error binding parameter 2: type 'dict' is not supported" (a ProgrammingError), 1-based.
+_BINDING_PARAMETER = re.compile(r"Error binding parameter :?(\d+)")
+# "NOT NULL constraint failed: t.c", "UNIQUE constraint failed: t.a, t.b",
+# "CHECK constraint failed: <the expression, or the constraint's name>".
+_CONSTRAINT_FAILED = re.compile(r"(NOT NULL|UNIQUE|CHECK|PRIMARY KEY) constraint failed: (.*)")
+_WORD = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
+
 def _quote(identifier: str) -> str:
     return f'"{identifier}"'
+
+
+def _json_text(value: Any) -> str:
+    """A json column's value as stored: strict JSON text (None is the JSON null)."""
+    return json.dumps(value, allow_nan=False)
+
+
+def _double(value: Any) -> Any:
+    """A double column's value as bound: an int as the double it stands for (sqlite3 would bind
+    an int beyond 64 bits as an INTEGER and fail, one within as INTEGER and let REAL affinity
+    convert it)."""
+    return float(value) if type(value) is int else value
 
 
 class SqliteSink(SqlSink):
@@ -68,7 +96,12 @@ class SqliteSink(SqlSink):
 
     Errors: calls the engine makes inside a batch (`begin`, `write_rows`, `save_checkpoints`)
     and reads leave the rollback to the caller (the engine always calls `rollback()` after a
-    failure); calls that open their own transaction roll it back before raising.
+    failure); calls that open their own transaction roll it back before raising. A batch's
+    rows refused for a data reason are a `consumer.RowsRefusedError` naming the table and,
+    where known, the column: `sqlite3.IntegrityError` (a violated constraint, from
+    `write_rows` or `commit`), `sqlite3.DataError` (a value too big), and the errors Python's
+    sqlite3 raises binding a value (an int beyond 64 bits, a lone surrogate, an unsupported
+    type). `sqlite3.OperationalError` (locked, disk I/O, disk full) stays a `SinkError`.
     """
 
     driver_error = sqlite3.Error
@@ -87,7 +120,7 @@ class SqliteSink(SqlSink):
         self._busy_timeout_s = busy_timeout_s
         self._connection: sqlite3.Connection | None = None
         self._upsert_sql: dict[str, str] = {}
-        self._json_columns: dict[str, tuple[str, ...]] = {}
+        self._encoders: dict[str, tuple[Callable[[Any], Any] | None, ...]] = {}
 
     @property
     def description(self) -> str:
@@ -101,6 +134,18 @@ class SqliteSink(SqlSink):
 
     def _is_missing_table(self, exc: Exception) -> bool:
         return isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc)
+
+    def _refusal(self, exc: Exception, written: Written) -> Refusal | None:
+        if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):
+            return Refusal(str(exc), _constraint_column(str(exc), written.table))
+        binding = _BINDING_PARAMETER.match(str(exc))
+        if isinstance(exc, sqlite3.ProgrammingError | sqlite3.InterfaceError) and binding:
+            columns = list(written.table.columns) if written.table is not None else []
+            index = int(binding[1]) - 1
+            return Refusal(str(exc), columns[index] if 0 <= index < len(columns) else None)
+        if isinstance(exc, _BINDING_ERRORS):
+            return Refusal(f"{type(exc).__name__}: {exc}", unbindable_column(written))
+        return None
 
     def open(self, tables: Sequence[Table]) -> None:
         with self._mapped("cannot open SQLite sink"):
@@ -194,7 +239,10 @@ class SqliteSink(SqlSink):
             f"INSERT INTO {name} ({', '.join(_quote(c) for c in column_list)}) "
             f"VALUES ({', '.join('?' for _ in column_list)}) ON CONFLICT ({key}) {conflict}"
         )
-        self._json_columns[table.name] = tuple(c for c, t in table.columns.items() if t == "json")
+        self._encoders[table.name] = tuple(
+            _json_text if t == "json" else _double if t == "double" else None
+            for t in table.columns.values()
+        )
 
     def acquire(
         self, group: str, partitions: Iterable[TopicPartition]
@@ -247,18 +295,13 @@ class SqliteSink(SqlSink):
         if not rows:
             return
         sql = self._upsert_sql[table.name]
-        columns = tuple(table.columns)
-        json_columns = self._json_columns[table.name]
-        with self._mapped("cannot write rows", rollback=False, table=table.name):
-            if json_columns:
-                params = [
-                    tuple(
-                        json.dumps(row.get(c)) if c in json_columns else row.get(c) for c in columns
-                    )
-                    for row in rows
-                ]
-            else:
-                params = [tuple(row.get(c) for c in columns) for row in rows]
+        columns = tuple(zip(table.columns, self._encoders[table.name], strict=True))
+        written = Written(table, rows)
+        with self._mapped("cannot write rows", rollback=False, written=written, table=table.name):
+            params = [
+                tuple(row.get(c) if encode is None else encode(row.get(c)) for c, encode in columns)
+                for row in rows
+            ]
             self._db.executemany(sql, params)
 
     def save_checkpoints(
@@ -336,7 +379,8 @@ class SqliteSink(SqlSink):
         return None if row is None else str(row[0])
 
     def commit(self) -> None:
-        with self._mapped("commit failed; batch rolled back"):
+        # A deferred constraint (a foreign key) is checked at COMMIT: a refusal too.
+        with self._mapped("commit failed; batch rolled back", written=Written()):
             self._db.execute("COMMIT")
 
     def rollback(self) -> None:
@@ -357,3 +401,19 @@ class SqliteSink(SqlSink):
 
 def _now_ms() -> int:
     return int(datetime.now(tz=UTC).timestamp() * 1000)
+
+
+def _constraint_column(message: str, table: Table | None) -> str | None:
+    """The one column a failed constraint is about, where SQLite's message says it: "NOT NULL
+    constraint failed: t.c", a UNIQUE constraint of one column, or a CHECK whose expression
+    names exactly one of the table's columns ("CHECK constraint failed: amount >= 0"; a named
+    CHECK constraint shows only its name)."""
+    failed = _CONSTRAINT_FAILED.search(message)
+    if failed is None or table is None:
+        return None
+    kind, what = failed.groups()
+    if kind == "CHECK":
+        named = {word for word in _WORD.findall(what) if word in table.columns}
+        return named.pop() if len(named) == 1 else None
+    columns = [part.strip().rpartition(".")[2] for part in what.split(",")]
+    return columns[0] if len(columns) == 1 and columns[0] in table.columns else None

@@ -22,6 +22,7 @@ from consumer import (
     ConfigError,
     FencedError,
     RowsOrigin,
+    RowsRefusedError,
     Sink,
     SinkError,
     Table,
@@ -217,7 +218,7 @@ def test_column_types_round_trip_and_bytes_are_base64(sink: FileSink, root: Path
         "avatar": b"\x00\xffpng",
         "attrs": {"tags": ["a", "é"], "n": None, "deep": {"k": 1.5}},
     }
-    odd = {"id": "nan", "score": math.nan, "attrs": [1, "two"]}
+    odd = {"id": "sparse", "score": -0.0, "attrs": [1, "two"]}
     _batch(sink, epochs, {TP0: (0, 2)}, {TP0: [row, odd]})
     (data_file,) = committed_files(root, PROFILES, GROUP)
     lines = data_file.path.read_text(encoding="utf-8").splitlines()
@@ -226,9 +227,9 @@ def test_column_types_round_trip_and_bytes_are_base64(sink: FileSink, root: Path
     typed = list(read_committed_rows(root, PROFILES, GROUP))
     assert typed[0] == row
     assert typed[1] == {
-        "id": "nan",
+        "id": "sparse",
         "visits": None,
-        "score": None,  # JSON has no NaN: written as null
+        "score": -0.0,
         "active": None,
         "avatar": None,
         "attrs": [1, "two"],
@@ -237,15 +238,35 @@ def test_column_types_round_trip_and_bytes_are_base64(sink: FileSink, root: Path
     assert raw[0]["avatar"] == "AP9wbmc="  # without the Table, bytes stay base64
 
 
-def test_a_value_json_cannot_hold_is_a_sink_error_naming_the_table(sink: FileSink) -> None:
-    sink.acquire(GROUP, [TP0])
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("attrs", {"when": WHEN}),  # not JSON at all
+        ("attrs", {1, 2}),
+        ("score", math.nan),  # strict JSON has no NaN: never silently written as null
+        ("score", -math.inf),
+        ("attrs", [math.inf]),
+        ("id", "lone \ud800 surrogate"),  # not UTF-8
+        ("attrs", {"k": "\udfff"}),
+        ("avatar", "text, not bytes"),
+    ],
+)
+def test_a_value_json_cannot_hold_is_refused_naming_table_and_column(
+    sink: FileSink, root: Path, column: str, value: Any
+) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
     sink.begin()
-    with pytest.raises(SinkError, match="cannot be written as JSON") as caught:
+    with pytest.raises(RowsRefusedError, match="cannot be written as JSON") as caught:
         sink.write_rows(
-            PROFILES, [{"id": "x", "attrs": {"when": WHEN}}], RowsOrigin(GROUP, TP0, 0, 1)
+            PROFILES, [*_rows("a"), {"id": "x", column: value}], RowsOrigin(GROUP, TP0, 0, 2)
         )
     assert caught.value.context["table"] == "profiles"
+    assert caught.value.context["field"] == column
     sink.rollback()
+    assert _visible_names(root) == []
+    # Not a sticky failure: the next batch of the partition commits.
+    _batch(sink, epochs, {TP0: (0, 1)}, {TP0: _rows("a")})
+    assert [row["id"] for row in read_committed_rows(root, PROFILES, GROUP)] == ["a"]
 
 
 def test_rows_need_an_origin_and_an_acquired_partition(sink: FileSink) -> None:

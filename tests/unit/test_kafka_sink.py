@@ -4,8 +4,10 @@ metadata, group metadata parsing, and what each transactional error means."""
 from __future__ import annotations
 
 import json
+import math
 import struct
 from datetime import UTC, datetime
+from typing import Any
 
 import confluent_kafka
 import pytest
@@ -13,7 +15,12 @@ import pytest
 from consumer import ConfigError, open_sink
 from consumer.checkpoints.model import CURRENT_FORMAT_VERSION, Checkpoint
 from consumer.core.app import Table
-from consumer.core.errors import CheckpointFormatError, FencedError, SinkError
+from consumer.core.errors import (
+    CheckpointFormatError,
+    FencedError,
+    RowsRefusedError,
+    SinkError,
+)
 from sinks import KafkaSink, decode_row, encode_row
 from sinks._kafka_errors import TransactionFailure, classify
 from sinks._kafka_membership import parse_group_metadata
@@ -109,10 +116,26 @@ def test_missing_columns_are_null_and_the_same_key_encodes_the_same() -> None:
     }
 
 
-def test_a_value_json_cannot_hold_is_a_sink_error_naming_the_table() -> None:
-    with pytest.raises(SinkError, match="cannot be written as JSON") as caught:
-        encode_row(EVENTS, {"id": "k", "doc": {1, 2}})
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("doc", {1, 2}),
+        ("doc", math.nan),  # json.dumps would write NaN, which is not JSON
+        ("doc", {"x": [math.inf]}),
+        ("n", -math.inf),
+        ("id", "\ud800"),  # a lone surrogate: not UTF-8 (and in the key)
+        ("doc", {"k": "\udc00"}),
+        ("blob", "not bytes"),
+    ],
+)
+def test_a_value_json_cannot_hold_is_refused_naming_table_and_column(
+    column: str, value: Any
+) -> None:
+    with pytest.raises(RowsRefusedError, match="cannot be written as JSON") as caught:
+        encode_row(EVENTS, {"id": "k", column: value})
     assert caught.value.context["table"] == "events"
+    assert caught.value.context["field"] == column
+    assert isinstance(caught.value, SinkError)
 
 
 def test_a_message_that_is_not_a_row_is_a_sink_error() -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import sqlite3
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -16,6 +17,7 @@ from consumer import (
     Checkpoint,
     CheckpointFormatError,
     FencedError,
+    RowsRefusedError,
     SinkError,
     Table,
     TopicPartition,
@@ -243,13 +245,131 @@ def test_writing_no_rows_is_a_no_op(sink: SqliteSink, db: Path) -> None:
     assert _profiles(db) == []
 
 
-def test_a_value_sqlite_cannot_store_is_a_sink_error_naming_the_table(sink: SqliteSink) -> None:
+@pytest.mark.parametrize(
+    ("column", "value", "cause"),
+    [
+        ("name", {"not": "text"}, sqlite3.ProgrammingError),  # a type sqlite3 cannot bind
+        ("visits", 10**30, OverflowError),  # "Python int too large to convert to SQLite INTEGER"
+        ("visits", -(2**63) - 1, OverflowError),
+        ("name", "lone \ud800", UnicodeEncodeError),
+        ("attrs", {"x": math.nan}, ValueError),  # stored JSON is strict: never the text NaN
+        ("attrs", {"when": WHEN}, TypeError),
+        ("attrs", {1, 2}, TypeError),
+    ],
+)
+def test_a_value_sqlite_cannot_bind_is_a_refusal_naming_table_and_column(
+    sink: SqliteSink, db: Path, column: str, value: Any, cause: type[BaseException]
+) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
     sink.begin()
-    with pytest.raises(SinkError, match="cannot write rows") as caught:
-        sink.write_rows(PROFILES, [_profile("a", name={"not": "text"})])
+    with pytest.raises(RowsRefusedError, match="cannot write rows") as caught:
+        sink.write_rows(PROFILES, [_profile("good"), _profile("a", **{column: value})])
     sink.rollback()
     assert caught.value.context["table"] == "profiles"
-    assert isinstance(caught.value.__cause__, sqlite3.Error)
+    assert caught.value.context["field"] == column
+    assert isinstance(caught.value.__cause__, cause)
+    # The next batch commits: nothing of the refused one stayed behind.
+    sink.begin()
+    sink.write_rows(PROFILES, [_profile("b")])
+    sink.save_checkpoints(GROUP, [_checkpoint(TP0, 1)], epochs)
+    sink.commit()
+    assert _profiles(db) == [_stored("b")]
+
+
+def _with_constraints(db: Path) -> None:
+    """The profiles table made by its owner before offsetkeeper opens it (CREATE TABLE IF NOT
+    EXISTS keeps it), with constraints of its own."""
+    with sqlite3.connect(db) as connection:
+        connection.execute(
+            "CREATE TABLE profiles (id TEXT, name TEXT NOT NULL,"
+            " visits INTEGER CHECK (visits >= 0), score REAL, active INTEGER, avatar BLOB,"
+            " attrs TEXT,"
+            " CONSTRAINT short_name CHECK (length(name) < 10),"
+            " PRIMARY KEY (id))"
+        )
+    connection.close()
+
+
+@pytest.mark.parametrize(
+    ("values", "field", "message"),
+    [
+        ({"visits": -1}, "visits", "CHECK constraint failed: visits >= 0"),
+        ({"name": None}, "name", "NOT NULL constraint failed: profiles.name"),
+        ({"name": "a name too long"}, None, "CHECK constraint failed: short_name"),
+    ],
+)
+def test_a_violated_constraint_is_a_refusal(
+    db: Path, values: dict[str, Any], field: str | None, message: str
+) -> None:
+    _with_constraints(db)
+    sink = SqliteSink(db)
+    sink.open([PROFILES])
+    sink.begin()
+    with pytest.raises(RowsRefusedError, match=message) as caught:
+        sink.write_rows(PROFILES, [_profile("a", **values)])
+    sink.rollback()
+    assert caught.value.context.get("field") == field
+    assert isinstance(caught.value.__cause__, sqlite3.IntegrityError)
+    sink.begin()
+    sink.write_rows(PROFILES, [_profile("a")])
+    sink.commit()
+    sink.close()
+    assert _profiles(db) == [_stored("a")]
+
+
+def test_a_locked_database_is_a_transient_sink_error_not_a_refusal(db: Path) -> None:
+    sink = SqliteSink(db, busy_timeout_s=0.05)
+    sink.open([PROFILES])
+    blocker = sqlite3.connect(db, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(SinkError) as caught:
+            sink.begin()
+        assert not isinstance(caught.value, RowsRefusedError)
+        assert isinstance(caught.value.__cause__, sqlite3.OperationalError)
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+        sink.close()
+
+
+def test_a_deferred_constraint_refused_at_commit_is_a_refusal(db: Path) -> None:
+    with sqlite3.connect(db) as connection:
+        connection.execute("CREATE TABLE names (name TEXT PRIMARY KEY)")
+        connection.execute(
+            "CREATE TABLE profiles (id TEXT PRIMARY KEY, name TEXT"
+            " REFERENCES names (name) DEFERRABLE INITIALLY DEFERRED,"
+            " visits INTEGER, score REAL, active INTEGER, avatar BLOB, attrs TEXT)"
+        )
+    connection.close()
+    sink = SqliteSink(db)
+    sink.open([PROFILES])
+    sink._db.execute("PRAGMA foreign_keys = ON")
+    sink.begin()
+    sink.write_rows(PROFILES, [_profile("a")])
+    with pytest.raises(RowsRefusedError, match="FOREIGN KEY constraint failed"):
+        sink.commit()
+    sink.rollback()
+    sink.close()
+    assert _profiles(db) == []
+
+
+def test_an_int_in_a_double_column_is_a_double_and_infinities_and_nul_are_stored(
+    sink: SqliteSink, db: Path
+) -> None:
+    sink.begin()
+    sink.write_rows(
+        PROFILES,
+        [
+            _profile("big", score=10**30),  # sqlite3 would bind it as an INTEGER and fail
+            _profile("inf", score=-math.inf, name="nul \x00 inside"),
+        ],
+    )
+    sink.commit()
+    assert query(db, "SELECT id, name, score, typeof(score) FROM profiles ORDER BY id") == [
+        ("big", "name-big", 1e30, "real"),
+        ("inf", "nul \x00 inside", -math.inf, "real"),
+    ]
 
 
 # -- column types ------------------------------------------------------------------------------
