@@ -22,6 +22,7 @@ from consumer import (
     mask_url,
 )
 from sinks._postgres_refusals import constraint_column, refusal
+from sinks._postgres_staging import StagingTables
 from sinks._sql import (
     CHECKPOINT_V2_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,
@@ -69,10 +70,11 @@ class PostgresSink(SqlSink):
     newer owner's `acquire` waits for this batch's COMMIT or this batch sees its epoch.
 
     Errors: a failed statement aborts a PostgreSQL transaction, so every failure rolls the
-    session's transaction back before it is raised (`SqlSink._mapped`). Rows refused for a
-    data reason (`sinks._postgres_refusals`: SQLSTATE class 22 or 23, a value psycopg cannot
-    dump) are a `consumer.RowsRefusedError` naming the table and, where known, the column;
-    every other failure is a `SinkError` (retried).
+    session's transaction back before it is raised (`SqlSink._mapped`); a staging table made in
+    it is made again by the next (`sinks._postgres_staging`). Rows refused for a data reason
+    (`sinks._postgres_refusals`: SQLSTATE class 22 or 23, a value psycopg cannot dump) are a
+    `consumer.RowsRefusedError` naming the table and, where known, the column; every other
+    failure is a `SinkError` (retried).
     """
 
     driver_error = psycopg.Error
@@ -93,7 +95,7 @@ class PostgresSink(SqlSink):
         self._leases = sql.Identifier(check_identifier(lease_table, what="lease table"))
         self._tables: tuple[Table, ...] = ()
         self._connection: psycopg.Connection[Any] | None = None
-        self._staged: set[str] = set()
+        self._staging = StagingTables()
 
     @property
     def description(self) -> str:
@@ -124,7 +126,7 @@ class PostgresSink(SqlSink):
         with self._mapped("cannot connect to PostgreSQL", rollback=False, show_reason=False):
             conninfo = make_conninfo(self._dsn, **self._options)
             self._connection = psycopg.connect(conninfo, autocommit=False)
-        self._staged.clear()  # temporary staging tables died with the old session
+        self._staging.session_ended()
         return self._connection
 
     @property
@@ -279,18 +281,6 @@ class PostgresSink(SqlSink):
         # psycopg opens the transaction at the first statement; make sure the session is alive.
         self._connect()
 
-    def _staging_for(self, cursor: psycopg.Cursor[Any], table: Table) -> sql.Identifier:
-        staging = sql.Identifier(f"offsetkeeper_stage_{table.name}")
-        if table.name not in self._staged:
-            cursor.execute(
-                sql.SQL(
-                    "CREATE TEMP TABLE IF NOT EXISTS {} (LIKE {} INCLUDING DEFAULTS)"
-                    " ON COMMIT DELETE ROWS"
-                ).format(staging, sql.Identifier(table.name))
-            )
-            self._staged.add(table.name)
-        return staging
-
     def write_rows(
         self, table: Table, rows: Sequence[Mapping[str, Any]], origin: RowsOrigin | None = None
     ) -> None:
@@ -304,7 +294,7 @@ class PostgresSink(SqlSink):
             self._mapped("cannot write rows", written=written, table=table.name),
             self._db.cursor() as cursor,
         ):
-            staging = self._staging_for(cursor, table)
+            staging = self._staging.staging_for(cursor, table)
             with cursor.copy(
                 sql.SQL("COPY {} ({}) FROM STDIN").format(staging, column_list)
             ) as copy:
@@ -364,11 +354,13 @@ class PostgresSink(SqlSink):
         # A deferred constraint is checked at COMMIT: a refusal too (of the table it names).
         with self._mapped("commit failed; batch rolled back", written=Written()):
             self._db.commit()
+        self._staging.committed()
 
     def rollback(self) -> None:
         self._rollback_quietly()
 
     def _rollback_quietly(self) -> None:
+        self._staging.rolled_back()  # a staging table made in it is gone
         connection = self._connection
         if connection is None or connection.closed:
             return
