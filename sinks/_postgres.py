@@ -22,7 +22,7 @@ from consumer import (
     mask_url,
 )
 from sinks._postgres_refusals import constraint_column, refusal
-from sinks._postgres_staging import StagingTables
+from sinks._postgres_staging import StagingTables, check_staging_names
 from sinks._sql import (
     CHECKPOINT_V2_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,
@@ -138,6 +138,7 @@ class PostgresSink(SqlSink):
     # -- lifecycle -------------------------------------------------------------------------------
 
     def open(self, tables: Sequence[Table]) -> None:
+        check_staging_names(tables)
         self._tables = tuple(tables)
         db = self._connect()
         with self._mapped("cannot create sink tables"):

@@ -1,6 +1,11 @@
 """The PostgreSQL sink's staging tables: temporary tables of the session that a batch's rows
 are COPYed into before one merge into their table.
 
+Names: PostgreSQL cuts identifiers at 63 bytes, so `offsetkeeper_stage_<table>` would let two
+long table names with the same first 44 characters share one staging table. A staging name is
+the prefix, the table name cut to 27 characters, and 16 hex digits of the name's SHA-256: at
+most 63 bytes, distinct for distinct names.
+
 Lifetime: a staging table is made (CREATE TEMP TABLE IF NOT EXISTS) by the first batch of a
 session that writes its table, inside that batch's transaction. A rollback undoes the CREATE,
 so a table made in a transaction that did not commit is made again by the next one; a new
@@ -9,14 +14,32 @@ session (a reconnect) has none.
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Sequence
 from typing import Any
 
 import psycopg
 from psycopg import sql
 
-from consumer import Table
+from consumer import ConfigError, Table
 
 STAGING_PREFIX = "offsetkeeper_stage_"
+_KEPT_CHARS = 27
+_DIGEST_CHARS = 16
+
+
+def staging_name(table: str) -> str:
+    """The staging table of `table`: at most 63 bytes, distinct for distinct names."""
+    digest = hashlib.sha256(table.encode()).hexdigest()[:_DIGEST_CHARS]
+    return f"{STAGING_PREFIX}{table[:_KEPT_CHARS]}_{digest}"
+
+
+def check_staging_names(tables: Sequence[Table]) -> None:
+    """Two tables never share a staging table: 64 bits of SHA-256 apart, but never silently."""
+    if len({staging_name(table.name) for table in tables}) != len(tables):
+        raise ConfigError(
+            "two tables would share a staging table", tables=[table.name for table in tables]
+        )
 
 
 class StagingTables:
@@ -28,7 +51,7 @@ class StagingTables:
 
     def staging_for(self, cursor: psycopg.Cursor[Any], table: Table) -> sql.Identifier:
         """The staging table of `table`, made in the open transaction if the session has none."""
-        staging = sql.Identifier(f"{STAGING_PREFIX}{table.name}")
+        staging = sql.Identifier(staging_name(table.name))
         if table.name not in self._session and table.name not in self._transaction:
             cursor.execute(
                 sql.SQL(

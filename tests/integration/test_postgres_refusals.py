@@ -1,6 +1,7 @@
 """The PostgreSQL sink against a real server, called directly (as the engine calls it): what
-the database refuses is a RowsRefusedError naming table and column, and a failed transaction
-never leaves the session unusable (its staging table is made again)."""
+the database refuses is a RowsRefusedError naming table and column, a failed transaction never
+leaves the session unusable (its staging table is made again), and long table names get
+staging tables of their own."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import pytest
 
 from consumer import Checkpoint, RowsRefusedError, SinkError, Table, TopicPartition
 from sinks._postgres import PostgresSink
+from sinks._postgres_staging import staging_name
 from tests.fixtures.pg import create_database, query
 from tests.fixtures.services import Service
 
@@ -157,4 +159,35 @@ def test_a_lost_session_is_a_transient_sink_error_and_the_next_batch_commits(
     assert not isinstance(caught.value, RowsRefusedError), "retried, not isolated"
     batches.commit((ORDERS, [_order("second")]))  # a new session makes its staging table
     assert [row[0] for row in _orders(dsn)] == ["first", "second"]
+
+
+def test_two_long_table_names_alike_in_their_first_44_characters_get_their_own_staging(
+    dsn: str,
+) -> None:
+    common = "orders_of_the_northern_region_in_the_year_2025_"
+    first = Table(
+        name=f"{common}first_quarter"[:60], columns={"id": "text", "a": "bigint"}, key=("id",)
+    )
+    second = Table(
+        name=f"{common}second_quarter"[:60],
+        columns={"id": "text", "b": "text", "c": "double"},
+        key=("id",),
+    )
+    assert len(first.name) == len(second.name) == 60
+    assert first.name[:44] == second.name[:44]
+    names = {staging_name(first.name), staging_name(second.name)}
+    assert len(names) == 2
+    assert all(len(name) <= 63 for name in names)
+    sink = PostgresSink(dsn)
+    try:
+        batches = Batches(sink, first, second)
+        batches.commit((first, [{"id": "x", "a": 1}]), (second, [{"id": "y", "b": "t", "c": 0.5}]))
+        batches.commit((second, [{"id": "z", "b": "u", "c": 1.5}]), (first, [{"id": "w", "a": 2}]))
+    finally:
+        sink.close()
+    assert query(dsn, f'SELECT id, a FROM "{first.name}" ORDER BY id') == [("w", 2), ("x", 1)]
+    assert query(dsn, f'SELECT id, b, c FROM "{second.name}" ORDER BY id') == [
+        ("y", "t", 0.5),
+        ("z", "u", 1.5),
+    ]
 

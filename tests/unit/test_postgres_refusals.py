@@ -1,13 +1,15 @@
-"""sinks._postgres_refusals, the part that needs no server: which PostgreSQL errors are data
-refusals (not retried) and which are transient (retried)."""
+"""sinks._postgres_refusals and sinks._postgres_staging, the parts that need no server: which
+PostgreSQL errors are data refusals (not retried) and which are transient (retried), and the
+staging tables' names. The real server's errors: tests/integration/test_postgres_refusals.py."""
 
 from __future__ import annotations
 
 import psycopg
 import pytest
 
-from consumer import Table
+from consumer import ConfigError, Table
 from sinks._postgres_refusals import refusal
+from sinks._postgres_staging import STAGING_PREFIX, check_staging_names, staging_name
 from sinks._sql import Written
 
 ORDERS = Table(name="orders", columns={"id": "text", "amount": "bigint"}, key=("id",))
@@ -91,3 +93,23 @@ def test_the_column_of_a_violated_constraint_is_looked_up_when_the_server_names_
     assert found.column == "amount"
     assert asked == [error]
 
+
+def test_staging_names_fit_in_63_bytes_and_long_names_do_not_share_one() -> None:
+    first = "a" * 50 + "_orders_2024"
+    second = "a" * 50 + "_orders_2025"
+    assert len(first) == len(second) == 62
+    names = {staging_name(first), staging_name(second)}
+    assert len(names) == 2
+    assert all(len(name.encode()) <= 63 and name.startswith(STAGING_PREFIX) for name in names)
+    assert staging_name("orders").startswith(f"{STAGING_PREFIX}orders_")
+    assert staging_name("x" * 63) != staging_name("x" * 62)
+    check_staging_names([Table(name=n, columns={"a": "text"}, key=("a",)) for n in (first, second)])
+
+
+def test_tables_that_would_share_a_staging_table_are_refused(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr("sinks._postgres_staging.staging_name", lambda _table: "same")
+    tables = [Table(name=n, columns={"a": "text"}, key=("a",)) for n in ("one", "two")]
+    with pytest.raises(ConfigError, match="share a staging table"):
+        check_staging_names(tables)
