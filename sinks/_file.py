@@ -42,6 +42,7 @@ from consumer import (
     SinkError,
     Table,
     TopicPartition,
+    ValueLimits,
     check_epochs,
 )
 from sinks._file_documents import (
@@ -63,6 +64,7 @@ from sinks._file_layout import (
     temp_path,
 )
 from sinks._file_lock import DirectoryLock
+from sinks._json_rows import JSON_VALUE_LIMITS
 
 log = structlog.get_logger("offsetkeeper.sink.file")
 
@@ -83,11 +85,15 @@ class FileSink:
     one directory; readers see a batch's files only once its checkpoint moved past them.
 
     Capabilities: `consumer.Sink` (with `writes_per_partition`: files are named by partition
-    and offsets), `consumer.CheckpointAdmin`, `consumer.JobStore`. Fencing: an epoch per
-    (group, partition) in the group's lease document; `save_checkpoints` takes the directory
-    lock (held until `commit` or `rollback`) and checks the epochs with
+    and offsets), `consumer.LimitedSink`, `consumer.CheckpointAdmin`, `consumer.JobStore`.
+    Fencing: an epoch per (group, partition) in the group's lease document; `save_checkpoints`
+    takes the directory lock (held until `commit` or `rollback`) and checks the epochs with
     `consumer.check_epochs`, so no newer owner's `acquire` (which takes the lock too) can
     interleave.
+
+    Values: rows are strict JSON (`sinks._json_rows`), so `value_limits` refuses NaN and
+    infinities; a value `write_rows` still cannot write as JSON is a `consumer.RowsRefusedError`
+    naming the table and column. File system errors are `SinkError`s (retried).
     """
 
     writes_per_partition = True
@@ -112,6 +118,10 @@ class FileSink:
     @property
     def directory(self) -> Path:
         return self._root
+
+    @property
+    def value_limits(self) -> ValueLimits:
+        return JSON_VALUE_LIMITS
 
     def _require(self, *, write: bool) -> None:
         if self._state == "closed":

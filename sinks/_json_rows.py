@@ -1,10 +1,11 @@
 """Rows as strict JSON, for the sinks that write JSON (the file and Kafka sinks).
 
 A column's value is written as JSON holds it: `bytes` as base64 (standard alphabet, padded),
-`json` as the value itself, the rest as they are. A value that cannot be written (NaN, an
-infinity, a lone surrogate, a set, nesting too deep for the encoder) is the sink's data
-refusal, `RowsRefusedError` naming the table and the column, never a silent change such as
-NaN written as null.
+`json` as the value itself, the rest as they are. JSON has no NaN nor infinities, so these
+sinks declare that they cannot store them (`JSON_VALUE_LIMITS`: the engine refuses such a
+value before the transaction); a value that still cannot be written (NaN, a lone surrogate,
+a set, nesting too deep for the encoder) is the sink's data refusal, `RowsRefusedError`
+naming the table and the column, never a silent change such as NaN written as null.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
-from consumer import RowsRefusedError, Table
+from consumer import RowsRefusedError, Table, ValueLimits
+
+JSON_VALUE_LIMITS = ValueLimits(nan=False, infinity=False)
 
 # What json.dumps and str.encode raise for a value JSON (in UTF-8) cannot hold; bytes() of a
 # value that is not bytes raises TypeError (and ValueError for a negative int).

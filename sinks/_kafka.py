@@ -37,7 +37,9 @@ from consumer import (
     SinkError,
     Table,
     TopicPartition,
+    ValueLimits,
 )
+from sinks._json_rows import JSON_VALUE_LIMITS
 from sinks._kafka_errors import TransactionFailure, classify, error_context, kafka_error
 from sinks._kafka_groups import (
     committed_checkpoints,
@@ -66,8 +68,13 @@ class _Transaction:
 class KafkaSink:
     """A topic written in Kafka transactions, over one transactional confluent-kafka Producer.
 
-    Capabilities: `consumer.Sink`, `consumer.GroupBoundSink`, `consumer.CheckpointAdmin`,
-    `consumer.JobStore`.
+    Capabilities: `consumer.Sink`, `consumer.LimitedSink`, `consumer.GroupBoundSink`,
+    `consumer.CheckpointAdmin`, `consumer.JobStore`.
+
+    Values: messages are strict JSON (`sinks._kafka_messages`), so `value_limits` refuses NaN
+    and infinities; a row `write_rows` still cannot write as JSON is a
+    `consumer.RowsRefusedError` naming the table and column (the engine aborts the
+    transaction and isolates the record).
 
     Fencing, this sink's own guarantee: it keeps no epochs. There is no lease record to bump
     or compare; the fence is the consumer group's generation (KIP-447). Through
@@ -125,6 +132,10 @@ class KafkaSink:
     @property
     def jobs_topic(self) -> str:
         return self._settings.jobs_topic_name
+
+    @property
+    def value_limits(self) -> ValueLimits:
+        return JSON_VALUE_LIMITS
 
     # -- GroupBoundSink --------------------------------------------------------------------
 

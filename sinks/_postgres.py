@@ -17,6 +17,7 @@ from consumer import (
     SinkError,
     Table,
     TopicPartition,
+    ValueLimits,
     check_epochs,
     check_identifier,
     mask_url,
@@ -60,14 +61,19 @@ _CHECKPOINT_ROWS = CheckpointRows(
 # Serializes DDL between members starting at once (CREATE ... IF NOT EXISTS still races).
 _DDL_LOCK_KEY = 0x6F6B_6464  # "okdd"
 
+# text cannot hold NUL, and jsonb refuses "\u0000": refused before the transaction.
+_VALUE_LIMITS = ValueLimits(nul_in_text=False, nul_in_json=False)
+
 
 class PostgresSink(SqlSink):
     """Writes rows and checkpoints to PostgreSQL in one transaction per batch.
 
-    Capabilities: `consumer.Sink`, `consumer.CheckpointAdmin`, `consumer.JobStore`. Fencing:
-    an epoch per (group, partition) in the lease table; `save_checkpoints` locks the batch's
-    lease rows (FOR UPDATE, in one order) and checks them with `consumer.check_epochs`, so a
-    newer owner's `acquire` waits for this batch's COMMIT or this batch sees its epoch.
+    Capabilities: `consumer.Sink`, `consumer.LimitedSink`, `consumer.CheckpointAdmin`,
+    `consumer.JobStore`. Fencing: an epoch per (group, partition) in the lease table;
+    `save_checkpoints` locks the batch's lease rows (FOR UPDATE, in one order) and checks them
+    with `consumer.check_epochs`, so a newer owner's `acquire` waits for this batch's COMMIT or
+    this batch sees its epoch. Values (`value_limits`, checked by the engine before the
+    transaction): no NUL in text, no `\\u0000` in json (jsonb).
 
     Errors: a failed statement aborts a PostgreSQL transaction, so every failure rolls the
     session's transaction back before it is raised (`SqlSink._mapped`); a staging table made in
@@ -100,6 +106,10 @@ class PostgresSink(SqlSink):
     @property
     def description(self) -> str:
         return mask_url(self._dsn)
+
+    @property
+    def value_limits(self) -> ValueLimits:
+        return _VALUE_LIMITS
 
     def _is_missing_table(self, exc: Exception) -> bool:
         return isinstance(exc, psycopg.errors.UndefinedTable)

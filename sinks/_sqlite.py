@@ -18,6 +18,7 @@ from consumer import (
     SinkError,
     Table,
     TopicPartition,
+    ValueLimits,
     check_epochs,
     check_identifier,
 )
@@ -58,6 +59,10 @@ _CHECKPOINT_ROWS = CheckpointRows(
 )
 
 
+# SQLite stores NaN as NULL: refused before the transaction. Infinities and NUL inside text
+# round-trip exactly through Python's sqlite3 (tests/unit/test_sqlite_values.py).
+_VALUE_LIMITS = ValueLimits(nan=False)
+
 # Raised by Python's sqlite3 (or json) while binding a row's values, before SQLite sees them:
 # an int beyond 64 bits (OverflowError), a lone surrogate (UnicodeEncodeError, a ValueError),
 # a json value that is not strict JSON (ValueError, TypeError, RecursionError).
@@ -89,10 +94,13 @@ def _double(value: Any) -> Any:
 class SqliteSink(SqlSink):
     """Writes rows and checkpoints to one SQLite database file in a single transaction.
 
-    Capabilities: `consumer.Sink`, `consumer.CheckpointAdmin`, `consumer.JobStore`. Fencing:
-    an epoch per (group, partition) in the lease table, checked by `consumer.check_epochs`
-    in `save_checkpoints` under the database's write lock (BEGIN IMMEDIATE), so no newer
-    owner's `acquire` can interleave.
+    Capabilities: `consumer.Sink`, `consumer.LimitedSink`, `consumer.CheckpointAdmin`,
+    `consumer.JobStore`. Fencing: an epoch per (group, partition) in the lease table, checked
+    by `consumer.check_epochs` in `save_checkpoints` under the database's write lock (BEGIN
+    IMMEDIATE), so no newer owner's `acquire` can interleave.
+
+    Values (`value_limits`, through `consumer.LimitedSink`, checked by the engine before the
+    transaction): no NaN in a double column (SQLite stores it as NULL).
 
     Errors: calls the engine makes inside a batch (`begin`, `write_rows`, `save_checkpoints`)
     and reads leave the rollback to the caller (the engine always calls `rollback()` after a
@@ -125,6 +133,10 @@ class SqliteSink(SqlSink):
     @property
     def description(self) -> str:
         return f"sqlite:///{self._path}"
+
+    @property
+    def value_limits(self) -> ValueLimits:
+        return _VALUE_LIMITS
 
     @property
     def _db(self) -> sqlite3.Connection:

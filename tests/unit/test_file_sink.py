@@ -255,6 +255,8 @@ def test_a_value_json_cannot_hold_is_refused_naming_table_and_column(
     sink: FileSink, root: Path, column: str, value: Any
 ) -> None:
     epochs = sink.acquire(GROUP, [TP0])
+    assert sink.value_limits.nan is False
+    assert sink.value_limits.infinity is False
     sink.begin()
     with pytest.raises(RowsRefusedError, match="cannot be written as JSON") as caught:
         sink.write_rows(

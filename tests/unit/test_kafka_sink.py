@@ -138,6 +138,11 @@ def test_a_value_json_cannot_hold_is_refused_naming_table_and_column(
     assert isinstance(caught.value, SinkError)
 
 
+def test_the_sink_declares_no_nan_and_no_infinities() -> None:
+    limits = KafkaSink(parse_kafka_url("kafka://h:1/t")).value_limits
+    assert (limits.nan, limits.infinity) == (False, False)
+
+
 def test_a_message_that_is_not_a_row_is_a_sink_error() -> None:
     with pytest.raises(SinkError, match="not a JSON object"):
         decode_row(EVENTS, b"[1]")

@@ -1,5 +1,6 @@
 """Each sink implements `consumer.Sink` and exactly the capability protocols its docstring
-declares (its "Capabilities:" sentence). Built without connecting to anything."""
+declares (its "Capabilities:" sentence), and declares the values it cannot store
+(`consumer.LimitedSink`). Built without connecting to anything."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
-from consumer import CheckpointAdmin, GroupBoundSink, JobStore, Sink
+from consumer import CheckpointAdmin, GroupBoundSink, JobStore, LimitedSink, Sink, ValueLimits
 from sinks import FileSink, KafkaSink, SqliteSink
 from sinks._kafka_settings import parse_kafka_url
 from sinks._postgres import PostgresSink
 
-PROTOCOLS = (Sink, CheckpointAdmin, JobStore, GroupBoundSink)
+PROTOCOLS = (Sink, LimitedSink, CheckpointAdmin, JobStore, GroupBoundSink)
 
 
 def _sinks(tmp_path: Path) -> dict[str, object]:
@@ -35,12 +36,12 @@ def _declared(sink: object) -> set[str]:
 @pytest.mark.parametrize(
     ("name", "capabilities"),
     [
-        ("sqlite", {Sink, CheckpointAdmin, JobStore}),
-        ("postgresql", {Sink, CheckpointAdmin, JobStore}),
-        ("file", {Sink, CheckpointAdmin, JobStore}),
+        ("sqlite", {Sink, LimitedSink, CheckpointAdmin, JobStore}),
+        ("postgresql", {Sink, LimitedSink, CheckpointAdmin, JobStore}),
+        ("file", {Sink, LimitedSink, CheckpointAdmin, JobStore}),
         # Only the Kafka sink is fenced by the group generation: GroupBoundSink changes what
         # the engine does (no advisory offset commit), so no other sink may look like one.
-        ("kafka", {Sink, CheckpointAdmin, JobStore, GroupBoundSink}),
+        ("kafka", {Sink, LimitedSink, CheckpointAdmin, JobStore, GroupBoundSink}),
     ],
 )
 def test_a_sink_implements_the_capabilities_it_declares_and_no_other(
@@ -50,3 +51,23 @@ def test_a_sink_implements_the_capabilities_it_declares_and_no_other(
     implemented = {protocol for protocol in PROTOCOLS if isinstance(sink, protocol)}
     assert implemented == capabilities
     assert _declared(sink) == {protocol.__name__ for protocol in capabilities}
+
+
+@pytest.mark.parametrize(
+    ("name", "limits"),
+    [
+        # NaN would be stored as NULL; infinities and NUL in text round-trip exactly.
+        ("sqlite", ValueLimits(nan=False)),
+        # text cannot hold NUL, jsonb refuses "\u0000"; NaN and infinities are stored.
+        ("postgresql", ValueLimits(nul_in_text=False, nul_in_json=False)),
+        # Strict JSON has no NaN nor infinities.
+        ("file", ValueLimits(nan=False, infinity=False)),
+        ("kafka", ValueLimits(nan=False, infinity=False)),
+    ],
+)
+def test_a_sink_declares_the_values_it_cannot_store(
+    tmp_path: Path, name: str, limits: ValueLimits
+) -> None:
+    sink = _sinks(tmp_path)[name]
+    assert isinstance(sink, LimitedSink)
+    assert sink.value_limits == limits

@@ -354,9 +354,12 @@ def test_a_deferred_constraint_refused_at_commit_is_a_refusal(db: Path) -> None:
     assert _profiles(db) == []
 
 
-def test_an_int_in_a_double_column_is_a_double_and_infinities_and_nul_are_stored(
+def test_the_sink_declares_nan_unstorable_and_an_int_in_a_double_column_is_a_double(
     sink: SqliteSink, db: Path
 ) -> None:
+    assert sink.value_limits.nan is False
+    assert sink.value_limits.infinity is True
+    assert sink.value_limits.nul_in_text is True
     sink.begin()
     sink.write_rows(
         PROFILES,
