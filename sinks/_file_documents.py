@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
@@ -10,6 +11,7 @@ from typing import Any
 
 from consumer import (
     Checkpoint,
+    CheckpointError,
     SinkError,
     Table,
     TopicPartition,
@@ -59,9 +61,30 @@ def _checkpoint_from_json(record: Any, *, path: Path) -> Checkpoint:
     if not isinstance(record, dict):
         raise SinkError("checkpoint entry is not an object", path=str(path))
     state = record.get("state")
-    return decode_checkpoint(
-        {**record, "state": None if state is None else base64.b64decode(state)}
-    )
+    if state is not None:
+        try:
+            state = base64.b64decode(state, validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise CheckpointError(
+                "checkpoint state is not base64",
+                path=str(path),
+                group=_shown(record.get("group")),
+                topic=_shown(record.get("topic")),
+                partition=_shown(record.get("partition")),
+            ) from None
+    return decode_checkpoint({**record, "state": state})
+
+
+_SHOWN_CHARS = 200
+
+
+def _shown(value: Any) -> Any:
+    """A value of a document from outside, as an error may show it: short."""
+    if isinstance(value, bool) or not isinstance(value, int | str):
+        return None if value is None else f"a {type(value).__name__}"
+    if isinstance(value, int):
+        return value if abs(value) < 2**63 else f"an integer of {value.bit_length()} bits"
+    return value if len(value) <= _SHOWN_CHARS else f"{value[: _SHOWN_CHARS - 3]}..."
 
 
 def checkpoint_document(group: str, checkpoints: Iterable[Checkpoint]) -> bytes:
@@ -90,10 +113,13 @@ def read_checkpoint_document(path: Path) -> tuple[str, dict[TopicPartition, Chec
             version=document.get("document_version"),
             supported_version=DOCUMENT_VERSION,
         )
-    checkpoints = [
-        _checkpoint_from_json(record, path=path) for record in document.get("checkpoints", [])
-    ]
-    return str(document["group"]), {cp.topic_partition: cp for cp in checkpoints}
+    group, records = document.get("group"), document.get("checkpoints", [])
+    if not isinstance(group, str) or not isinstance(records, list):
+        raise SinkError(
+            "checkpoint document has no group or no list of checkpoints", path=str(path)
+        )
+    checkpoints = [_checkpoint_from_json(record, path=path) for record in records]
+    return group, {cp.topic_partition: cp for cp in checkpoints}
 
 
 def read_epochs(path: Path) -> dict[TopicPartition, int]:
@@ -102,10 +128,20 @@ def read_epochs(path: Path) -> dict[TopicPartition, int]:
         return {}
     if not isinstance(document, dict) or document.get("kind") != LEASE_KIND:
         raise SinkError("not an offsetkeeper lease document", path=str(path))
-    return {
-        TopicPartition(str(entry["topic"]), int(entry["partition"])): int(entry["epoch"])
-        for entry in document.get("epochs", [])
-    }
+    entries = document.get("epochs", [])
+    if not isinstance(entries, list) or not all(_is_lease_entry(entry) for entry in entries):
+        raise SinkError(
+            "lease document has an entry that is not {topic, partition, epoch}", path=str(path)
+        )
+    return {TopicPartition(entry["topic"], entry["partition"]): entry["epoch"] for entry in entries}
+
+
+def _is_lease_entry(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("topic"), str)
+        and all(type(entry.get(key)) is int for key in ("partition", "epoch"))
+    )
 
 
 def epochs_document(group: str, epochs: Mapping[TopicPartition, int]) -> bytes:

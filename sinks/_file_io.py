@@ -50,5 +50,8 @@ def read_json(path: Path) -> Any:
         return json.loads(path.read_bytes())
     except FileNotFoundError:
         return None
-    except json.JSONDecodeError as exc:  # written atomically, so only by hand
-        raise SinkError("file sink document is not valid JSON", path=str(path)) from exc
+    except (ValueError, RecursionError) as exc:  # written atomically, so only by hand
+        # ValueError: not JSON, or not UTF-8; RecursionError: nested too deep to read.
+        raise SinkError(
+            "file sink document is not valid JSON", path=str(path), reason=type(exc).__name__
+        ) from exc

@@ -8,12 +8,19 @@ plain Kafka consumer) read as format-1 checkpoints holding only the offset.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 from typing import Any
 
 import confluent_kafka
 
-from consumer import CURRENT_FORMAT_VERSION, Checkpoint, SinkError, decode_checkpoint
+from consumer import (
+    CURRENT_FORMAT_VERSION,
+    Checkpoint,
+    CheckpointError,
+    SinkError,
+    decode_checkpoint,
+)
 
 # The broker's default offset.metadata.max.bytes: a longer metadata string fails the commit.
 OFFSET_METADATA_MAX_BYTES = 4096
@@ -53,11 +60,13 @@ def encode_checkpoint_metadata(checkpoint: Checkpoint, *, sink_topic: str) -> st
 
 
 def own_metadata(metadata: str | None) -> dict[str, Any] | None:
+    """The offsetkeeper checkpoint an offset's metadata holds; None when it holds none (or
+    anything else: metadata is free text any client may commit, up to 4 KB of "[" included)."""
     if not metadata:
         return None
     try:
         document = json.loads(metadata)
-    except ValueError:
+    except (ValueError, RecursionError):
         return None
     if isinstance(document, dict) and isinstance(document.get(_METADATA_MARK), int):
         return document
@@ -83,6 +92,17 @@ def decode_committed_offset(
             }
         )
     state = document.get("state")
+    if state is not None:
+        try:
+            state = base64.b64decode(state, validate=True)
+        except (binascii.Error, TypeError, ValueError):
+            raise CheckpointError(
+                "checkpoint state in the offset metadata is not base64",
+                group=group,
+                topic=topic,
+                partition=partition,
+                offset=offset,
+            ) from None
     return decode_checkpoint(
         {
             "format_version": document[_METADATA_MARK],
@@ -94,7 +114,7 @@ def decode_committed_offset(
             "epoch": document.get("epoch", 0),
             "leader_epoch": document.get("leader_epoch"),
             "writer_version": document.get("writer", "unknown"),
-            "state": None if state is None else base64.b64decode(state),
+            "state": state,
             "state_version": document.get("state_version"),
         }
     )

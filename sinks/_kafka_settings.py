@@ -7,7 +7,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from urllib.parse import SplitResult, parse_qsl, urlsplit
 
-from consumer import ConfigError
+from consumer import ConfigError, mask_url
 
 # How long one call to the cluster (a transactional step, an admin request) may take.
 OPERATION_TIMEOUT_S = 30.0
@@ -57,7 +57,7 @@ def parse_kafka_url(url: str) -> KafkaSinkSettings:
     <librdkafka key>=..`. Unknown options, and librdkafka keys the sink sets itself, are a
     ConfigError."""
     parts = urlsplit(url)
-    shown = url.split("?", 1)[0]
+    shown = mask_url(url.split("?", 1)[0])
     if parts.scheme != "kafka":
         raise ConfigError("not a kafka:// sink URL", sink=shown)
     bootstrap = parts.netloc

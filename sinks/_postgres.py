@@ -33,6 +33,7 @@ from sinks._sql import (
     Refusal,
     SqlSink,
     Written,
+    own_table_names,
 )
 
 _V2_TYPES = {
@@ -99,6 +100,7 @@ class PostgresSink(SqlSink):
         self._checkpoint_name = check_identifier(checkpoint_table, what="checkpoint table")
         self._checkpoints = sql.Identifier(self._checkpoint_name)
         self._leases = sql.Identifier(check_identifier(lease_table, what="lease table"))
+        self._own_tables = own_table_names(checkpoint_table, lease_table)
         self._tables: tuple[Table, ...] = ()
         self._connection: psycopg.Connection[Any] | None = None
         self._staging = StagingTables()
@@ -148,6 +150,7 @@ class PostgresSink(SqlSink):
     # -- lifecycle -------------------------------------------------------------------------------
 
     def open(self, tables: Sequence[Table]) -> None:
+        self._check_app_tables(tables)
         check_staging_names(tables)
         self._tables = tuple(tables)
         db = self._connect()

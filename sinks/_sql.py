@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 from consumer import (
     CURRENT_FORMAT_VERSION,
     Checkpoint,
+    ConfigError,
     RowsRefusedError,
     SinkError,
     Table,
@@ -108,6 +109,20 @@ class CheckpointRows:
         )
 
 
+def own_table_names(checkpoint_table: str, lease_table: str) -> dict[str, str]:
+    """The sink's own tables by the URL option that names them; distinct, or a ConfigError."""
+    names = {"checkpoint_table": checkpoint_table, "lease_table": lease_table, "jobs": JOB_TABLE}
+    folded = [name.casefold() for name in names.values()]
+    if len(set(folded)) != len(folded):
+        raise ConfigError(
+            "the sink's own tables need distinct names",
+            checkpoint_table=checkpoint_table,
+            lease_table=lease_table,
+            job_table=JOB_TABLE,
+        )
+    return names
+
+
 @dataclass(frozen=True, slots=True)
 class Refusal:
     """The database refused a batch's rows for a data reason: `why` (short, for the message),
@@ -179,6 +194,9 @@ class SqlSink(abc.ABC):
     # The root of the driver's exceptions (sqlite3.Error, psycopg.Error).
     driver_error: ClassVar[type[Exception]]
 
+    # The sink's own tables by the URL option that names them (`own_table_names`).
+    _own_tables: Mapping[str, str]
+
     @property
     @abc.abstractmethod
     def description(self) -> str:
@@ -196,6 +214,20 @@ class SqlSink(abc.ABC):
     def _refusal(self, exc: Exception, written: Written) -> Refusal | None:
         """What `exc`, raised while `written` was written or committed, says when it is a data
         refusal; None when it is not (a lost connection, a lock, a full disk: transient)."""
+
+    def _check_app_tables(self, tables: Sequence[Table]) -> None:
+        """An app table named like one of the sink's own tables would overwrite the
+        checkpoints or the fencing epochs: a ConfigError at open."""
+        own = {name.casefold(): option for option, name in self._own_tables.items()}
+        for table in tables:
+            option = own.get(table.name.casefold())
+            if option is not None:
+                raise ConfigError(
+                    "an app table has the name of the sink's own table",
+                    table=table.name,
+                    option=option,
+                    sink=self.description,
+                )
 
     def _error_context(self, exc: Exception) -> dict[str, Any]:
         """What of the driver's exception goes into the `SinkError`'s context."""

@@ -31,6 +31,7 @@ from sinks._sql import (
     Refusal,
     SqlSink,
     Written,
+    own_table_names,
     unbindable_column,
 )
 
@@ -125,6 +126,7 @@ class SqliteSink(SqlSink):
         self._path = Path(path)
         self._checkpoint_table = _quote(check_identifier(checkpoint_table, what="checkpoint table"))
         self._lease_table = _quote(check_identifier(lease_table, what="lease table"))
+        self._own_tables = own_table_names(checkpoint_table, lease_table)
         self._busy_timeout_s = busy_timeout_s
         self._connection: sqlite3.Connection | None = None
         self._upsert_sql: dict[str, str] = {}
@@ -160,6 +162,7 @@ class SqliteSink(SqlSink):
         return None
 
     def open(self, tables: Sequence[Table]) -> None:
+        self._check_app_tables(tables)
         with self._mapped("cannot open SQLite sink"):
             if self._path.parent != Path():
                 self._path.parent.mkdir(parents=True, exist_ok=True)

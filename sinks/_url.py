@@ -66,9 +66,9 @@ def open_file_sink(url: str) -> Sink:
     if parts.netloc not in ("", "localhost"):
         raise ConfigError(
             "file sink URL names a host; use file:///absolute/dir or file:relative/dir",
-            sink=url,
-            host=parts.netloc,
+            sink=mask_url(url),
+            host=urlsplit(mask_url(url)).netloc,
         )
     if not parts.path:
-        raise ConfigError("file sink URL needs a directory", sink=url)
+        raise ConfigError("file sink URL needs a directory", sink=mask_url(url))
     return FileSink(unquote(parts.path))

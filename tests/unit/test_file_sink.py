@@ -18,6 +18,7 @@ import pytest
 from consumer import (
     CURRENT_FORMAT_VERSION,
     Checkpoint,
+    CheckpointError,
     CheckpointFormatError,
     ConfigError,
     FencedError,
@@ -465,6 +466,69 @@ V1_RECORD = {
     "next_offset": 77,
     "updated_at": 1741964966535,
 }
+
+
+@pytest.mark.parametrize("state", ["not base64!", "QUJ", 12, ["AAAA"]])
+def test_a_checkpoint_state_that_is_not_base64_is_a_checkpoint_error_naming_the_partition(
+    sink: FileSink, root: Path, state: Any
+) -> None:
+    record = {**V1_RECORD, "group": GROUP, "format_version": 2, "state": state}
+    _write_checkpoint_document(root, GROUP, [record])
+    with pytest.raises(CheckpointError, match="not base64") as caught:
+        sink.load_checkpoints(GROUP)
+    assert caught.value.context["topic"] == "orders"
+    assert caught.value.context["partition"] == 3
+    assert caught.value.__cause__ is None  # no binascii traceback
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        b"[" * 100_000,  # deeper than the decoder can go
+        b"\xff\xfe not UTF-8",
+        json.dumps({"kind": "offsetkeeper-file-checkpoints", "document_version": 1}).encode(),
+        json.dumps(
+            {
+                "kind": "offsetkeeper-file-checkpoints",
+                "document_version": 1,
+                "group": "g",
+                "checkpoints": {"a": 1},
+            }
+        ).encode(),
+    ],
+)
+def test_a_hostile_checkpoint_document_is_a_sink_error(
+    sink: FileSink, root: Path, document: bytes
+) -> None:
+    path = _write_checkpoint_document(root, GROUP, [])
+    path.write_bytes(document)
+    with pytest.raises(SinkError, match=r"not valid JSON|no group"):
+        sink.load_checkpoints(GROUP)
+
+
+@pytest.mark.parametrize(
+    "epochs",
+    [
+        [{"topic": "orders", "partition": "0", "epoch": 1}],
+        [{"topic": "orders", "epoch": 1}],
+        [["orders", 0, 1]],
+        {"orders": 1},
+    ],
+)
+def test_a_hostile_lease_document_is_a_sink_error(sink: FileSink, root: Path, epochs: Any) -> None:
+    path = root / "_offsetkeeper" / "leases" / f"{GROUP}.json"
+    path.write_text(
+        json.dumps(
+            {
+                "kind": "offsetkeeper-file-leases",
+                "document_version": 1,
+                "group": GROUP,
+                "epochs": epochs,
+            }
+        )
+    )
+    with pytest.raises(SinkError, match="lease document has an entry"):
+        sink.acquire(GROUP, [TP0])
 
 
 def test_a_checkpoint_of_a_newer_format_is_refused_on_load(sink: FileSink, root: Path) -> None:

@@ -16,6 +16,7 @@ from consumer import ConfigError, open_sink
 from consumer.checkpoints.model import CURRENT_FORMAT_VERSION, Checkpoint
 from consumer.core.app import Table
 from consumer.core.errors import (
+    CheckpointError,
     CheckpointFormatError,
     FencedError,
     RowsRefusedError,
@@ -28,6 +29,7 @@ from sinks._kafka_offsets import (
     OFFSET_METADATA_MAX_BYTES,
     decode_committed_offset,
     encode_checkpoint_metadata,
+    own_metadata,
 )
 from sinks._kafka_settings import DEFAULT_TRANSACTION_TIMEOUT_MS, parse_kafka_url
 
@@ -79,6 +81,13 @@ def test_url_options_and_librdkafka_keys_are_separated() -> None:
 def test_invalid_urls_are_config_errors(url: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         parse_kafka_url(url)
+
+
+def test_a_url_with_a_password_is_refused_without_showing_it() -> None:
+    with pytest.raises(ConfigError, match="no user part") as caught:
+        parse_kafka_url("kafka://admin:s3cr3t@h:1/t")
+    assert "s3cr3t" not in str(caught.value)
+    assert caught.value.context["sink"] == "kafka://admin:***@h:1/t"
 
 
 def test_open_sink_makes_a_kafka_sink() -> None:
@@ -182,6 +191,26 @@ def test_a_plain_kafka_offset_reads_as_a_format_1_checkpoint() -> None:
         assert decoded.read_from_format == 1
         assert decoded.epoch == 0
         assert decoded.state is None
+
+
+def test_metadata_nested_too_deep_for_the_decoder_is_not_ours() -> None:
+    metadata = "[" * OFFSET_METADATA_MAX_BYTES  # any client may commit 4 KB of free text
+    assert own_metadata(metadata) is None
+    assert decode_committed_offset("g", "in", 0, 7, metadata).read_from_format == 1
+
+
+@pytest.mark.parametrize("state", ["not base64!", "QUJ", 5])
+def test_a_state_that_is_not_base64_is_a_checkpoint_error_naming_the_partition(state: Any) -> None:
+    metadata = json.loads(encode_checkpoint_metadata(_checkpoint(), sink_topic="out"))
+    metadata["state"] = state
+    with pytest.raises(CheckpointError, match="not base64") as caught:
+        decode_committed_offset("g", "in", 3, 120, json.dumps(metadata))
+    assert caught.value.context == {
+        "group": "g",
+        "topic": "in",
+        "partition": 3,
+        "offset": 120,
+    }
 
 
 def test_metadata_of_a_newer_format_is_refused() -> None:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from consumer import ConfigError, open_sink
+from consumer import ConfigError, Table, open_sink
 from sinks import FileSink, KafkaSink, SqliteSink
 from sinks._postgres import PostgresSink
 from tests.fixtures.sqlite_db import query
@@ -89,6 +89,10 @@ def test_file_url_options_and_hosts_are_config_errors() -> None:
     assert caught.value.context["options"] == ["format", "fsync"]
     with pytest.raises(ConfigError, match="names a host"):
         open_sink("file://data/out")  # meant file:data/out
+    with pytest.raises(ConfigError, match="names a host") as caught:
+        open_sink("file://me:s3cr3t@nas/out")
+    assert "s3cr3t" not in str(caught.value)
+    assert caught.value.context["host"] == "me:***@nas"
     with pytest.raises(ConfigError, match="needs a directory"):
         open_sink("file://")
 
@@ -105,3 +109,32 @@ def test_kafka_url_options_are_checked() -> None:
     assert caught.value.context["options"] == ["lease_table"]
     with pytest.raises(ConfigError, match="one output topic"):
         open_sink("kafka://k1:9092")
+
+
+@pytest.mark.parametrize("option", ["checkpoint_table", "lease_table"])
+def test_an_app_table_named_like_an_own_table_is_refused_at_open(
+    tmp_path: Path, option: str
+) -> None:
+    sink = open_sink(f"sqlite:///{tmp_path / 'x.db'}?{option}=Orders")
+    orders = Table(name="orders", columns={"id": "text"}, key=("id",))
+    with pytest.raises(ConfigError, match="name of the sink's own table") as caught:
+        sink.open([orders])
+    assert caught.value.context["option"] == option
+    assert caught.value.context["table"] == "orders"
+    postgres = open_sink(f"postgresql://u:pw@db.invalid/x?{option}=orders")
+    with pytest.raises(ConfigError, match="name of the sink's own table"):
+        postgres.open([orders])  # before it connects
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        "checkpoint_table=own&lease_table=own",
+        "checkpoint_table=offsetkeeper_replay_jobs",
+        "lease_table=OFFSETKEEPER_CHECKPOINTS",
+    ],
+)
+def test_the_own_tables_need_distinct_names(query: str) -> None:
+    for scheme in ("sqlite:///x.db", "postgresql://u@h/db"):
+        with pytest.raises(ConfigError, match="distinct names"):
+            open_sink(f"{scheme}?{query}")

@@ -16,6 +16,7 @@ from consumer import (
     CURRENT_FORMAT_VERSION,
     Checkpoint,
     CheckpointFormatError,
+    ConfigError,
     FencedError,
     RowsRefusedError,
     SinkError,
@@ -522,6 +523,13 @@ def test_a_checkpoint_of_a_newer_format_is_refused_on_load(sink: SqliteSink, db:
         sink.load_checkpoints(GROUP)
     assert f"v{CURRENT_FORMAT_VERSION + 1}" in str(caught.value)
     assert f"v{CURRENT_FORMAT_VERSION}" in str(caught.value)
+
+
+def test_an_app_table_named_like_the_checkpoint_table_is_refused(db: Path) -> None:
+    sink = SqliteSink(db, checkpoint_table="profiles")
+    with pytest.raises(ConfigError, match="own table"):
+        sink.open([PROFILES])
+    assert not db.exists(), "refused before anything is created"
 
 
 def test_custom_checkpoint_and_lease_tables(db: Path) -> None:
