@@ -1,7 +1,7 @@
 """The PostgreSQL sink against a real server, called directly (as the engine calls it): what
 the database refuses is a RowsRefusedError naming table and column, a failed transaction never
-leaves the session unusable (its staging table is made again), and long table names get
-staging tables of their own."""
+leaves the session unusable (its staging table is made again), long table names get staging
+tables of their own, and every value the engine's row check admits is stored exactly."""
 
 from __future__ import annotations
 
@@ -11,12 +11,15 @@ from typing import Any
 
 import psycopg
 import pytest
+from hypothesis import HealthCheck, given, settings
+from psycopg.rows import dict_row
 
 from consumer import Checkpoint, RowsRefusedError, SinkError, Table, TopicPartition
 from sinks._postgres import PostgresSink
 from sinks._postgres_staging import staging_name
 from tests.fixtures.pg import create_database, query
 from tests.fixtures.services import Service
+from tests.fixtures.values import ALL_TYPES, GeneratedRow, ThroughSink, rows
 
 pytestmark = pytest.mark.integration
 
@@ -191,3 +194,35 @@ def test_two_long_table_names_alike_in_their_first_44_characters_get_their_own_s
         ("z", "u", 1.5),
     ]
 
+
+def test_admitted_values_are_stored_exactly_and_refused_ones_name_their_column(dsn: str) -> None:
+    sink = PostgresSink(dsn)
+    batches = Batches(sink, ALL_TYPES)
+    reader = psycopg.connect(dsn, autocommit=True, row_factory=dict_row)
+
+    def write(row: dict[str, Any]) -> None:
+        batches.commit((ALL_TYPES, [row]))
+
+    def read(n: int) -> dict[str, Any]:
+        stored = reader.execute("SELECT * FROM all_types WHERE n = %s", (n,)).fetchone()
+        assert stored is not None
+        return dict(stored)
+
+    through = ThroughSink(sink.value_limits, write, read)
+
+    @settings(
+        max_examples=300,
+        deadline=None,
+        suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+    )
+    @given(generated=rows())
+    def check(generated: GeneratedRow) -> None:
+        through.check(generated)
+
+    try:
+        check()
+    finally:
+        reader.close()
+        sink.close()
+    assert through.stored > 50
+    assert through.refused > 50
