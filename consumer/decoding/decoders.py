@@ -48,6 +48,10 @@ def _decode_json(value: bytes | None) -> Any:
         return json.loads(value)
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise DecodeError(f"value is not valid JSON: {exc}") from exc
+    except RecursionError:  # json's parser recurses once per level of nesting
+        raise DecodeError(
+            "value nests deeper than Python's recursion limit", field="nesting depth"
+        ) from None
 
 
 def _decode_utf8(value: bytes | None) -> Any:

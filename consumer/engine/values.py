@@ -9,7 +9,7 @@ the engine, for every sink:
 | --- | --- |
 | `text` | `str` of valid Unicode (no lone surrogates); NUL only where the sink stores it |
 | `bigint` / `integer` | `int` (not `bool`) within 64 / 32 bits, signed |
-| `double` | `float`, or an `int` a double can hold; NaN and infinities where the sink stores them |
+| `double` | `float`, or an `int` a double holds exactly; NaN and infinities where stored |
 | `boolean` | `bool` |
 | `bytes` | `bytes`, `bytearray`, `memoryview` |
 | `json` | what `json.dumps` serialises as strict JSON (no NaN), valid Unicode; NUL where stored |
@@ -125,10 +125,11 @@ def _double(limits: ValueLimits) -> Check:
         kind = type(value)
         if kind is int:
             try:
-                float(value)
+                exact = int(float(value)) == value
             except OverflowError:
                 return "int too large for a double column"
-            return None
+            # Beyond 2**53 a double rounds: the sink would store another number.
+            return None if exact else "int a double cannot hold exactly (beyond 2**53)"
         if kind is not float:
             return f"double column given {kind.__name__}, not float"
         if math.isfinite(value):

@@ -78,3 +78,10 @@ def test_avro_decoders_without_their_settings_are_config_errors(
         decoder_for(name, options)
     if setting is not None:
         assert caught.value.context["setting"] == setting
+
+
+def test_json_nested_past_the_recursion_limit_is_a_decode_error_naming_the_depth() -> None:
+    decode = decoder_for("json")
+    with pytest.raises(DecodeError) as refused:
+        decode(b"[" * 100_000 + b"]" * 100_000)
+    assert refused.value.field == "nesting depth"
