@@ -22,6 +22,7 @@ from consumer.checkpoints.model import (
 from consumer.core.errors import CheckpointError, ConfigError
 from consumer.core.records import TopicPartition
 from consumer.engine.client import PartitionReader
+from consumer.engine.data_loss import lost_records
 from consumer.engine.sink import Sink
 
 EXPORT_KIND = "offsetkeeper-checkpoints"
@@ -305,25 +306,14 @@ def audit(
             )
             continue
         low, high = reader.watermarks(tp)
-        if checkpoint.next_offset < low:
-            problems.append(
-                IntegrityProblem(
-                    tp,
-                    checkpoint.next_offset,
-                    low,
-                    high,
-                    f"below the log start: {low - checkpoint.next_offset} records were deleted by "
-                    "retention before they were consumed",
-                )
-            )
-        elif checkpoint.next_offset > high:
-            problems.append(
-                IntegrityProblem(
-                    tp,
-                    checkpoint.next_offset,
-                    low,
-                    high,
-                    "beyond the log end: the topic was probably deleted and recreated",
-                )
-            )
+        loss = lost_records(tp, checkpoint.next_offset, low, high)  # the engine's own rule
+        if loss is None:
+            continue
+        problem = (
+            "beyond the log end: the topic was probably deleted and recreated"
+            if loss.lost is None
+            else f"below the log start: {loss.lost} records were deleted by retention before "
+            "they were consumed"
+        )
+        problems.append(IntegrityProblem(tp, checkpoint.next_offset, low, high, problem))
     return problems

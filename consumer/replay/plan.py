@@ -263,29 +263,24 @@ def _resolve_starts(
     starts = {tp: stored[tp].next_offset for tp in tps}
     for tp in tps:
         low = logs[tp][0]
-        if starts[tp] < low:
-            if not allow_data_loss:
-                raise ConfigError(
-                    "the group's checkpoint is below the log start: records were deleted by "
-                    "retention before it read them (--on-data-loss skip starts at the log start)",
-                    group=group,
-                    topic=tp.topic,
-                    partition=tp.partition,
-                    checkpoint=starts[tp],
-                    log_start=low,
-                    lost=low - starts[tp],
-                )
-            log.error(
-                "records_lost",
-                group=group,
-                topic=tp.topic,
-                partition=tp.partition,
-                checkpoint=starts[tp],
-                log_start=low,
-                lost=low - starts[tp],
-                action="the replay starts at the log start",
+        if starts[tp] >= low:
+            continue
+        where = {
+            "group": group,
+            "topic": tp.topic,
+            "partition": tp.partition,
+            "checkpoint": starts[tp],
+            "log_start": low,
+            "lost": low - starts[tp],
+        }
+        if not allow_data_loss:
+            raise ConfigError(
+                "the group's checkpoint is below the log start: records were deleted by "
+                "retention before it read them (--on-data-loss skip starts at the log start)",
+                **where,
             )
-            starts[tp] = low
+        log.error("records_lost", **where, action="the replay starts at the log start")
+        starts[tp] = low
     return starts
 
 
