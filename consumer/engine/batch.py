@@ -186,9 +186,14 @@ class _RecordRunner:
         while True:
             attempt += 1
             try:
-                keyed = _keyed_rows(
-                    self._app, self._call(_decoded(decode, raw)), raw, self._checker
-                )
+                record = _decoded(decode, raw)
+                if self._stateful:
+                    produced = self._processor(record, self.state)
+                else:
+                    produced = self._processor(record)
+                if self._is_async:
+                    produced = _await(produced, self._resolve)
+                keyed = _keyed_rows(self._app, produced, raw, self._checker)
             except Exception as exc:  # a processor bug must be handled by policy, never vanish
                 if isinstance(exc, OffsetkeeperError) and not isinstance(exc, RecordError):
                     raise  # about the setup, not this record: the engine handles it
@@ -214,12 +219,6 @@ class _RecordRunner:
             if self._stateful:
                 self._good.append((raw, decode))
             return keyed
-
-    def _call(self, record: Record) -> Any:
-        produced = (
-            self._processor(record, self.state) if self._stateful else self._processor(record)
-        )
-        return _await(produced, self._resolve) if self._is_async else produced
 
     def _rebuilt_state(self) -> Any:
         state = copy_state(self._start)

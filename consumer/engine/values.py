@@ -57,33 +57,54 @@ class LimitedSink(Protocol):
     def value_limits(self) -> ValueLimits: ...
 
 
+# Column kinds with a fast path in `RowChecker.check` (the common values of the common types
+# pass without a function call: measurable at 100k rows/s); everything else, and every
+# failure, goes through the full check of its type, which also says what is wrong.
+_FAST_TEXT, _FAST_BIGINT, _FAST_INTEGER, _SLOW = 0, 1, 2, 3
+_FAST_KINDS = {"text": _FAST_TEXT, "bigint": _FAST_BIGINT, "integer": _FAST_INTEGER}
+
+_Compiled = tuple[Mapping[str, int], Mapping[str, Check], frozenset[str]]
+
+
 class RowChecker:
     """Checks rows against their table's column types and the sink's `ValueLimits`. The
     checks of each table are built once."""
 
     def __init__(self, limits: ValueLimits | None = None) -> None:
         self._limits = limits or ValueLimits()
-        self._checks: dict[str, tuple[Mapping[str, Check], frozenset[str]]] = {}
+        self._nul_in_text = self._limits.nul_in_text
+        self._checks: dict[str, _Compiled] = {}
 
     def check(self, table: Table, values: Mapping[str, Any]) -> None:
         """Raise `InvalidRecordError` naming the table and the first column that is wrong."""
         compiled = self._checks.get(table.name)
         if compiled is None:
             compiled = self._compile(table)
-        checks, keys = compiled
+        kinds, checks, keys = compiled
+        nul_in_text = self._nul_in_text
         for column, value in values.items():
             if value is None:
                 if column in keys:
                     raise InvalidRecordError("a key column is null", table=table.name, field=column)
                 continue
+            kind = kinds[column]
+            if kind == _FAST_TEXT:
+                if type(value) is str and value.isascii() and (nul_in_text or "\x00" not in value):
+                    continue
+            elif kind == _FAST_BIGINT:
+                if type(value) is int and _INT64[0] <= value <= _INT64[1]:
+                    continue
+            elif kind == _FAST_INTEGER and type(value) is int and _INT32[0] <= value <= _INT32[1]:
+                continue
             problem = checks[column](value)
             if problem is not None:
                 raise InvalidRecordError(problem, table=table.name, field=column)
 
-    def _compile(self, table: Table) -> tuple[Mapping[str, Check], frozenset[str]]:
+    def _compile(self, table: Table) -> _Compiled:
         makers: Mapping[str, Callable[[ValueLimits], Check]] = _CHECKS
+        kinds = {column: _FAST_KINDS.get(kind, _SLOW) for column, kind in table.columns.items()}
         checks = {column: makers[kind](self._limits) for column, kind in table.columns.items()}
-        compiled = (checks, frozenset(table.key))
+        compiled = (kinds, checks, frozenset(table.key))
         self._checks[table.name] = compiled
         return compiled
 
