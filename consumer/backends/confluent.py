@@ -186,13 +186,9 @@ class ConfluentBackend:
             if error is not None:
                 if error.code() == confluent_kafka.KafkaError._PARTITION_EOF:
                     continue
-                topic, partition = message.topic(), message.partition()
-                if (
-                    error.code() == confluent_kafka.KafkaError._AUTO_OFFSET_RESET
-                    and topic is not None
-                    and partition is not None
-                ):
-                    out_of_range.append(TopicPartition(topic, partition))
+                outside = _outside_the_log(message)
+                if outside is not None:
+                    out_of_range.append(outside)
                     continue
                 if error.fatal():
                     raise KafkaError(
@@ -298,6 +294,19 @@ def _raw_record(message: Any) -> RawRecord:
     )
 
 
+def _outside_the_log(message: Any) -> TopicPartition | None:
+    """The partition of an error message saying its fetch position is outside the log (with
+    no automatic offset reset, librdkafka reports instead of jumping); None for other errors."""
+    topic, partition = message.topic(), message.partition()
+    if (
+        message.error().code() == confluent_kafka.KafkaError._AUTO_OFFSET_RESET
+        and topic is not None
+        and partition is not None
+    ):
+        return TopicPartition(topic, partition)
+    return None
+
+
 def _offset(position: StartPosition | None) -> int:
     if isinstance(position, int):
         return position
@@ -397,17 +406,12 @@ class ConfluentReader:
         records = []
         for message in messages:
             error = message.error()
-            topic, partition = message.topic(), message.partition()
             if error is None:
                 records.append(_raw_record(message))
             elif error.fatal():
                 raise KafkaError("fatal consumer error", code=error.name(), reason=error.str())
-            elif (
-                error.code() == confluent_kafka.KafkaError._AUTO_OFFSET_RESET
-                and topic is not None
-                and partition is not None
-            ):
-                self._out_of_range.add(TopicPartition(topic, partition))
+            elif (outside := _outside_the_log(message)) is not None:
+                self._out_of_range.add(outside)
             else:
                 log.warning(
                     "kafka_fetch_error",

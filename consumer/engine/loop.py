@@ -279,7 +279,7 @@ class BatchLoop:
         )
         for work in works:
             if work.error is not None:
-                self._stop_partition(work.partition, work.error)
+                self.stop(work.partition, work.error)
 
     # -- a batch the sink refused: find the records responsible ---------------------------------
 
@@ -356,8 +356,7 @@ class BatchLoop:
         )
         error.__cause__ = refusal
         if self.bad_records.action == "stop":
-            self.positions[tp].stopped = error
-            self._stop_partition(tp, error)
+            self.stop(tp, error)
             return False
         skipped = PartitionWork(tp, first_offset=raw.offset, next_offset=raw.offset + 1, records=1)
         skipped.state = state  # the refused record's effect on the state is not kept
@@ -371,13 +370,8 @@ class BatchLoop:
 
     def stop(self, tp: TopicPartition, error: RecordError, *, pause: bool = True) -> None:
         """Halt a tracked partition at `error.offset`: nothing more of it is processed (the
-        driver's exit code says so). For the drivers' own reasons, e.g. records lost; without
-        `pause` where the client does not fetch it yet (the driver holds it itself)."""
-        self._stop_partition(tp, error, pause=pause)
-
-    def _stop_partition(
-        self, tp: TopicPartition, error: RecordError, *, pause: bool = True
-    ) -> None:
+        driver's exit code says so). Without `pause` where the client does not fetch it yet
+        (the driver holds it itself)."""
         self.positions[tp].stopped = error
         self.halted[tp] = error
         if pause:
