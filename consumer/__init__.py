@@ -50,6 +50,9 @@ from consumer.engine.sink import (
     JobStore,
     RowsOrigin,
     Sink,
+    StateChange,
+    StateEntry,
+    StateStore,
     check_epochs,
 )
 from consumer.engine.values import LimitedSink, ValueLimits
@@ -87,7 +90,10 @@ __all__ = [
     "Sink",
     "SinkError",
     "StartPosition",
+    "StateChange",
+    "StateEntry",
     "StateSchema",
+    "StateStore",
     "Table",
     "TableMode",
     "TopicPartition",

@@ -7,7 +7,9 @@ memory and refuses formats newer than this code knows, naming both versions.
 
 Adding format vN+1: ship `schemas/checkpoint/vN+1.avsc`, add one pure function
 `_vN_to_vN+1` to `_UPGRADES`, bump `CURRENT_FORMAT_VERSION`, extend `Checkpoint` and
-`encode_checkpoint`. Released formats: v1 (0.1.0), v2 (0.2.0).
+`encode_checkpoint`. Formats: v1 (the first), v2 (0.1.0: fencing epochs, the state as one
+blob), v3 (0.2.0: keyed state in entries beside the checkpoint, `schemas/checkpoint/
+v3-state-entry.avsc`; `state`/`state_version` only carry a v2 blob not yet split).
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from consumer.core.errors import CheckpointError, CheckpointFormatError
 from consumer.core.records import TopicPartition
 from schemas import checkpoint_schema_text
 
-CURRENT_FORMAT_VERSION = 2
+CURRENT_FORMAT_VERSION = 3
 
 # Ranges of the record's integers (Kafka's partitions and leader epochs are Java ints, offsets
 # Java longs), and how much of a bad value an error quotes.
@@ -53,8 +55,15 @@ def _v1_to_v2(record: CheckpointRecord) -> CheckpointRecord:
     }
 
 
+def _v2_to_v3(record: CheckpointRecord) -> CheckpointRecord:
+    # The fields are the same; what changed is where the state lives. A v2 blob stays in
+    # `state` (with its `state_version`) until the engine or `checkpoint migrate` splits it
+    # into entries, in the transaction that also clears it (consumer.engine.state).
+    return {**record, "format_version": 3}
+
+
 # _UPGRADES[n] turns a format-n record into a format-(n+1) record. Pure functions, no I/O.
-_UPGRADES: dict[int, _Upgrade] = {1: _v1_to_v2}
+_UPGRADES: dict[int, _Upgrade] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
 @cache
@@ -76,6 +85,7 @@ class Checkpoint:
     epoch: int = 0
     leader_epoch: int | None = None
     writer_version: str = "unknown"
+    # A format-2 state blob not yet split into entries (keyed state lives in entries since v3).
     state: bytes | None = None
     state_version: int | None = None
     # The format it was stored in, when it was read from a sink (not part of the record).

@@ -9,12 +9,17 @@ A sink is split by capability, each a `typing.Protocol` that implementers need n
 - `JobStore`: where replay jobs keep their plan, so a killed job resumes towards the same end.
 - `GroupBoundSink`: a sink whose transaction commits the consumer's offsets to Kafka itself,
   fenced by the group generation (KIP-447) instead of an epoch of its own.
+- `StateStore`: keyed processor state, entries keyed by (group, topic, partition, key) and
+  written in the batch's transaction. A stateful app needs it; a sink without it is refused
+  at start-up.
 
 The engine calls a `Sink` from one thread, in this order:
 
     open(tables)
     ( acquire(group, partitions); load_checkpoints(group, partitions)     on each assignment
-      ( begin(); write_rows(...)*; save_checkpoints(...); commit() | rollback() )*   per batch
+      ( read_state(...)* while processing                                  stateful apps
+      begin(); write_rows(...)*; write_state(...)?; save_checkpoints(...);
+      commit() | rollback() )*                                                 per batch
     )*
     close()
 
@@ -26,7 +31,7 @@ driver's exception; after any exception inside a batch the engine calls `rollbac
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
@@ -192,4 +197,60 @@ class GroupBoundSink(Protocol):
         """`group_metadata()` returns the client's current consumer group metadata (the
         confluent-kafka `ConsumerGroupMetadata`); called at each commit, as it changes with
         every rebalance. Called once, before `open`."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class StateEntry:
+    """One stored entry of a partition's keyed state: the JSON text of its value (UTF-8) and
+    the app's state version that wrote it (`App.state.version`)."""
+
+    key: str
+    value: bytes
+    version: int
+
+
+@dataclass(frozen=True, slots=True)
+class StateChange:
+    """What a batch did to one entry: its new JSON value and version, or `value` None for a
+    deleted entry."""
+
+    partition: TopicPartition
+    key: str
+    value: bytes | None
+    version: int
+
+
+@runtime_checkable
+class StateStore(Protocol):
+    """Keyed processor state, stored as entries keyed by (group, topic, partition, key) and
+    changed only inside a batch's transaction, together with its rows and checkpoints (format
+    v3). The engine keeps a bounded cache of entries and reads the rest from here.
+
+    Reads see committed data; they happen while records are processed, outside `begin()`
+    ... `commit()`, and never change anything."""
+
+    def read_state(
+        self, group: str, partition: TopicPartition, keys: Collection[str]
+    ) -> dict[str, StateEntry]:
+        """The stored entries of `partition` among `keys` (a key with no entry is absent)."""
+        ...
+
+    def state_sizes(
+        self, group: str, partitions: Iterable[TopicPartition] | None = None
+    ) -> dict[TopicPartition, tuple[int, int]]:
+        """(number of entries, bytes of their values) per partition of `group` that has
+        entries (all of them when `partitions` is None)."""
+        ...
+
+    def scan_state(self, group: str, partition: TopicPartition) -> Iterator[StateEntry]:
+        """Every stored entry of `partition`, in key order (for a full load, export and
+        migration). May be read lazily; the caller finishes it before the next call."""
+        ...
+
+    def write_state(self, group: str, changes: Sequence[StateChange]) -> None:
+        """Apply `changes` (one per key and partition at most) inside the open transaction,
+        before `save_checkpoints`: upsert an entry, or delete it when `value` is None. Its
+        partitions' epochs are checked by `save_checkpoints` in the same transaction, so a
+        fenced batch writes no state either."""
         ...
