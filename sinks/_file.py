@@ -1,15 +1,18 @@
 """File sink: JSON Lines data files renamed into place, then a checkpoint file replaced after them.
 
 The directory's layout is in `_file_layout`; its documents in `_file_documents`; durable file
-operations in `_file_io`; the lock in `_file_lock`; the reader protocol in `_file_reader`.
+operations in `_file_io`; the lock in `_file_lock`; the reader protocol in `_file_reader`; keyed
+state (delta files listed by the checkpoint document) in `_file_state`; replay jobs in
+`_file_jobs`.
 
 One batch, per the `Sink` contract:
 
     write_rows       one hidden temp file per (table, partition) in the data file's directory,
                      written, flushed and fsynced (outside the lock: the slow part)
+    write_state      one hidden temp state file per partition, the same way (`_file_state`)
     save_checkpoints take the lock; refuse stale epochs (FencedError) and batches that start
                      below the stored checkpoint (they would duplicate committed output); merge
-                     the new checkpoints into the group's document
+                     the new checkpoints (and state manifests) into the group's document
     commit           rename every temp file into place, fsync the directories, then replace
                      the checkpoint document (temp, fsync, rename, fsync); release the lock
 
@@ -23,11 +26,9 @@ unless an operator moves a checkpoint backwards (`offsetkeeper checkpoint reset`
 from __future__ import annotations
 
 import contextlib
-import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -38,21 +39,26 @@ from consumer import (
     Checkpoint,
     ConfigError,
     CrashInjector,
+    FencedError,
     RowsOrigin,
     SinkError,
+    StateChange,
+    StateEntry,
     Table,
     TopicPartition,
     ValueLimits,
     check_epochs,
 )
 from sinks._file_documents import (
+    GroupDocument,
     checkpoint_document,
     encode_rows,
     epochs_document,
-    read_checkpoint_document,
     read_epochs,
+    read_group_document,
 )
-from sinks._file_io import fsync_directory, make_directory, read_json, write_durably
+from sinks._file_io import fsync_directory, make_directory, write_durably
+from sinks._file_jobs import create_job, load_job
 from sinks._file_layout import (
     OWN_DIR,
     OWN_SUBDIRS,
@@ -64,6 +70,12 @@ from sinks._file_layout import (
     temp_path,
 )
 from sinks._file_lock import DirectoryLock
+from sinks._file_state import (
+    DEFAULT_MAX_DELTAS,
+    DEFAULT_MIN_COMPACT_BYTES,
+    FileStateStore,
+    state_errors,
+)
 from sinks._json_rows import JSON_VALUE_LIMITS
 
 log = structlog.get_logger("offsetkeeper.sink.file")
@@ -85,7 +97,8 @@ class FileSink:
     one directory; readers see a batch's files only once its checkpoint moved past them.
 
     Capabilities: `consumer.Sink` (with `writes_per_partition`: files are named by partition
-    and offsets), `consumer.LimitedSink`, `consumer.CheckpointAdmin`, `consumer.JobStore`.
+    and offsets), `consumer.LimitedSink`, `consumer.CheckpointAdmin`, `consumer.JobStore`,
+    `consumer.StateStore`.
     Fencing: an epoch per (group, partition) in the group's lease document; `save_checkpoints`
     takes the directory lock (held until `commit` or `rollback`) and checks the epochs with
     `consumer.check_epochs`, so no newer owner's `acquire` (which takes the lock too) can
@@ -94,11 +107,25 @@ class FileSink:
     Values: rows are strict JSON (`sinks._json_rows`), so `value_limits` refuses NaN and
     infinities; a value `write_rows` still cannot write as JSON is a `consumer.RowsRefusedError`
     naming the table and column. File system errors are `SinkError`s (retried).
+
+    Keyed state: each batch's changes of a partition are a delta file listed by the checkpoint
+    document that commits it; `state_max_deltas` deltas (or more delta bytes than the live
+    values, at least `state_min_compact_bytes`) make the batch write a base snapshot instead.
+    Memory: this sink holds the whole state of every partition it acquired in memory (an index
+    read from the files at first use, kept in step with each commit, read again after each
+    `acquire`); partitions it does not own are read from the files at each call.
     """
 
     writes_per_partition = True
 
-    def __init__(self, directory: str | Path, *, lock_timeout_s: float = 30.0) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        *,
+        lock_timeout_s: float = 30.0,
+        state_max_deltas: int = DEFAULT_MAX_DELTAS,
+        state_min_compact_bytes: int = DEFAULT_MIN_COMPACT_BYTES,
+    ) -> None:
         self._root = Path(directory)
         self._layout = FileLayout(self._root)
         self._own = self._layout.own
@@ -110,6 +137,9 @@ class FileSink:
         # rows go to the group that acquired it last through this sink.
         self._writers: dict[TopicPartition, str] = {}
         self._next_checkpoints: tuple[str, bytes] | None = None
+        self._states = FileStateStore(
+            self._layout, max_deltas=state_max_deltas, min_compact_bytes=state_min_compact_bytes
+        )
 
     @property
     def description(self) -> str:
@@ -165,6 +195,7 @@ class FileSink:
         if self._state == "open":
             self.rollback()
         self._lock.release()
+        self._states.forget()
         self._state = "closed"
 
     # -- assignment ----------------------------------------------------------------------------
@@ -181,10 +212,11 @@ class FileSink:
                 for tp in wanted:
                     epochs[tp] = epochs.get(tp, 0) + 1
                 write_durably(self._layout.lease_path(group), epochs_document(group, epochs))
-                stored = read_checkpoint_document(self._layout.checkpoint_path(group))
+                stored = read_group_document(self._layout.checkpoint_path(group))
                 _remove_uncommitted(
-                    self._layout, group, wanted, {} if stored is None else stored[1]
+                    self._layout, group, wanted, {} if stored is None else stored.checkpoints
                 )
+                self._states.acquired(group, wanted, stored)
             finally:
                 self._lock.release()
         except OSError as exc:
@@ -199,7 +231,7 @@ class FileSink:
     ) -> dict[TopicPartition, Checkpoint]:
         self._require(write=False)
         try:
-            stored = read_checkpoint_document(self._layout.checkpoint_path(group))
+            stored = read_group_document(self._layout.checkpoint_path(group))
         except OSError as exc:
             raise SinkError(
                 "cannot read checkpoints", sink=self.description, reason=str(exc)
@@ -207,15 +239,15 @@ class FileSink:
         if stored is None:
             return {}
         if partitions is None:
-            return dict(stored[1])
+            return dict(stored.checkpoints)
         wanted = set(partitions)
-        return {tp: cp for tp, cp in stored[1].items() if tp in wanted}
+        return {tp: cp for tp, cp in stored.checkpoints.items() if tp in wanted}
 
     # -- the batch -----------------------------------------------------------------------------
 
     def begin(self) -> None:
         self._require(write=True)
-        if self._pending or self._next_checkpoints is not None:
+        if self._pending or self._next_checkpoints is not None or self._states.pending_partitions:
             self.rollback()  # a batch the engine never finished: start clean
 
     def write_rows(
@@ -284,13 +316,19 @@ class FileSink:
         try:
             self._lock.acquire()  # held until commit() or rollback()
             current = read_epochs(self._layout.lease_path(group))
-            check_epochs(group, {cp.topic_partition for cp in checkpoints}, current, epochs)
-            stored = read_checkpoint_document(self._layout.checkpoint_path(group))
-            merged = {} if stored is None else dict(stored[1])
+            saved = {cp.topic_partition for cp in checkpoints}
+            try:
+                check_epochs(group, saved, current, epochs)
+            except FencedError as exc:  # a newer owner changes its state: read it again if owned
+                self._states.forget((group, TopicPartition(*tp)) for tp in exc.partitions)
+                raise
+            stored = read_group_document(self._layout.checkpoint_path(group))
+            merged = {} if stored is None else dict(stored.checkpoints)
             for pending in self._pending.values():
                 self._refuse_overlap(group, pending, merged.get(pending.origin.partition))
             merged.update({cp.topic_partition: cp for cp in checkpoints})
-            self._next_checkpoints = (group, checkpoint_document(group, merged.values()))
+            manifests = self._states.stage(group, stored, saved)
+            self._next_checkpoints = (group, checkpoint_document(group, merged.values(), manifests))
         except OSError as exc:
             raise SinkError(
                 "cannot save checkpoints", sink=self.description, reason=str(exc)
@@ -327,12 +365,14 @@ class FileSink:
                 renamed.append(pending.final)
             for directory in directories:
                 fsync_directory(directory)
+            renamed.extend(self._states.rename())
             if renamed:
                 self._crash.at(CRASH_AFTER_DATA)
             if self._next_checkpoints is not None:
                 group, document = self._next_checkpoints
                 write_durably(self._layout.checkpoint_path(group), document)  # the commit point
             checkpoint_replaced = True
+            self._states.committed()
         except OSError as exc:
             if not checkpoint_replaced:
                 # Not committed: take back what readers could not see yet anyway. (Once the
@@ -340,6 +380,8 @@ class FileSink:
                 # rewrites the same names with the same rows.)
                 for path in renamed:
                     path.unlink(missing_ok=True)
+            else:
+                self._states.discard_uncertain()
             self._discard_batch()
             raise SinkError(
                 "commit failed; batch rolled back"
@@ -360,12 +402,13 @@ class FileSink:
             with contextlib.suppress(OSError):
                 pending.temp.unlink(missing_ok=True)
         self._pending.clear()
+        self._states.discard()
         self._next_checkpoints = None
         self._lock.release()
 
     # -- checkpoint tools ----------------------------------------------------------------------
 
-    def _checkpoint_documents(self) -> list[tuple[Path, str, dict[TopicPartition, Checkpoint]]]:
+    def _checkpoint_documents(self) -> list[tuple[Path, GroupDocument]]:
         try:
             paths = sorted((self._own / "checkpoints").glob("*.json"))
         except OSError as exc:
@@ -374,16 +417,14 @@ class FileSink:
             ) from exc
         documents = []
         for path in paths:
-            stored = read_checkpoint_document(path)
+            stored = read_group_document(path)
             if stored is not None:
-                documents.append((path, *stored))
+                documents.append((path, stored))
         return documents
 
     def checkpoint_groups(self) -> list[str]:
         self._require(write=False)
-        return sorted(
-            group for _path, group, checkpoints in self._checkpoint_documents() if checkpoints
-        )
+        return sorted(doc.group for _path, doc in self._checkpoint_documents() if doc.checkpoints)
 
     def migrate_checkpoints(self, *, dry_run: bool = False) -> list[Checkpoint]:
         self._require(write=not dry_run)
@@ -391,14 +432,17 @@ class FileSink:
         try:
             if not dry_run:
                 self._lock.acquire()  # no consumer's commit interleaves
-            for path, group, checkpoints in self._checkpoint_documents():
+            for path, doc in self._checkpoint_documents():
                 stale = [
                     cp
-                    for cp in checkpoints.values()
+                    for cp in doc.checkpoints.values()
                     if (cp.read_from_format or CURRENT_FORMAT_VERSION) < CURRENT_FORMAT_VERSION
                 ]
-                if stale and not dry_run:
-                    write_durably(path, checkpoint_document(group, checkpoints.values()))
+                if stale and not dry_run:  # the state manifests (and any v2 blob) are kept
+                    document = checkpoint_document(
+                        doc.group, doc.checkpoints.values(), doc.state.values()
+                    )
+                    write_durably(path, document)
                 older.extend(stale)
         except OSError as exc:
             raise SinkError(
@@ -409,41 +453,41 @@ class FileSink:
                 self._lock.release()
         return older
 
-    # -- replay jobs ---------------------------------------------------------------------------
+    # -- keyed state (consumer.StateStore; see sinks._file_state) -----------------------------
+
+    def read_state(
+        self, group: str, partition: TopicPartition, keys: Collection[str]
+    ) -> dict[str, StateEntry]:
+        self._require(write=False)
+        with state_errors(self.description, "cannot read state"):
+            return self._states.read(group, partition, keys)
+
+    def state_sizes(
+        self, group: str, partitions: Iterable[TopicPartition] | None = None
+    ) -> dict[TopicPartition, tuple[int, int]]:
+        self._require(write=False)
+        with state_errors(self.description, "cannot read state sizes"):
+            return self._states.sizes(group, partitions)
+
+    def scan_state(self, group: str, partition: TopicPartition) -> Iterator[StateEntry]:
+        self._require(write=False)
+        with state_errors(self.description, "cannot read state"):
+            yield from self._states.scan(group, partition)
+
+    def write_state(self, group: str, changes: Sequence[StateChange]) -> None:
+        self._require(write=True)
+        with state_errors(self.description, "cannot write state"):
+            self._states.write(group, changes)
+
+    # -- replay jobs (sinks._file_jobs) ------------------------------------------------------
 
     def create_job(self, job_id: str, document: str) -> str:
         self._require(write=True)
-        path = self._layout.job_path(job_id)
-        try:
-            self._lock.acquire()  # two runs creating the same job: the first one's stays
-            try:
-                stored = self.load_job(job_id)
-                if stored is not None:
-                    return stored
-                record = {"job_id": job_id, "created_at": datetime.now(tz=UTC).isoformat()}
-                write_durably(path, (json.dumps({**record, "document": document}) + "\n").encode())
-            finally:
-                self._lock.release()
-        except OSError as exc:
-            raise SinkError(
-                "cannot store replay job", sink=self.description, job=job_id, reason=str(exc)
-            ) from exc
-        return document
+        return create_job(self._layout, self._lock, job_id, document, sink=self.description)
 
     def load_job(self, job_id: str) -> str | None:
         self._require(write=False)
-        path = self._layout.job_path(job_id)
-        try:
-            stored = read_json(path)
-        except OSError as exc:
-            raise SinkError(
-                "cannot read replay job", sink=self.description, job=job_id, reason=str(exc)
-            ) from exc
-        if stored is None:
-            return None
-        if not isinstance(stored, dict) or not isinstance(stored.get("document"), str):
-            raise SinkError("replay job file has no document", path=str(path), job=job_id)
-        return str(stored["document"])
+        return load_job(self._layout, job_id, sink=self.description)
 
 
 def _remove_uncommitted(

@@ -1,4 +1,8 @@
-"""The file sink's documents: rows as JSON Lines, checkpoints and epochs as JSON documents."""
+"""The file sink's documents: rows as JSON Lines, checkpoints and epochs as JSON documents.
+
+A group's checkpoint document also carries the manifest of each partition's keyed state
+(`_file_state_files.StateManifest`), so replacing the document commits both together.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +10,7 @@ import base64
 import binascii
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +24,7 @@ from consumer import (
     encode_checkpoint,
 )
 from sinks._file_io import read_json
+from sinks._file_state_files import StateManifest, manifest_from_json, manifest_to_json
 from sinks._json_rows import row_json
 
 CHECKPOINT_KIND = "offsetkeeper-file-checkpoints"
@@ -87,20 +93,39 @@ def _shown(value: Any) -> Any:
     return value if len(value) <= _SHOWN_CHARS else f"{value[: _SHOWN_CHARS - 3]}..."
 
 
-def checkpoint_document(group: str, checkpoints: Iterable[Checkpoint]) -> bytes:
+def checkpoint_document(
+    group: str, checkpoints: Iterable[Checkpoint], state: Iterable[StateManifest] = ()
+) -> bytes:
+    """The group's document; `state` holds the manifests of the partitions with state files
+    (a writer passes on the stored ones it does not change)."""
     ordered = sorted(checkpoints, key=lambda cp: cp.topic_partition)
-    document = {
+    document: dict[str, Any] = {
         "kind": CHECKPOINT_KIND,
         "document_version": DOCUMENT_VERSION,
         "group": group,
         "checkpoints": [_checkpoint_to_json(cp) for cp in ordered],
     }
+    manifests = sorted((m for m in state if m.files or m.seq), key=lambda m: m.topic_partition)
+    if manifests:
+        document["state"] = [manifest_to_json(m) for m in manifests]
     return (json.dumps(document, indent=1) + "\n").encode()
 
 
-def read_checkpoint_document(path: Path) -> tuple[str, dict[TopicPartition, Checkpoint]] | None:
-    """(group, checkpoints) from a checkpoint document; None if there is none. Older checkpoint
-    formats are upgraded in memory; a newer one raises CheckpointFormatError."""
+@dataclass(frozen=True, slots=True)
+class GroupDocument:
+    """A group's checkpoint document as read: its checkpoints and state manifests."""
+
+    group: str
+    checkpoints: dict[TopicPartition, Checkpoint]
+    state: dict[TopicPartition, StateManifest] = field(default_factory=dict)
+
+    def manifest(self, tp: TopicPartition) -> StateManifest:
+        return self.state.get(tp) or StateManifest(tp)
+
+
+def read_group_document(path: Path) -> GroupDocument | None:
+    """The checkpoint document at `path`; None if there is none. Older checkpoint formats are
+    upgraded in memory; a newer one raises CheckpointFormatError."""
     document = read_json(path)
     if document is None:
         return None
@@ -114,12 +139,27 @@ def read_checkpoint_document(path: Path) -> tuple[str, dict[TopicPartition, Chec
             supported_version=DOCUMENT_VERSION,
         )
     group, records = document.get("group"), document.get("checkpoints", [])
+    manifests = document.get("state", [])
     if not isinstance(group, str) or not isinstance(records, list):
         raise SinkError(
             "checkpoint document has no group or no list of checkpoints", path=str(path)
         )
+    if not isinstance(manifests, list):
+        raise SinkError("checkpoint document's state is not a list", path=str(path))
     checkpoints = [_checkpoint_from_json(record, path=path) for record in records]
-    return group, {cp.topic_partition: cp for cp in checkpoints}
+    state = [manifest_from_json(record, path=path) for record in manifests]
+    return GroupDocument(
+        group,
+        {cp.topic_partition: cp for cp in checkpoints},
+        {m.topic_partition: m for m in state},
+    )
+
+
+def read_checkpoint_document(path: Path) -> tuple[str, dict[TopicPartition, Checkpoint]] | None:
+    """(group, checkpoints) from a checkpoint document; None if there is none (see
+    `read_group_document`)."""
+    document = read_group_document(path)
+    return None if document is None else (document.group, document.checkpoints)
 
 
 def read_epochs(path: Path) -> dict[TopicPartition, int]:

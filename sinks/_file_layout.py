@@ -5,6 +5,8 @@
     DIR/_offsetkeeper/checkpoints/<group>.json    the group's checkpoints, one JSON document
     DIR/_offsetkeeper/leases/<group>.json         the group's fencing epochs
     DIR/_offsetkeeper/jobs/<job>.json             replay job documents
+    DIR/_offsetkeeper/state/<group>/<topic>+<partition>+<seq:020d>.<base|delta>.jsonl
+                                                  keyed state files (`_file_state_files`)
 
 Group and job names are percent-encoded to be file-system safe (`safe_name`). A file being
 written is a hidden temp file next to its final name (`temp_path`).
@@ -101,6 +103,9 @@ class FileLayout:
 
     def job_path(self, job_id: str) -> Path:
         return self.own / "jobs" / f"{safe_name(job_id)}.json"
+
+    def state_dir(self, group: str) -> Path:
+        return self.own / "state" / safe_name(group)
 
     def data_dir(self, table: str, group: str) -> Path:
         return self.root / table / safe_name(group)

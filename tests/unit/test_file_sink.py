@@ -590,7 +590,8 @@ def test_checkpoint_export_and_migrate_commands_work_on_a_file_sink(
     assert len(json.loads(backup.read_text())["checkpoints"]) == 2
     reopened = FileSink(root)
     reopened.open_existing()
-    assert reopened.load_checkpoints("old")[TopicPartition("orders", 3)].read_from_format == 2
+    migrated = reopened.load_checkpoints("old")[TopicPartition("orders", 3)]
+    assert migrated.read_from_format == CURRENT_FORMAT_VERSION
 
 
 def test_the_crash_tests_reader_reports_duplicates_and_changed_files(root: Path) -> None:
