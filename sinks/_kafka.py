@@ -13,14 +13,14 @@ metadata of the job's group itself (a member-less group) and uses the stable tra
 The parts, one module each: the URL and settings (`_kafka_settings`), rows <-> messages
 (`_kafka_messages`), checkpoints <-> committed offsets (`_kafka_offsets`), reading groups and
 offsets through the admin client (`_kafka_groups`), group membership (`_kafka_membership`),
-what a transactional error means (`_kafka_errors`), replay job plans (`_kafka_jobs`); this
-module is the transactional writer.
+what a transactional error means (`_kafka_errors`), replay job plans (`_kafka_jobs`), keyed
+state in compacted changelog topics (`_kafka_state`); this module is the transactional writer.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,15 +32,23 @@ from consumer import (
     CURRENT_FORMAT_VERSION,
     Checkpoint,
     ConfigError,
-    FencedError,
     RowsOrigin,
     SinkError,
+    StateChange,
+    StateEntry,
     Table,
     TopicPartition,
     ValueLimits,
 )
 from sinks._json_rows import JSON_VALUE_LIMITS
-from sinks._kafka_errors import TransactionFailure, classify, error_context, kafka_error
+from sinks._kafka_errors import (
+    TransactionFailure,
+    batch_error,
+    classify,
+    error_context,
+    failure_of,
+    kafka_error,
+)
 from sinks._kafka_groups import (
     committed_checkpoints,
     groups_with_checkpoints,
@@ -48,28 +56,55 @@ from sinks._kafka_groups import (
     topic_names,
 )
 from sinks._kafka_jobs import KafkaJobStore
-from sinks._kafka_membership import GroupMembership, MemberlessGroups, parse_group_metadata
+from sinks._kafka_membership import (
+    GroupMembership,
+    MemberlessGroups,
+    is_member,
+    parse_group_metadata,
+    require_member,
+)
 from sinks._kafka_messages import TABLE_HEADER, encode_row
 from sinks._kafka_offsets import committed_offset
-from sinks._kafka_producer import transactional_id_for, transactional_producer
+from sinks._kafka_producer import produce, transactional_id_for, transactional_producer
 from sinks._kafka_settings import OPERATION_TIMEOUT_S, KafkaSinkSettings
+from sinks._kafka_state import KafkaStateStore
 
 log = structlog.get_logger("offsetkeeper.sink.kafka")
 
 
 @dataclass(slots=True)
 class _Transaction:
-    """The open transaction: which partitions' offsets it carries, and with which metadata."""
+    """The open transaction: which partitions' offsets it carries, with which metadata, and
+    the state changes it wrote (applied to the sink's copies only once it commits)."""
 
     partitions: list[tuple[str, int]] = field(default_factory=list)
     sent_as: GroupMembership | None = None
+    state: list[tuple[str, Sequence[StateChange]]] = field(default_factory=list)
+
+    def state_partitions(self) -> set[tuple[str, int]]:
+        return {
+            (change.partition.topic, change.partition.partition)
+            for _, changes in self.state
+            for change in changes
+        }
 
 
 class KafkaSink:
     """A topic written in Kafka transactions, over one transactional confluent-kafka Producer.
 
     Capabilities: `consumer.Sink`, `consumer.LimitedSink`, `consumer.GroupBoundSink`,
-    `consumer.CheckpointAdmin`, `consumer.JobStore`.
+    `consumer.CheckpointAdmin`, `consumer.JobStore`, `consumer.StateStore`.
+
+    Keyed state (`sinks._kafka_state`), as Kafka Streams keeps it: one compacted changelog
+    topic per (group, source topic), partition p holding source partition p's entries, written
+    by `write_state` in the batch's transaction with the rows and the offsets (a fenced or
+    aborted batch leaves no state; `commit` refuses state of a partition whose offsets are not
+    in the transaction, as only the offsets are fenced). Memory: unlike the SQL sinks (whose
+    state is bounded by the engine's cache), this sink holds the WHOLE state of every partition
+    it serves in memory: a partition's changelog is read into memory (read_committed, to its
+    end) on its first state access after `acquire`, then kept in step with each commit.
+    Rebalance: `acquire` drops the copies of the partitions it is given, so a partition taken
+    (again) is restored from its changelog, never served from an earlier ownership's copy.
 
     Values: messages are strict JSON (`sinks._kafka_messages`), so `value_limits` refuses NaN
     and infinities; a row `write_rows` still cannot write as JSON is a
@@ -95,16 +130,8 @@ class KafkaSink:
     message per row, `save_checkpoints` -> send_offsets_to_transaction, `commit` ->
     commit_transaction, `rollback` -> abort_transaction.
 
-    Failures: a member that left the group (UNKNOWN_MEMBER_ID, FENCED_INSTANCE_ID, or group
-    metadata with no member) -> abort, FencedError naming every partition of the batch (the
-    engine drops them; the group assigns them again and `load_checkpoints` re-seeks).
-    ILLEGAL_GENERATION / REBALANCE_IN_PROGRESS come only while this member is still in the group
-    (the coordinator checks the member first) and librdkafka cannot have handed our partitions
-    on before our rebalance callback ran, which it cannot while we commit: abort, SinkError, the
-    engine retries with the new generation. A fenced producer: with our random transactional.id
-    only a transaction timeout does that (SinkError, new producer); with a stable id another
-    process took it over (FencedError). Other abortable errors -> abort, SinkError; fatal ->
-    the producer is dropped and made again on the next batch, SinkError.
+    Failures: what each error of a transactional call means, and what the engine then does,
+    is in `sinks._kafka_errors`.
     """
 
     writes_per_partition = False
@@ -124,6 +151,10 @@ class KafkaSink:
         self._memberless = MemberlessGroups(self._common, sink=settings.description)
         self._jobs = KafkaJobStore(self._common, settings.jobs_topic_name, sink=self.description)
         self._timeout_s = settings.transaction_timeout_ms / 1000
+        # A restore waits for transactions left open, like load_checkpoints (see there).
+        self._state = KafkaStateStore(
+            self._common, settings, sink=self.description, wait_s=self._timeout_s + 60.0
+        )
 
     @property
     def description(self) -> str:
@@ -189,6 +220,7 @@ class KafkaSink:
             self._producer = None
         self._jobs.close()
         self._memberless.close()
+        self._state.close()
         self._admin = None
 
     @property
@@ -228,6 +260,7 @@ class KafkaSink:
         takeovers for the logs; the group generation is the fence."""
         wanted = list(partitions)
         self._ensure_producer(group)
+        self._state.forget(group, wanted)  # restored again on first access: a new ownership
         stored = self.load_checkpoints(group, wanted)
         return {tp: (stored[tp].epoch + 1 if tp in stored else 1) for tp in wanted}
 
@@ -264,17 +297,10 @@ class KafkaSink:
     ) -> None:
         producer = self._open_transaction("write_rows")
         headers = [(TABLE_HEADER, table.name.encode())]
-        topic = self._settings.topic
         try:
             for row in rows:
                 key, value = encode_row(table, row)
-                while True:
-                    try:
-                        producer.produce(topic, value=value, key=key, headers=headers)
-                        break
-                    except BufferError:
-                        producer.poll(0.1)  # the local queue is full: let deliveries drain
-                producer.poll(0)
+                produce(producer, self._settings.topic, key, value, headers=headers)
         except confluent_kafka.KafkaException as exc:
             self._fail(exc, "cannot produce output rows", partitions=[], table=table.name)
 
@@ -294,22 +320,8 @@ class KafkaSink:
         transaction.partitions = sorted({(cp.topic, cp.partition) for cp in checkpoints})
         group_metadata = self._metadata_for(group)
         transaction.sent_as = parse_group_metadata(group_metadata)
-        if self._group_metadata is not None and (
-            transaction.sent_as is None or not transaction.sent_as.is_member
-        ):
-            # A member-less commit would be accepted even for a live group: a consumer that was
-            # evicted (librdkafka reset its membership) must not commit anything.
-            log.warning(
-                "kafka_commit_fenced",
-                reason="not a member of the group",
-                generation=None if transaction.sent_as is None else transaction.sent_as.generation,
-                partitions=transaction.partitions,
-            )
-            raise FencedError(
-                "this consumer is not a member of the group; its partitions are gone",
-                partitions=transaction.partitions,
-                group=group,
-            )
+        if self._group_metadata is not None:
+            require_member(transaction.sent_as, group, transaction.partitions)
         try:
             producer.send_offsets_to_transaction(offsets, group_metadata, OPERATION_TIMEOUT_S)
         except confluent_kafka.KafkaException as exc:
@@ -317,7 +329,8 @@ class KafkaSink:
 
     def commit(self) -> None:
         producer = self._open_transaction("commit")
-        partitions = self._transaction.partitions if self._transaction is not None else []
+        transaction = self._transaction or _Transaction()
+        self._require_fenced_state(transaction)
         deadline = time.monotonic() + OPERATION_TIMEOUT_S
         while True:
             try:
@@ -331,8 +344,26 @@ class KafkaSink:
                     and time.monotonic() < deadline
                 ):
                     continue  # librdkafka: a retriable commit failure may be retried as it is
-                self._fail(exc, "commit failed; batch rolled back", partitions)
+                # Committed or not, we cannot be sure: the next read restores what is.
+                for group, changes in transaction.state:
+                    self._state.forget(group, {change.partition for change in changes})
+                self._fail(exc, "commit failed; batch rolled back", transaction.partitions)
         self._transaction = None
+        for group, changes in transaction.state:
+            self._state.apply(group, changes)
+
+    def _require_fenced_state(self, transaction: _Transaction) -> None:
+        """Abort unless every partition with state changes has its offsets in the transaction:
+        the group generation fences the offsets, and so only what goes with them."""
+        unfenced = sorted(transaction.state_partitions() - set(transaction.partitions))
+        if unfenced:
+            self._abort_quietly()
+            raise SinkError(
+                "state written for partitions whose offsets are not in the transaction; "
+                "batch aborted",
+                partitions=unfenced,
+                sink=self.description,
+            )
 
     def rollback(self) -> None:
         if self._transaction is not None:
@@ -370,47 +401,54 @@ class KafkaSink:
         **context: Any,
     ) -> None:
         """Abort what can be aborted and raise the error the engine acts on (class docstring)."""
-        error = kafka_error(exc)
-        failure = TransactionFailure.ABORTABLE if error is None else classify(error)
-        details = {**error_context(exc), **context, "group": self._group}
-        if failure in (TransactionFailure.FATAL, TransactionFailure.PRODUCER_FENCED):
+        if failure_of(exc) in (TransactionFailure.FATAL, TransactionFailure.PRODUCER_FENCED):
             self._transaction = None
             self._producer = None  # unusable: the next batch makes (and inits) a new one
         else:
             self._abort_quietly()
-        fenced_member = failure is TransactionFailure.MEMBER_FENCED
-        fenced_producer = (
-            failure is TransactionFailure.PRODUCER_FENCED and self._stable_transactional_id
-        )
-        if (fenced_member or fenced_producer) and partitions:
-            log.warning(
-                "kafka_commit_fenced", failure=failure.value, partitions=partitions, **details
-            )
-            raise FencedError(
-                "the group or a newer producer fenced this commit; batch aborted",
-                partitions=partitions,
-                transactional_id=self._transactional_id,
-                **details,
-            ) from exc
-        if (
-            failure is TransactionFailure.GENERATION_MOVED
-            and self._transaction_member_left()
-            and partitions
-        ):
-            raise FencedError(
-                "this consumer left the group while committing; batch aborted",
-                partitions=partitions,
-                **details,
-            ) from exc
-        raise SinkError(message, failure=failure.value, sink=self.description, **details) from exc
+        raise batch_error(
+            exc,
+            message,
+            partitions,
+            stable_transactional_id=self._stable_transactional_id,
+            transactional_id=self._transactional_id,
+            member_left=self._transaction_member_left,
+            context={**context, "group": self._group, "sink": self.description},
+        ) from exc
 
     def _transaction_member_left(self) -> bool:
-        """After ILLEGAL_GENERATION: True when the member id we committed as is no longer ours
-        (then the partitions are gone, not merely in a new generation)."""
-        if self._group_metadata is None:
-            return False
-        now = parse_group_metadata(self._group_metadata())
-        return now is None or not now.is_member
+        """After ILLEGAL_GENERATION: whether the member id we committed as is gone."""
+        return self._group_metadata is not None and not is_member(self._group_metadata())
+
+    # -- StateStore: keyed state in changelog topics (class docstring) ----------------------
+
+    def read_state(
+        self, group: str, partition: TopicPartition, keys: Collection[str]
+    ) -> dict[str, StateEntry]:
+        return self._state.read(self._admin_client, group, partition, keys)
+
+    def state_sizes(
+        self, group: str, partitions: Iterable[TopicPartition] | None = None
+    ) -> dict[TopicPartition, tuple[int, int]]:
+        """With `partitions` None: every partition with a committed offset of `group` (state
+        is only ever committed with one), or with state in memory; each restored if need be."""
+        if partitions is None:
+            partitions = sorted({*self.load_checkpoints(group), *self._state.loaded(group)})
+        return self._state.sizes(self._admin_client, group, partitions)
+
+    def scan_state(self, group: str, partition: TopicPartition) -> Iterator[StateEntry]:
+        return self._state.scan(self._admin_client, group, partition)
+
+    def write_state(self, group: str, changes: Sequence[StateChange]) -> None:
+        """Produce each change to its changelog partition inside the open transaction."""
+        producer = self._open_transaction("write_state")
+        try:
+            for m in self._state.messages(self._admin_client, group, changes):
+                produce(producer, m.topic, m.key, m.value, partition=m.partition)
+        except confluent_kafka.KafkaException as exc:
+            self._fail(exc, "cannot produce state changes", partitions=[], group_of_state=group)
+        if self._transaction is not None:
+            self._transaction.state.append((group, list(changes)))
 
     # -- tooling: groups, migration, replay jobs -------------------------------------------
 

@@ -1,11 +1,29 @@
-"""What a failed transactional call of confluent-kafka means for the Kafka sink's batch."""
+"""What a failed transactional call of confluent-kafka means for the Kafka sink's batch.
+
+A member that left the group (UNKNOWN_MEMBER_ID, FENCED_INSTANCE_ID, or group metadata with no
+member) -> abort, FencedError naming every partition of the batch (the engine drops them; the
+group assigns them again and `load_checkpoints` re-seeks). ILLEGAL_GENERATION /
+REBALANCE_IN_PROGRESS come only while this member is still in the group (the coordinator checks
+the member first) and librdkafka cannot have handed our partitions on before our rebalance
+callback ran, which it cannot while we commit: abort, SinkError, the engine retries with the new
+generation. A fenced producer: with our random transactional.id only a transaction timeout does
+that (SinkError, new producer); with a stable id another process took it over (FencedError).
+Other abortable errors -> abort, SinkError; fatal -> the producer is dropped and made again on
+the next batch, SinkError.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from enum import Enum
 from typing import Any
 
 import confluent_kafka
+import structlog
+
+from consumer import FencedError, SinkError
+
+log = structlog.get_logger("offsetkeeper.sink.kafka")
 
 
 class TransactionFailure(Enum):
@@ -71,3 +89,44 @@ def error_context(exc: BaseException) -> dict[str, Any]:
     if error is None:
         return {"reason": str(exc)}
     return {"code": error.name(), "reason": error.str()}
+
+
+def failure_of(exc: BaseException) -> TransactionFailure:
+    """What a failed call's exception means (`ABORTABLE` for one that is not Kafka's)."""
+    error = kafka_error(exc)
+    return TransactionFailure.ABORTABLE if error is None else classify(error)
+
+
+def batch_error(
+    exc: BaseException,
+    message: str,
+    partitions: Sequence[tuple[str, int]],
+    *,
+    stable_transactional_id: bool,
+    transactional_id: str | None,
+    member_left: Callable[[], bool],
+    context: dict[str, Any],
+) -> SinkError:
+    """The error the engine acts on after a failed transactional call of the batch that
+    carries `partitions`' offsets (see `KafkaSink`): `FencedError` when the group or a newer
+    producer fenced it, else `SinkError`. `member_left()` tells, after ILLEGAL_GENERATION,
+    whether the member id we committed as is gone."""
+    failure = failure_of(exc)
+    details = {**error_context(exc), **context}
+    fenced_member = failure is TransactionFailure.MEMBER_FENCED
+    fenced_producer = failure is TransactionFailure.PRODUCER_FENCED and stable_transactional_id
+    if (fenced_member or fenced_producer) and partitions:
+        log.warning("kafka_commit_fenced", failure=failure.value, partitions=partitions, **details)
+        return FencedError(
+            "the group or a newer producer fenced this commit; batch aborted",
+            partitions=partitions,
+            transactional_id=transactional_id,
+            **details,
+        )
+    if failure is TransactionFailure.GENERATION_MOVED and partitions and member_left():
+        return FencedError(
+            "this consumer left the group while committing; batch aborted",
+            partitions=partitions,
+            **details,
+        )
+    return SinkError(message, failure=failure.value, **details)

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import contextlib
 import struct
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import confluent_kafka
+import structlog
 
-from consumer import ConfigError
+from consumer import ConfigError, FencedError
 from sinks._kafka_errors import error_context
+
+log = structlog.get_logger("offsetkeeper.sink.kafka")
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,3 +85,31 @@ class MemberlessGroups:
             with contextlib.suppress(confluent_kafka.KafkaException, RuntimeError):
                 client.close()
         self._clients.clear()
+
+
+def is_member(metadata: object) -> bool:
+    """Whether the group metadata says we are a member of the group (readable, with a member
+    id and a generation)."""
+    membership = parse_group_metadata(metadata)
+    return membership is not None and membership.is_member
+
+
+def require_member(
+    sent_as: GroupMembership | None, group: str, partitions: Sequence[tuple[str, int]]
+) -> None:
+    """FencedError naming `partitions` unless `sent_as` is a member of the group: a member-less
+    commit would be accepted even for a live group, so a consumer that was evicted (librdkafka
+    reset its membership) must not commit anything."""
+    if sent_as is not None and sent_as.is_member:
+        return
+    log.warning(
+        "kafka_commit_fenced",
+        reason="not a member of the group",
+        generation=None if sent_as is None else sent_as.generation,
+        partitions=list(partitions),
+    )
+    raise FencedError(
+        "this consumer is not a member of the group; its partitions are gone",
+        partitions=list(partitions),
+        group=group,
+    )

@@ -54,3 +54,15 @@ def transactional_producer(
             **error_context(exc),
         ) from exc
     return producer
+
+
+def produce(producer: Any, topic: str, key: bytes, value: bytes | None, **extra: Any) -> None:
+    """Produce one message, waiting while the producer's local queue is full (`extra`: the
+    partition or headers)."""
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, **extra)
+            break
+        except BufferError:
+            producer.poll(0.1)  # the local queue is full: let deliveries drain
+    producer.poll(0)

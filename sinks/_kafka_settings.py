@@ -15,6 +15,13 @@ OPERATION_TIMEOUT_S = 30.0
 DEFAULT_TRANSACTION_TIMEOUT_MS = 10_000
 _MIN_TRANSACTION_TIMEOUT_MS = 1000
 JOBS_TOPIC_SUFFIX = ".offsetkeeper-jobs"
+DEFAULT_STATE_TOPIC_PREFIX = "offsetkeeper-state"
+# What a topic name may hold (Kafka's own rule), and its longest length.
+TOPIC_NAME_CHARACTERS = frozenset(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789._-"
+)
+MAX_TOPIC_NAME_LENGTH = 249
+_MAX_STATE_TOPIC_PREFIX_LENGTH = 100
 
 # Settings the sink owns: a user value would break the transaction or its fencing.
 _RESERVED_CLIENT_KEYS = frozenset(
@@ -28,12 +35,25 @@ _RESERVED_CLIENT_KEYS = frozenset(
         "isolation.level",
     }
 )
-_URL_OPTIONS = frozenset({"transactional_id", "transaction_timeout_ms", "jobs_topic"})
+_URL_OPTIONS = frozenset(
+    {
+        "transactional_id",
+        "transaction_timeout_ms",
+        "jobs_topic",
+        "state_topic_prefix",
+        "state_replication_factor",
+        "state_min_insync_replicas",
+    }
+)
 
 
 @dataclass(frozen=True, slots=True)
 class KafkaSinkSettings:
-    """What a `kafka://` URL says. `client_config` holds librdkafka keys (they contain a dot)."""
+    """What a `kafka://` URL says. `client_config` holds librdkafka keys (they contain a dot).
+
+    The `state_*` settings are those of the keyed state's changelog topics (`_kafka_state`):
+    their name prefix, and the replication factor and min.insync.replicas they are created
+    with (None: the broker's defaults)."""
 
     bootstrap_servers: str
     topic: str
@@ -41,6 +61,9 @@ class KafkaSinkSettings:
     transaction_timeout_ms: int = DEFAULT_TRANSACTION_TIMEOUT_MS
     jobs_topic: str | None = None
     client_config: Mapping[str, str] = field(default_factory=dict)
+    state_topic_prefix: str = DEFAULT_STATE_TOPIC_PREFIX
+    state_replication_factor: int | None = None
+    state_min_insync_replicas: int | None = None
 
     @property
     def description(self) -> str:
@@ -54,6 +77,7 @@ class KafkaSinkSettings:
 
 def parse_kafka_url(url: str) -> KafkaSinkSettings:
     """`kafka://h:p[,h:p]/TOPIC?transactional_id=..&transaction_timeout_ms=..&jobs_topic=..&
+    state_topic_prefix=..&state_replication_factor=..&state_min_insync_replicas=..&
     <librdkafka key>=..`. Unknown options, and librdkafka keys the sink sets itself, are a
     ConfigError."""
     parts = urlsplit(url)
@@ -83,6 +107,9 @@ def parse_kafka_url(url: str) -> KafkaSinkSettings:
         transaction_timeout_ms=timeout_ms,
         jobs_topic=jobs_topic,
         client_config=client_config,
+        state_topic_prefix=_state_topic_prefix(own),
+        state_replication_factor=_positive(own, "state_replication_factor"),
+        state_min_insync_replicas=_positive(own, "state_min_insync_replicas"),
     )
 
 
@@ -124,3 +151,32 @@ def _transaction_timeout_ms(own: Mapping[str, str]) -> int:
             minimum=_MIN_TRANSACTION_TIMEOUT_MS,
         )
     return timeout_ms
+
+
+def _state_topic_prefix(own: Mapping[str, str]) -> str:
+    prefix = own.get("state_topic_prefix", DEFAULT_STATE_TOPIC_PREFIX)
+    if (
+        not prefix
+        or len(prefix) > _MAX_STATE_TOPIC_PREFIX_LENGTH
+        or not set(prefix) <= TOPIC_NAME_CHARACTERS
+        or prefix in (".", "..")
+    ):
+        raise ConfigError(
+            "state_topic_prefix must be 1 to 100 characters of a Kafka topic name "
+            "(letters, digits, '.', '_' and '-')",
+            value=prefix,
+        )
+    return prefix
+
+
+def _positive(own: Mapping[str, str], option: str) -> int | None:
+    text = own.get(option)
+    if text is None:
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        raise ConfigError(f"{option} must be a whole number", value=text) from None
+    if value < 1:
+        raise ConfigError(f"{option} must be at least 1", value=value)
+    return value
