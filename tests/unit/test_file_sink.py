@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
+import random
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,9 @@ from consumer import (
     RowsRefusedError,
     Sink,
     SinkError,
+    StateChange,
+    StateEntry,
+    StateStore,
     Table,
     TopicPartition,
 )
@@ -625,3 +630,431 @@ def test_the_crash_tests_reader_reports_duplicates_and_changed_files(root: Path)
     assert "changed size" in watcher.violations[0]
     assert "outside the range" in watcher.violations[1]
     assert "in both" in watcher.violations[2]
+
+
+# -- keyed state (consumer.StateStore) ---------------------------------------------------------
+
+
+def _change(tp: TopicPartition, key: str, value: Any, version: int = 1) -> StateChange:
+    """A change to `key`: `value` as JSON, bytes as they are, `DELETE` for a tombstone."""
+    if value is DELETE:
+        return StateChange(tp, key, None, version)
+    encoded = value if isinstance(value, bytes) else json.dumps(value).encode()
+    return StateChange(tp, key, encoded, version)
+
+
+DELETE: Any = object()
+
+
+def _state_batch(
+    sink: FileSink,
+    epochs: dict[TopicPartition, int],
+    changes: dict[TopicPartition, dict[str, Any]],
+    next_offsets: dict[TopicPartition, int],
+    *,
+    commit: bool = True,
+    blob: bytes | None = None,
+) -> None:
+    """One stateful batch: rows, then state, then checkpoints; committed (or rolled back)."""
+    sink.begin()
+    try:
+        for tp, next_offset in next_offsets.items():
+            sink.write_rows(
+                PROFILES,
+                _rows(f"r{next_offset}"),
+                RowsOrigin(GROUP, tp, next_offset - 1, next_offset),
+            )
+        sink.write_state(
+            GROUP, [_change(tp, k, v) for tp, kv in changes.items() for k, v in kv.items()]
+        )
+        checkpoints = [
+            dataclasses.replace(
+                _checkpoint(tp, n), state=blob, state_version=None if blob is None else 2
+            )
+            for tp, n in next_offsets.items()
+        ]
+        sink.save_checkpoints(GROUP, checkpoints, {tp: epochs[tp] for tp in next_offsets})
+        if commit:
+            sink.commit()
+        else:
+            sink.rollback()
+    except BaseException:
+        sink.rollback()
+        raise
+
+
+def _state(sink: StateStore, tp: TopicPartition, group: str = GROUP) -> dict[str, Any]:
+    """The partition's entries as {key: (decoded value, version)}, read by a full scan."""
+    return {e.key: (json.loads(e.value), e.version) for e in sink.scan_state(group, tp)}
+
+
+def _state_files(root: Path, group: str = GROUP) -> list[str]:
+    directory = root / "_offsetkeeper" / "state" / safe_name(group)
+    return sorted(p.name for p in directory.iterdir()) if directory.is_dir() else []
+
+
+def _reader(root: Path) -> FileSink:
+    reader = FileSink(root)
+    reader.open_existing()
+    return reader
+
+
+def test_the_file_sink_is_a_state_store(sink: FileSink) -> None:
+    assert isinstance(sink, StateStore)
+    store: StateStore = sink  # mypy checks the signatures
+    assert store.state_sizes(GROUP) == {}
+    assert store.read_state(GROUP, TP0, ["a"]) == {}
+    assert list(store.scan_state(GROUP, TP0)) == []
+
+
+def test_state_is_written_with_the_batch_and_read_in_key_order(sink: FileSink, root: Path) -> None:
+    epochs = sink.acquire(GROUP, [TP0, TP1])
+    _state_batch(
+        sink,
+        epochs,
+        {TP0: {"b": {"n": 2}, "a": [1, "é"]}, TP1: {"z": None}},
+        {TP0: 3, TP1: 8},
+    )
+    assert sink.read_state(GROUP, TP0, ["a", "missing"]) == {
+        "a": StateEntry("a", b'[1, "\\u00e9"]', 1)
+    }
+    assert [e.key for e in sink.scan_state(GROUP, TP0)] == ["a", "b"]
+    assert _state(sink, TP1) == {"z": (None, 1)}
+    assert sink.state_sizes(GROUP) == {TP0: (2, 21), TP1: (1, 4)}
+    assert sink.state_sizes(GROUP, [TP1]) == {TP1: (1, 4)}
+    assert _state_files(root) == [
+        f"orders+0+{1:020d}.delta.jsonl",
+        f"orders+1+{1:020d}.delta.jsonl",
+    ]
+    document = json.loads((root / "_offsetkeeper" / "checkpoints" / "g.json").read_text())
+    assert document["state"][0] == {
+        "topic": "orders",
+        "partition": 0,
+        "seq": 1,
+        "files": [f"orders+0+{1:020d}.delta.jsonl"],
+        "entries": 2,
+        "value_bytes": 21,
+    }
+    reader = _reader(root)  # another process, reading the committed files
+    assert _state(reader, TP0) == {"a": ([1, "é"], 1), "b": ({"n": 2}, 1)}
+    assert reader.state_sizes(GROUP) == sink.state_sizes(GROUP)
+    assert not list(root.rglob(".*.tmp"))
+
+
+def test_a_rolled_back_or_fenced_batch_leaves_no_state(sink: FileSink, root: Path) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
+    _state_batch(sink, epochs, {TP0: {"a": 1}}, {TP0: 1})
+    _state_batch(sink, epochs, {TP0: {"a": 2, "b": 2}}, {TP0: 2}, commit=False)
+    assert _state(sink, TP0) == {"a": (1, 1)}
+    assert _state_files(root) == [f"orders+0+{1:020d}.delta.jsonl"]  # the temp is gone
+
+    successor = FileSink(root, lock_timeout_s=1.0)
+    successor.open([PROFILES])
+    successor.acquire(GROUP, [TP0])
+    with pytest.raises(FencedError):
+        _state_batch(sink, epochs, {TP0: {"a": 3}}, {TP0: 3})
+    assert _state(_reader(root), TP0) == {"a": (1, 1)}
+    assert _state_files(root) == [f"orders+0+{1:020d}.delta.jsonl"]
+    assert _state(successor, TP0) == {"a": (1, 1)}
+    successor.close()
+
+
+def test_deleted_entries_are_gone_and_a_partition_without_entries_has_no_size(
+    sink: FileSink, root: Path
+) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
+    _state_batch(sink, epochs, {TP0: {"a": 1, "b": 2}}, {TP0: 1})
+    _state_batch(sink, epochs, {TP0: {"a": DELETE, "never": DELETE}}, {TP0: 2})
+    assert _state(sink, TP0) == {"b": (2, 1)}
+    assert sink.read_state(GROUP, TP0, ["a", "b"]).keys() == {"b"}
+    _state_batch(sink, epochs, {TP0: {"b": DELETE}}, {TP0: 3})
+    assert sink.state_sizes(GROUP) == {}
+    assert _state(_reader(root), TP0) == {}
+    assert _reader(root).state_sizes(GROUP) == {}
+
+
+def test_state_is_restored_by_a_fresh_sink_and_reread_on_each_acquire(root: Path) -> None:
+    first = FileSink(root, lock_timeout_s=1.0)
+    first.open([PROFILES])
+    first_epochs = first.acquire(GROUP, [TP0])
+    _state_batch(first, first_epochs, {TP0: {"a": 1, "b": 1}}, {TP0: 1})
+    assert _state(first, TP0) == {"a": (1, 1), "b": (1, 1)}  # first's index is loaded
+
+    second = FileSink(root, lock_timeout_s=1.0)  # a new owner: a restart, or a rebalance
+    second.open([PROFILES])
+    second_epochs = second.acquire(GROUP, [TP0])
+    assert _state(second, TP0) == {"a": (1, 1), "b": (1, 1)}
+    _state_batch(second, second_epochs, {TP0: {"a": 2, "c": 2}}, {TP0: 2})
+    second.close()
+
+    first_epochs = first.acquire(GROUP, [TP0])  # back to first: it must not reuse its old copy
+    assert _state(first, TP0) == {"a": (2, 1), "b": (1, 1), "c": (2, 1)}
+    _state_batch(first, first_epochs, {TP0: {"b": DELETE}}, {TP0: 3})
+    assert _state(_reader(root), TP0) == {"a": (2, 1), "c": (2, 1)}
+    first.close()
+
+
+def test_values_keys_and_versions_round_trip_exactly(sink: FileSink, root: Path) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
+    odd = {
+        "plain": b'{"k":1}',
+        "spaces": b" [ 1 ,\n 2 ] ",
+        "\u00e9\U0001f600 key": '"\u00e9\U0001f600"'.encode(),
+        "lone \ud800": b"1",
+        "not utf-8": b"\xff\xfe\x00",
+        "": b"null",
+    }
+    sink.begin()
+    sink.write_state(GROUP, [StateChange(TP0, k, v, 7) for k, v in odd.items()])
+    sink.save_checkpoints(GROUP, [_checkpoint(TP0, 1)], epochs)
+    sink.commit()
+    for store in (sink, _reader(root)):
+        entries = {e.key: e for e in store.scan_state(GROUP, TP0)}
+        assert {k: e.value for k, e in entries.items()} == odd
+        assert {e.version for e in entries.values()} == {7}
+        assert list(entries) == sorted(odd)
+
+
+def test_compaction_keeps_the_exact_contents_and_bounds_the_files(root: Path) -> None:
+    rng = random.Random(15)
+    sink = FileSink(root, state_max_deltas=3, state_min_compact_bytes=200)
+    sink.open([PROFILES])
+    epochs = sink.acquire(GROUP, [TP0, TP1])
+    truth: dict[TopicPartition, dict[str, tuple[bytes, int]]] = {TP0: {}, TP1: {}}
+    bases = 0
+    for batch in range(1, 60):
+        changes = []
+        for tp in (TP0, TP1):
+            for _ in range(rng.randint(0, 6)):
+                key = f"k{rng.randint(0, 15)}"
+                if rng.random() < 0.25:
+                    changes.append(StateChange(tp, key, None, 1))
+                    truth[tp].pop(key, None)
+                else:
+                    value = json.dumps(
+                        {"n": rng.randint(0, 10**6), "pad": "x" * rng.randint(0, 40)}
+                    )
+                    version = rng.randint(1, 3)
+                    changes.append(StateChange(tp, key, value.encode(), version))
+                    truth[tp][key] = (value.encode(), version)
+        changes = list({(c.partition, c.key): c for c in changes}.values())
+        sink.begin()
+        sink.write_state(GROUP, changes)
+        sink.save_checkpoints(GROUP, [_checkpoint(TP0, batch), _checkpoint(TP1, batch)], epochs)
+        sink.commit()
+        names = _state_files(root)
+        bases += sum(name.endswith(".base.jsonl") for name in names)
+        for tp in (TP0, TP1):
+            files = [n for n in names if n.startswith(f"orders+{tp.partition}+")]
+            assert sum(n.endswith(".delta.jsonl") for n in files) <= 3
+            assert sum(n.endswith(".base.jsonl") for n in files) <= 1
+        fresh = _reader(root)
+        for tp in (TP0, TP1):
+            expected = {k: StateEntry(k, v, ver) for k, (v, ver) in sorted(truth[tp].items())}
+            assert {e.key: e for e in sink.scan_state(GROUP, tp)} == expected
+            assert {e.key: e for e in fresh.scan_state(GROUP, tp)} == expected
+            assert list(fresh.scan_state(GROUP, tp)) == list(expected.values())
+            size = (len(expected), sum(len(e.value) for e in expected.values()))
+            assert fresh.state_sizes(GROUP).get(tp, (0, 0)) == size
+    assert bases > 10, "compaction never ran"
+    sink.close()
+
+
+def test_compaction_when_the_deltas_outgrow_the_live_values(root: Path) -> None:
+    sink = FileSink(root, state_min_compact_bytes=1)  # the byte rule only (32 deltas allowed)
+    sink.open([PROFILES])
+    epochs = sink.acquire(GROUP, [TP0])
+    for batch in range(1, 6):
+        _state_batch(sink, epochs, {TP0: {"only": batch}}, {TP0: batch})
+        files = _state_files(root)
+        assert len(files) == 1, files  # one small live value: each delta outgrows it
+    assert files == [f"orders+0+{5:020d}.base.jsonl"]
+    assert _state(_reader(root), TP0) == {"only": (5, 1)}
+    sink.close()
+
+
+def test_a_kill_before_the_checkpoint_leaves_a_state_file_that_is_ignored_then_removed(
+    root: Path,
+) -> None:
+    """A real SIGKILL at "file-after-data": the state file is renamed, the document is not."""
+    script = textwrap.dedent(
+        f"""
+        from consumer import StateChange, TopicPartition
+        from sinks import FileSink
+        from tests.unit.test_file_sink import PROFILES, _checkpoint
+        sink = FileSink({str(root)!r})
+        sink.open([PROFILES])
+        tp = TopicPartition("orders", 0)
+        epochs = sink.acquire("g", [tp])
+        for n, value in ((1, b"1"), (2, b"2")):
+            sink.begin()
+            sink.write_state("g", [StateChange(tp, "a", value, 1), StateChange(tp, "b", value, 1)])
+            sink.save_checkpoints("g", [_checkpoint(tp, n)], epochs)
+            sink.commit()
+        """
+    )
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "OFFSETKEEPER_TEST_CRASH_POINT": "file-after-data",
+        "OFFSETKEEPER_TEST_CRASH_AFTER_BATCHES": "2",
+    }
+    child = subprocess.run([sys.executable, "-c", script], env=env, timeout=60, check=False)
+    assert child.returncode == -9
+    uncommitted = f"orders+0+{2:020d}.delta.jsonl"
+    assert _state_files(root) == [f"orders+0+{1:020d}.delta.jsonl", uncommitted]
+    reader = _reader(root)
+    assert _state(reader, TP0) == {"a": (1, 1), "b": (1, 1)}  # the uncommitted delta is unread
+    assert reader.load_checkpoints(GROUP)[TP0].next_offset == 1
+
+    successor = FileSink(root, lock_timeout_s=1.0)  # the dead child's lock is gone
+    successor.open([PROFILES])
+    epochs = successor.acquire(GROUP, [TP0])
+    assert _state_files(root) == [f"orders+0+{1:020d}.delta.jsonl"]
+    assert _state(successor, TP0) == {"a": (1, 1), "b": (1, 1)}
+    successor.begin()
+    successor.write_state(GROUP, [_change(TP0, "a", 5)])  # the same sequence number, new content
+    successor.save_checkpoints(GROUP, [_checkpoint(TP0, 2)], epochs)
+    successor.commit()
+    assert _state(_reader(root), TP0) == {"a": (5, 1), "b": (1, 1)}
+    successor.close()
+
+
+def test_acquire_removes_superseded_and_stray_state_files_of_its_partitions_only(
+    root: Path,
+) -> None:
+    sink = FileSink(root, state_max_deltas=1)
+    sink.open([PROFILES])
+    epochs = sink.acquire(GROUP, [TP0, TP1])
+    _state_batch(sink, epochs, {TP0: {"a": 1}, TP1: {"z": 1}}, {TP0: 1, TP1: 1})
+    _state_batch(sink, epochs, {TP0: {"a": 2}, TP1: {"z": 2}}, {TP0: 2, TP1: 2})  # compacts
+    directory = root / "_offsetkeeper" / "state" / GROUP
+    committed = _state_files(root)
+    assert committed == [f"orders+0+{2:020d}.base.jsonl", f"orders+1+{2:020d}.base.jsonl"]
+    # What a kill between the commit and the clean-up leaves, and stray temps.
+    leftovers = [
+        f"orders+0+{1:020d}.delta.jsonl",
+        f"orders+1+{1:020d}.delta.jsonl",
+        f".orders+0+{3:020d}.delta.jsonl.4242.abcdef.tmp",
+    ]
+    for name in leftovers:
+        (directory / name).write_text("junk\n")
+    assert _state(_reader(root), TP0) == {"a": (2, 1)}
+    sink.acquire(GROUP, [TP0])
+    assert _state_files(root) == sorted([*committed, f"orders+1+{1:020d}.delta.jsonl"])
+    assert _state(sink, TP0) == {"a": (2, 1)}
+    sink.close()
+
+
+def test_state_needs_an_acquired_partition_whose_checkpoint_is_saved_with_it(
+    sink: FileSink, root: Path
+) -> None:
+    sink.begin()
+    with pytest.raises(SinkError, match="never acquired"):
+        sink.write_state(GROUP, [_change(TP0, "a", 1)])
+    sink.rollback()
+    epochs = sink.acquire(GROUP, [TP0, TP1])
+    sink.begin()
+    sink.write_state(GROUP, [_change(TP1, "a", 1)])
+    with pytest.raises(SinkError, match="checkpoint is not saved with it"):
+        sink.save_checkpoints(GROUP, [_checkpoint(TP0, 1)], epochs)
+    sink.rollback()
+    assert _state_files(root) == []
+    assert not list(root.rglob(".*.tmp"))
+
+
+def test_two_state_writes_in_one_batch_merge(sink: FileSink, root: Path) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
+    sink.begin()
+    sink.write_state(GROUP, [_change(TP0, "a", 1), _change(TP0, "b", 1)])
+    sink.write_state(GROUP, [_change(TP0, "b", DELETE), _change(TP0, "c", 3)])
+    sink.save_checkpoints(GROUP, [_checkpoint(TP0, 1)], epochs)
+    sink.commit()
+    assert _state(sink, TP0) == {"a": (1, 1), "c": (3, 1)}
+    assert _state(_reader(root), TP0) == {"a": (1, 1), "c": (3, 1)}
+    assert _state_files(root) == [f"orders+0+{1:020d}.delta.jsonl"]
+
+
+def test_the_checkpoint_keeps_a_legacy_blob_and_migrate_keeps_the_state(
+    sink: FileSink, root: Path
+) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
+    _state_batch(sink, epochs, {TP0: {"a": 1}}, {TP0: 1}, blob=b'{"legacy": 1}')
+    stored = sink.load_checkpoints(GROUP)[TP0]
+    assert (stored.state, stored.state_version) == (b'{"legacy": 1}', 2)
+    # An older checkpoint record in the same document: migrate rewrites it, keeping the rest.
+    path = root / "_offsetkeeper" / "checkpoints" / "g.json"
+    document = json.loads(path.read_text())
+    document["checkpoints"].append({**V1_RECORD, "group": GROUP})
+    path.write_text(json.dumps(document))
+    assert len(sink.migrate_checkpoints()) == 1
+    migrated = json.loads(path.read_text())
+    assert migrated["state"] == document["state"]
+    assert sink.load_checkpoints(GROUP)[TP0].state == b'{"legacy": 1}'
+    assert _state(_reader(root), TP0) == {"a": (1, 1)}
+    # A checkpoint tool's write (reset, import) keeps the state too.
+    sink.begin()
+    sink.save_checkpoints(GROUP, [_checkpoint(TP0, 0)], epochs)
+    sink.commit()
+    assert _state(_reader(root), TP0) == {"a": (1, 1)}
+
+
+@pytest.mark.parametrize(
+    "manifest",
+    [
+        {"topic": "orders", "partition": 0, "seq": 1, "files": "x", "entries": 0, "value_bytes": 0},
+        {
+            "topic": "orders",
+            "partition": 0,
+            "seq": 1,
+            "files": ["../x"],
+            "entries": 0,
+            "value_bytes": 0,
+        },
+        {
+            "topic": "orders",
+            "partition": 0,
+            "seq": 1,
+            "files": [f"orders+1+{1:020d}.delta.jsonl"],
+            "entries": 0,
+            "value_bytes": 0,
+        },
+        {
+            "topic": "orders",
+            "partition": 0,
+            "seq": 1,
+            "files": [f"orders+0+{2:020d}.delta.jsonl"],
+            "entries": 0,
+            "value_bytes": 0,
+        },
+    ],
+)
+def test_a_hostile_state_manifest_is_a_sink_error(
+    sink: FileSink, root: Path, manifest: dict[str, Any]
+) -> None:
+    path = _write_checkpoint_document(root, GROUP, [])
+    document = json.loads(path.read_text())
+    path.write_text(json.dumps({**document, "state": [manifest]}))
+    with pytest.raises(SinkError, match="state manifest"):
+        sink.state_sizes(GROUP)
+
+
+@pytest.mark.parametrize(
+    "tamper",
+    [
+        lambda text: text.replace('"seq":1', '"seq":9'),  # another file's header
+        lambda text: text.rsplit("\n", 2)[0] + "\n",  # a line short
+        lambda text: text.replace('"value":"1"', '"value":1'),
+        lambda text: text + '{"key": "extra", "value": "2", "version": 1}\n',
+    ],
+)
+def test_a_tampered_state_file_is_a_sink_error(
+    sink: FileSink, root: Path, tamper: Callable[[str], str]
+) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
+    _state_batch(sink, epochs, {TP0: {"a": 1, "b": 2}}, {TP0: 1})
+    (name,) = _state_files(root)
+    path = root / "_offsetkeeper" / "state" / GROUP / name
+    path.write_text(tamper(path.read_text()))
+    with pytest.raises(SinkError, match=r"state file|add up"):
+        list(_reader(root).scan_state(GROUP, TP0))
