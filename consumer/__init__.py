@@ -55,6 +55,7 @@ from consumer.engine.sink import (
     StateStore,
     check_epochs,
 )
+from consumer.engine.state import KeyedState
 from consumer.engine.values import LimitedSink, ValueLimits
 
 __all__ = [
@@ -76,6 +77,7 @@ __all__ = [
     "InvalidRecordError",
     "JobStore",
     "KafkaError",
+    "KeyedState",
     "LimitedSink",
     "OffsetkeeperError",
     "RawRecord",

@@ -35,6 +35,7 @@ from sinks._sql import (
     Written,
     own_table_names,
 )
+from sinks._sql_state import PostgresStateTable, SqlStateMethods
 
 _V2_TYPES = {
     "epoch": "BIGINT NOT NULL DEFAULT 0",
@@ -66,15 +67,15 @@ _DDL_LOCK_KEY = 0x6F6B_6464  # "okdd"
 _VALUE_LIMITS = ValueLimits(nul_in_text=False, nul_in_json=False)
 
 
-class PostgresSink(SqlSink):
+class PostgresSink(SqlStateMethods, SqlSink):
     """Writes rows and checkpoints to PostgreSQL in one transaction per batch.
 
     Capabilities: `consumer.Sink`, `consumer.LimitedSink`, `consumer.CheckpointAdmin`,
-    `consumer.JobStore`. Fencing: an epoch per (group, partition) in the lease table;
-    `save_checkpoints` locks the batch's lease rows (FOR UPDATE, in one order) and checks them
-    with `consumer.check_epochs`, so a newer owner's `acquire` waits for this batch's COMMIT or
-    this batch sees its epoch. Values (`value_limits`, checked by the engine before the
-    transaction): no NUL in text, no `\\u0000` in json (jsonb).
+    `consumer.JobStore`, `consumer.StateStore`. Fencing: an epoch per (group, partition) in the
+    lease table; `save_checkpoints` locks the batch's lease rows (FOR UPDATE, in one order) and
+    checks them with `consumer.check_epochs`, so a newer owner's `acquire` waits for this
+    batch's COMMIT or this batch sees its epoch. Values (`value_limits`, checked by the engine
+    before the transaction): no NUL in text, no `\\u0000` in json (jsonb).
 
     Errors: a failed statement aborts a PostgreSQL transaction, so every failure rolls the
     session's transaction back before it is raised (`SqlSink._mapped`); a staging table made in
@@ -104,6 +105,7 @@ class PostgresSink(SqlSink):
         self._tables: tuple[Table, ...] = ()
         self._connection: psycopg.Connection[Any] | None = None
         self._staging = StagingTables()
+        self._state = PostgresStateTable(self._connect, self._mapped)
 
     @property
     def description(self) -> str:
@@ -191,6 +193,7 @@ class PostgresSink(SqlSink):
                 " PRIMARY KEY (group_id, topic, partition))"
             ).format(self._leases)
         )
+        self._state.create(cursor)
         cursor.execute(
             sql.SQL(
                 "CREATE TABLE IF NOT EXISTS {} (job_id TEXT PRIMARY KEY,"
@@ -291,8 +294,7 @@ class PostgresSink(SqlSink):
 
     # -- the batch transaction -------------------------------------------------------------------
 
-    def begin(self) -> None:
-        # psycopg opens the transaction at the first statement; make sure the session is alive.
+    def begin(self) -> None:  # psycopg opens the transaction at the first statement
         self._connect()
 
     def write_rows(

@@ -26,6 +26,7 @@ from consumer import (
 DEFAULT_CHECKPOINT_TABLE = "offsetkeeper_checkpoints"
 DEFAULT_LEASE_TABLE = "offsetkeeper_leases"
 JOB_TABLE = "offsetkeeper_replay_jobs"
+STATE_TABLE = "offsetkeeper_state"  # keyed processor state (sinks._sql_state)
 
 _INT64 = (-(2**63), 2**63 - 1)
 
@@ -111,7 +112,12 @@ class CheckpointRows:
 
 def own_table_names(checkpoint_table: str, lease_table: str) -> dict[str, str]:
     """The sink's own tables by the URL option that names them; distinct, or a ConfigError."""
-    names = {"checkpoint_table": checkpoint_table, "lease_table": lease_table, "jobs": JOB_TABLE}
+    names = {
+        "checkpoint_table": checkpoint_table,
+        "lease_table": lease_table,
+        "jobs": JOB_TABLE,
+        "state": STATE_TABLE,
+    }
     folded = [name.casefold() for name in names.values()]
     if len(set(folded)) != len(folded):
         raise ConfigError(

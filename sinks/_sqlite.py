@@ -34,6 +34,7 @@ from sinks._sql import (
     own_table_names,
     unbindable_column,
 )
+from sinks._sql_state import SqliteStateTable, SqlStateMethods
 
 _V2_TYPES = {
     "epoch": "INTEGER NOT NULL DEFAULT 0",
@@ -92,13 +93,14 @@ def _double(value: Any) -> Any:
     return float(value) if type(value) is int else value
 
 
-class SqliteSink(SqlSink):
+class SqliteSink(SqlStateMethods, SqlSink):
     """Writes rows and checkpoints to one SQLite database file in a single transaction.
 
     Capabilities: `consumer.Sink`, `consumer.LimitedSink`, `consumer.CheckpointAdmin`,
-    `consumer.JobStore`. Fencing: an epoch per (group, partition) in the lease table, checked
-    by `consumer.check_epochs` in `save_checkpoints` under the database's write lock (BEGIN
-    IMMEDIATE), so no newer owner's `acquire` can interleave.
+    `consumer.JobStore`, `consumer.StateStore` (`sinks._sql_state`). Fencing: an epoch per
+    (group, partition) in the lease table, checked by `consumer.check_epochs` in
+    `save_checkpoints` under the database's write lock (BEGIN IMMEDIATE), so no newer owner's
+    `acquire` can interleave.
 
     Values (`value_limits`, through `consumer.LimitedSink`, checked by the engine before the
     transaction): no NaN in a double column (SQLite stores it as NULL).
@@ -131,6 +133,7 @@ class SqliteSink(SqlSink):
         self._connection: sqlite3.Connection | None = None
         self._upsert_sql: dict[str, str] = {}
         self._encoders: dict[str, tuple[Callable[[Any], Any] | None, ...]] = {}
+        self._state = SqliteStateTable(lambda: self._db, self._mapped)
 
     @property
     def description(self) -> str:
@@ -222,6 +225,7 @@ class SqliteSink(SqlSink):
             f"CREATE TABLE IF NOT EXISTS {JOB_TABLE} ("
             " job_id TEXT PRIMARY KEY, document TEXT NOT NULL, created_at_ms INTEGER NOT NULL)"
         )
+        self._state.create()
         self._db.execute(
             f"CREATE TABLE IF NOT EXISTS {self._lease_table} ("
             " group_id TEXT NOT NULL, topic TEXT NOT NULL, partition INTEGER NOT NULL,"

@@ -49,6 +49,7 @@ BAD_RECORD_SETTINGS = (
     "bad_record_backoff_s",
     "bad_record_max_backoff_s",
     "on_data_loss",
+    "state_cache_mb",
 )
 
 # Settings given as repeatable KEY=VALUE flags, gathered into a dict.
@@ -135,11 +136,21 @@ def add_bad_record_arguments(parser: argparse.ArgumentParser) -> None:
         help="longest pause between retries (default 5)",
     )
     bad.add_argument(
+        "--state-cache-mb",
+        type=int,
+        metavar="MB",
+        help="stateful apps: memory for cached state entries; the rest is read from the sink "
+        "(default 256)",
+    )
+    bad.add_argument(
         "--on-data-loss",
         choices=["stop", "skip"],
         help="records deleted from the log before they were read: stop the partition "
         "(default, exit code 2) or skip them with a records_lost event and metric",
     )
+
+
+MIB = 1024 * 1024
 
 
 def bad_record_policy(settings: ConsumingSettings) -> BadRecordPolicy:

@@ -16,6 +16,7 @@ from consumer.cli.common import (
     BAD_RECORD_SETTINGS,
     COMMON_SETTINGS,
     DECODING_SETTINGS,
+    MIB,
     add_bad_record_arguments,
     add_common_arguments,
     add_decoding_arguments,
@@ -174,6 +175,7 @@ def _options(settings: ReplaySettings, resolve: Callable[[Any], Any] | None) -> 
         bad_records=bad_record_policy(settings),
         on_data_loss=settings.on_data_loss,
         resolve_awaitable=resolve,
+        state_cache_bytes=settings.state_cache_mb * MIB,
     )
 
 

@@ -14,6 +14,7 @@ from consumer.cli.common import (
     BAD_RECORD_SETTINGS,
     COMMON_SETTINGS,
     DECODING_SETTINGS,
+    MIB,
     add_bad_record_arguments,
     add_common_arguments,
     add_decoding_arguments,
@@ -176,6 +177,7 @@ def run_command(args: argparse.Namespace) -> int:
         sink_retry_deadline_s=settings.sink_retry_deadline_s,
         bad_records=bad_record_policy(settings),
         on_data_loss=settings.on_data_loss,
+        state_cache_bytes=settings.state_cache_mb * MIB,
     )
     decoders = TopicDecoders(app, decode_settings(settings))
     dead_letters = dead_letter_writer(settings, group=settings.group, topics=settings.topics)

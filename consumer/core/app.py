@@ -25,6 +25,7 @@ ProcessorResult = Row | Iterable[Row] | None
 # partition's state, which it may change in place.
 Processor = Callable[[Record], ProcessorResult] | Callable[[Record, Any], ProcessorResult]
 StateUpgrader = Callable[[Any], Any]
+StateKeyFunction = Callable[[Record], "str | Iterable[str] | None"]
 
 
 def check_identifier(name: str, *, what: str) -> str:
@@ -125,18 +126,22 @@ class Table:
 
 @dataclass(frozen=True, slots=True)
 class StateSchema:
-    """Per-partition processor state, versioned by the app.
+    """Keyed processor state, versioned by the app.
 
-    The state is a JSON value (e.g. a dict of running totals) kept per partition. It is read
-    when the partition is assigned and written in the same sink transaction as the batch's
-    rows and offsets, so it is exactly as durable as they are. `version` is the app's own
-    schema version of it; `upgraders[n]` turns a version-n state into version n+1, and the
-    chain runs when an older state is read. A stored state newer than `version` is refused.
+    The processor gets a mapping of str keys to JSON values per partition (`get`, `[]`, `in`,
+    `del`, `setdefault`, `pop`; see `consumer.engine.state.KeyedState`). The entries a batch
+    changed are written in the same sink transaction as its rows and offsets, so the state is
+    exactly as durable as they are, and a batch costs what it changed, not the state's size.
+
+    `version` is the app's own schema version of an entry's value; every entry is stored with
+    the version that wrote it. `upgraders[n]` turns ONE ENTRY's value of version n into
+    version n+1; the chain runs lazily, when an older entry is read (`offsetkeeper checkpoint
+    migrate --app` runs it for every entry at once). A stored entry newer than `version` is
+    refused, and nothing is written.
     """
 
     version: int = 1
     upgraders: Mapping[int, StateUpgrader] = field(default_factory=dict)
-    initial: Callable[[], Any] = dict
 
     def __post_init__(self) -> None:
         if self.version < 1:
@@ -156,8 +161,11 @@ class App:
 
     The processor is a pure function of one record: it returns zero or more `Row`s. It must not
     write anywhere itself; the engine writes its rows and the offsets in one sink transaction.
-    With `state`, it is called as `processor(record, state)` and may update the partition's
-    state in place (see `StateSchema`).
+    With `state`, it is called as `processor(record, state)` with the partition's keyed
+    state (see `StateSchema`). `state_key(record)` may name the state keys a record touches
+    (a str, several, or None): the engine then reads a batch's uncached entries in one call
+    per partition instead of one per key (worth it on PostgreSQL once the state outgrows the
+    cache).
     """
 
     name: str
@@ -167,6 +175,7 @@ class App:
     decode: DecodeName | Mapping[str, DecodeName] = "json"
     processor: Processor | None = None
     state: StateSchema | None = None
+    state_key: StateKeyFunction | None = None
     # Avro: the schema (an .avsc path) records are read as, for every topic or per topic;
     # records written with an older writer schema are resolved to it. `--reader-schema` overrides.
     reader_schema: str | Mapping[str, str] | None = None

@@ -61,6 +61,9 @@ class ConsumingSettings(DecodingSettings):
     bad_record_max_backoff_s: float = Field(default=5.0, ge=0)
     # How long sink failures are retried (capped exponential backoff) before giving up.
     sink_retry_deadline_s: float = Field(default=120.0, ge=0)
+    # Stateful apps: memory for cached state entries (README "Keyed state"); the rest is read
+    # from the sink when needed.
+    state_cache_mb: int = Field(default=256, ge=1, le=1_048_576)
     # Records deleted from the log before they were read (README "Guarantees"): stop the
     # partition, or skip them with a records_lost event and metric.
     on_data_loss: Literal["stop", "skip"] = "stop"

@@ -21,11 +21,12 @@ from typing import Any, Literal
 
 import structlog
 
-from consumer.checkpoints.state import copy_state
 from consumer.core.app import App, Table
 from consumer.core.errors import ConfigError, InvalidRecordError, OffsetkeeperError, RecordError
 from consumer.core.records import RawRecord, Record, Row, TopicPartition
 from consumer.decoding.decoders import Decoder
+from consumer.engine.sink import StateChange
+from consumer.engine.state import BatchState, PartitionState, keys_of
 from consumer.engine.values import RowChecker
 
 log = structlog.get_logger("offsetkeeper.batch")
@@ -65,8 +66,8 @@ class PartitionWork:
     rows: list[KeyedRow] = field(default_factory=list)
     # Set when a record could not be handled: rows stop before it, next_offset points at it.
     error: RecordError | None = None
-    # Stateful apps: the partition's state after the last processed record.
-    state: Any = None
+    # Stateful apps: what the processed records changed in the partition's keyed state.
+    state_changes: list[StateChange] = field(default_factory=list)
     # Kafka leader epoch of the last processed record, where the client reported it.
     leader_epoch: int | None = None
     # Records given up on (policy "dead-letter"), in offset order; counted in `records`.
@@ -96,7 +97,7 @@ def process_partition(
     decode: Decoder,
     partition: TopicPartition,
     records: Sequence[RawRecord],
-    state: Any = None,
+    state: PartitionState | None = None,
     *,
     resolve: Callable[[Any], Any] | None = None,
     policy: BadRecordPolicy = BadRecordPolicy(),
@@ -106,8 +107,8 @@ def process_partition(
 ) -> PartitionWork:
     """Run the app over one partition's records in order (see the module docstring for bad ones).
 
-    For a stateful app, `state` is the partition's state before these records; the processor
-    works on a copy, and `PartitionWork.state` is the state after the last good record.
+    For a stateful app, `state` is the partition's committed keyed state before these records;
+    `PartitionWork.state_changes` is what the good records changed (consumer.engine.state).
     An `async def` processor's result is awaited through `resolve` (the asyncio driver).
     With `checker`, every row is checked against its table's column types (a row that fails
     is a bad record of the record that produced it).
@@ -116,6 +117,8 @@ def process_partition(
     work = PartitionWork(
         partition=partition, first_offset=records[0].offset, next_offset=records[0].offset
     )
+    if unwrap is None:
+        runner.prefetch(records, decode)
     for raw in records:
         if unwrap is None:
             outcome: list[KeyedRow] | _GaveUp | None = runner.run(raw, decode)
@@ -125,7 +128,7 @@ def process_partition(
         if isinstance(outcome, _GaveUp):
             if policy.action == "stop":
                 work.error = outcome.error
-                work.state = runner.state
+                work.state_changes = runner.state_changes()
                 return work
             work.dead_letters.append(
                 DeadLetter(record=outcome.record, error=outcome.error, attempts=outcome.attempts)
@@ -135,7 +138,7 @@ def process_partition(
         work.records += 1
         work.next_offset = raw.offset + 1
         work.leader_epoch = raw.leader_epoch
-    work.state = runner.state
+    work.state_changes = runner.state_changes()
     return work
 
 
@@ -150,12 +153,13 @@ class _GaveUp:
 
 class _RecordRunner:
     """Runs the processor over one record at a time, retrying a failure per the policy. For a
-    stateful app it holds the working state and the good records that built it."""
+    stateful app it holds the batch's keyed state: each attempt gets a fresh view of it, and
+    only a successful one's changes are kept."""
 
     def __init__(
         self,
         app: App,
-        state: Any,
+        state: PartitionState | None,
         *,
         resolve: Callable[[Any], Any] | None,
         policy: BadRecordPolicy,
@@ -169,15 +173,36 @@ class _RecordRunner:
         self._processor = processor
         # Decided once per batch, not per record: the check is measurable at 100k records/s.
         self._is_async = inspect.iscoroutinefunction(processor)
-        self._stateful = app.state is not None
         self._resolve = resolve
         self._policy = policy
         self._sleep = sleep
         self._checker = checker
-        self._start = state
-        self.state = copy_state(state) if self._stateful else None
-        # Stateful apps: the records whose effects the state holds (for rebuilding it).
-        self._good: list[tuple[RawRecord, Decoder]] = []
+        self._state: BatchState | None = None
+        if app.state is not None:
+            if state is None:
+                raise ConfigError("a stateful app's partition came without its state")
+            self._state = BatchState(state, app.state)
+        # Records decoded ahead by `prefetch`, by offset (used by their first attempt).
+        self._decoded: dict[int, Record] = {}
+
+    def prefetch(self, records: Sequence[RawRecord], decode: Decoder) -> None:
+        """Read the state entries the records will touch (`App.state_key`) in one call, when
+        the partition's state is not all in memory. Records are decoded once, here."""
+        state_key = self._app.state_key
+        if self._state is None or state_key is None or self._state.owner.complete:
+            return
+        keys: list[str] = []
+        for raw in records:
+            try:
+                record = _decoded(decode, raw)
+            except Exception:  # noqa: S112 - its own attempt reports the failure
+                continue
+            self._decoded[raw.offset] = record
+            keys.extend(keys_of(state_key, record))
+        self._state.prefetch(keys)
+
+    def state_changes(self) -> list[StateChange]:
+        return [] if self._state is None else self._state.changes()
 
     def run(self, raw: RawRecord, decode: Decoder) -> list[KeyedRow] | _GaveUp:
         """The record's keyed rows, or how it failed after the policy's last attempt."""
@@ -186,22 +211,21 @@ class _RecordRunner:
         while True:
             attempt += 1
             try:
-                record = _decoded(decode, raw)
-                if self._stateful:
-                    produced = self._processor(record, self.state)
+                record = self._decoded.pop(raw.offset, None) or _decoded(decode, raw)
+                if self._state is not None:
+                    view = self._state.record_view()
+                    produced = self._processor(record, view)
                 else:
                     produced = self._processor(record)
                 if self._is_async:
                     produced = _await(produced, self._resolve)
                 keyed = _keyed_rows(self._app, produced, raw, self._checker)
+                if self._state is not None:
+                    self._state.keep(view)
             except Exception as exc:  # a processor bug must be handled by policy, never vanish
                 if isinstance(exc, OffsetkeeperError) and not isinstance(exc, RecordError):
                     raise  # about the setup, not this record: the engine handles it
                 error = _located(exc, raw)
-                if self._stateful:
-                    # The failed attempt may have half-changed the state: rebuild the state of
-                    # the good records from the untouched start (processors are deterministic).
-                    self.state = self._rebuilt_state()
                 if attempt > self._policy.retries:
                     return _GaveUp(raw, error, attempt)
                 log.warning(
@@ -216,17 +240,7 @@ class _RecordRunner:
                 self._sleep(backoff)
                 backoff = min(backoff * 2, self._policy.max_backoff_s)
                 continue
-            if self._stateful:
-                self._good.append((raw, decode))
             return keyed
-
-    def _rebuilt_state(self) -> Any:
-        state = copy_state(self._start)
-        for raw, decode in self._good:
-            replayed = self._processor(_decoded(decode, raw), state)
-            if self._is_async:
-                _await(replayed, self._resolve)
-        return state
 
 
 def _await(awaitable: Any, resolve: Callable[[Any], Any] | None) -> Any:

@@ -4,7 +4,8 @@
        acknowledgement of each, so no offset past a dead letter commits without it.
     1. Merge the batch's rows per table, one row per key (the last in offset order wins).
     2. BEGIN a sink transaction.
-    3. Write the rows (upsert by key: writing the same batch twice changes nothing).
+    3. Write the rows (upsert by key: writing the same batch twice changes nothing), then the
+       changes of the partitions' keyed state (stateful apps).
     4. Save each partition's checkpoint (its next offset), conditional on the fencing epoch
        taken at assignment; a stale epoch raises FencedError.
     5. COMMIT. This is the only point where progress becomes durable: before it, a crash
@@ -22,12 +23,12 @@ from datetime import UTC, datetime
 from typing import Any
 
 from consumer.checkpoints.model import Checkpoint, writer_version
-from consumer.checkpoints.state import encode_state
 from consumer.core.app import Table
+from consumer.core.errors import ConfigError
 from consumer.core.records import TopicPartition
 from consumer.engine.batch import PartitionWork, merge_rows
 from consumer.engine.crash import CrashInjector
-from consumer.engine.sink import RowsOrigin, Sink
+from consumer.engine.sink import RowsOrigin, Sink, StateStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,15 +45,18 @@ def commit_batch(
     works: Sequence[PartitionWork],
     epochs: Mapping[TopicPartition, int],
     crash: CrashInjector,
-    state_version: int | None = None,
 ) -> CommittedBatch:
-    """Steps 1-5 above. Raises SinkError/FencedError after rolling back.
-
-    `state_version` is the app's state schema version when the app keeps state: each
-    partition's state after the batch is then saved in its checkpoint.
-    """
+    """Steps 1-5 above. Raises SinkError/FencedError after rolling back."""
     writes = _merged_writes(sink, group, works)  # 1
-    checkpoints = _checkpoints(group, works, epochs, state_version)
+    checkpoints = _checkpoints(group, works, epochs)
+    # A partition that did not move (stopped at its first record) writes no state either.
+    state_changes = [
+        change
+        for work in works
+        if work.next_offset > work.first_offset
+        for change in work.state_changes
+    ]
+    state_store = _state_store(sink) if state_changes else None
     rows = 0
     sink.begin()  # 2
     try:
@@ -60,6 +64,8 @@ def commit_batch(
             for table, table_rows in merged.values():
                 sink.write_rows(table, table_rows, origin)
                 rows += len(table_rows)
+        if state_store is not None:
+            state_store.write_state(group, state_changes)
         crash.at("after-rows")
         sink.save_checkpoints(  # 4
             group,
@@ -76,6 +82,12 @@ def commit_batch(
         records=sum(work.records for work in works),
         rows=rows,
     )
+
+
+def _state_store(sink: Sink) -> StateStore:
+    if not isinstance(sink, StateStore):  # BatchLoop refuses a stateful app on such a sink
+        raise ConfigError("state changes for a sink that cannot store keyed state")
+    return sink
 
 
 _Writes = list[tuple[RowsOrigin | None, Mapping[str, tuple[Table, list[Mapping[str, Any]]]]]]
@@ -100,9 +112,9 @@ def _checkpoints(
     group: str,
     works: Sequence[PartitionWork],
     epochs: Mapping[TopicPartition, int],
-    state_version: int | None,
 ) -> list[Checkpoint]:
-    """Each partition's checkpoint after the batch (partitions that moved only)."""
+    """Each partition's checkpoint after the batch (partitions that moved only). The state
+    lives in entries (format 3): a format-2 blob is cleared, its entries written with it."""
     now = datetime.now(tz=UTC)
     version = writer_version()
     return [
@@ -115,8 +127,6 @@ def _checkpoints(
             epoch=epochs[work.partition],
             leader_epoch=work.leader_epoch,
             writer_version=version,
-            state=None if state_version is None else encode_state(work.state),
-            state_version=state_version,
         )
         for work in works
         if work.next_offset > work.first_offset

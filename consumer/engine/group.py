@@ -39,6 +39,7 @@ from consumer.engine.loop import BatchLoop, Position
 from consumer.engine.observer import EngineObserver
 from consumer.engine.retry import RetryPolicy
 from consumer.engine.sink import GroupBoundSink, Sink
+from consumer.engine.state import DEFAULT_CACHE_BYTES
 
 log = structlog.get_logger("offsetkeeper.engine")
 
@@ -63,6 +64,8 @@ class EngineSettings:
     bad_records: BadRecordPolicy = field(default_factory=BadRecordPolicy)
     # Records gone from the log before they were read: stop the partition, or skip (reported).
     on_data_loss: DataLossPolicy = "stop"
+    # Stateful apps: the byte budget of cached state entries.
+    state_cache_bytes: int = DEFAULT_CACHE_BYTES
 
 
 class Engine:
@@ -98,6 +101,7 @@ class Engine:
             sleep=sleep,
             pause=backend.pause,
             on_fenced=self._drop_fenced,
+            state_cache_bytes=settings.state_cache_bytes,
         )
         self._observer = self._loop.observer
         self._clock = clock

@@ -34,8 +34,7 @@ from typing import Any
 import structlog
 
 from consumer.checkpoints.model import Checkpoint
-from consumer.checkpoints.state import load_state
-from consumer.core.app import App
+from consumer.core.app import App, StateSchema
 from consumer.core.errors import (
     ConfigError,
     FencedError,
@@ -43,6 +42,7 @@ from consumer.core.errors import (
     RecordError,
     RowsRefusedError,
     SchemaRegistryError,
+    SinkError,
 )
 from consumer.core.records import RawRecord, TopicPartition
 from consumer.decoding.decoders import Decoder
@@ -60,7 +60,14 @@ from consumer.engine.crash import CrashInjector
 from consumer.engine.dead_letters import DeadLetterWriter
 from consumer.engine.observer import EngineObserver, NullObserver
 from consumer.engine.retry import Retrier, RetryPolicy
-from consumer.engine.sink import Sink
+from consumer.engine.sink import Sink, StateStore
+from consumer.engine.state import (
+    DEFAULT_CACHE_BYTES,
+    BatchState,
+    PartitionState,
+    StateCache,
+    open_partition_state,
+)
 from consumer.engine.values import LimitedSink, RowChecker
 
 log = structlog.get_logger("offsetkeeper.engine")
@@ -74,7 +81,7 @@ class Position:
     epoch: int
     next_offset: int | None
     end: int | None = None
-    state: Any = None  # stateful apps: the state as of next_offset
+    state: PartitionState | None = None  # stateful apps: the state as of next_offset
     stopped: RecordError | None = None
 
 
@@ -97,7 +104,14 @@ class BatchLoop:
         pause: Callable[[Sequence[TopicPartition]], None] = lambda _partitions: None,
         on_fenced: Callable[[FencedError], None] | None = None,
         unwrap: Unwrap | None = None,
+        state_cache_bytes: int = DEFAULT_CACHE_BYTES,
     ) -> None:
+        if app.state is not None and not isinstance(sink, StateStore):
+            raise ConfigError(
+                f"the app {app.name!r} keeps state, and the sink {sink.description} cannot "
+                "store keyed state (it does not implement consumer.StateStore)",
+                sink=sink.description,
+            )
         self.app = app
         self.sink = sink
         self.group = group
@@ -117,6 +131,7 @@ class BatchLoop:
         )
         self.checker = RowChecker(sink.value_limits if isinstance(sink, LimitedSink) else None)
         self.positions: dict[TopicPartition, Position] = {}
+        self.state_cache = StateCache(state_cache_bytes)
         # Partitions halted on a bad record. Kept when they are forgotten (leaving the group
         # revokes everything before the driver reports); dropped when tracked again.
         self.halted: dict[TopicPartition, RecordError] = {}
@@ -144,17 +159,21 @@ class BatchLoop:
                 forgotten[str(tp)] = position.next_offset
         return forgotten
 
-    def initial_state(self, tp: TopicPartition, checkpoint: Checkpoint | None) -> Any:
-        """The partition's state as its checkpoint holds it, upgraded (None: stateless app)."""
-        if self.app.state is None:
+    def initial_state(
+        self, tp: TopicPartition, checkpoint: Checkpoint | None
+    ) -> PartitionState | None:
+        """The partition's committed keyed state at its checkpoint (None: stateless app)."""
+        if self.app.state is None or not isinstance(self.sink, StateStore):
             return None
-        return load_state(
-            self.app.state,
-            None if checkpoint is None else checkpoint.state,
-            None if checkpoint is None else checkpoint.state_version,
-            topic=tp.topic,
-            partition=tp.partition,
+        return self.retrier.sink(
+            "state_load",
+            lambda: open_partition_state(self.sink, self.state_cache, self.group, tp, checkpoint),  # type: ignore[arg-type]
         )
+
+    def _state_schema(self) -> StateSchema:
+        if self.app.state is None:
+            raise ConfigError("state changes for a stateless app")
+        return self.app.state
 
     # -- the step ------------------------------------------------------------------------------
 
@@ -193,7 +212,7 @@ class BatchLoop:
         self,
         tp: TopicPartition,
         records: Sequence[RawRecord],
-        state: Any,
+        state: PartitionState | None,
         skip: frozenset[int] = frozenset(),
     ) -> PartitionWork:
         """Process one partition's records; `skip` names offsets already handled (records
@@ -216,7 +235,8 @@ class BatchLoop:
                 unwrap=unwrap,
                 checker=self.checker,
             ),
-            retry_on=(SchemaRegistryError,),
+            # A registry outage, or the sink failing a state read, is waited out.
+            retry_on=(SchemaRegistryError, SinkError),
         )
 
     def _write_dead_letters(self, works: Sequence[PartitionWork]) -> None:
@@ -243,7 +263,6 @@ class BatchLoop:
                         works=works,
                         epochs=epochs,
                         crash=self.crash,
-                        state_version=self.app.state.version if self.app.state else None,
                     ),
                 )
             except FencedError as exc:
@@ -261,7 +280,9 @@ class BatchLoop:
         for tp, next_offset in committed.next_offsets.items():
             self.positions[tp].next_offset = next_offset
         for work in works:
-            self.positions[work.partition].state = work.state
+            state = self.positions[work.partition].state
+            if state is not None and work.next_offset > work.first_offset:
+                state.apply(work.state_changes)
         self.records_committed += committed.records
         self.rows_committed += committed.rows
         self.batches_committed += 1
@@ -320,7 +341,7 @@ class BatchLoop:
         self,
         tp: TopicPartition,
         records: Sequence[RawRecord],
-        state: Any,
+        state: PartitionState | None,
         lettered: frozenset[int],
         work: PartitionWork | None = None,
     ) -> bool:
@@ -343,7 +364,11 @@ class BatchLoop:
         return position is not None and position.stopped is None
 
     def _refused_record(
-        self, tp: TopicPartition, raw: RawRecord, state: Any, refusal: RowsRefusedError
+        self,
+        tp: TopicPartition,
+        raw: RawRecord,
+        state: PartitionState | None,
+        refusal: RowsRefusedError,
     ) -> bool:
         """The sink refuses this record's rows: a bad record, handled by the policy."""
         error = RecordError(
@@ -359,7 +384,8 @@ class BatchLoop:
             self.stop(tp, error)
             return False
         skipped = PartitionWork(tp, first_offset=raw.offset, next_offset=raw.offset + 1, records=1)
-        skipped.state = state  # the refused record's effect on the state is not kept
+        if state is not None:  # the refused record's effect is not kept; a blob's entries are
+            skipped.state_changes = BatchState(state, self._state_schema()).changes()
         skipped.leader_epoch = raw.leader_epoch
         letter = DeadLetter(record=raw, error=error, attempts=1)
         skipped.dead_letters.append(letter)

@@ -4,13 +4,13 @@ Events: {"customer": str, "amount_cents": int, "currency": str (optional, defaul
 topic keyed by customer, so all of one customer's payments are in one partition, in order.
 
 Adding an amount to a total is not idempotent, so the total cannot be rebuilt from one record:
-it lives in the partition's state, which offsetkeeper stores in the checkpoint in the same
-transaction as the row and the offset. A crash or a replay of the same offsets never counts a
-payment twice.
+it lives in the partition's keyed state (one entry per customer), which offsetkeeper writes in
+the same transaction as the row and the offset. A crash or a replay of the same offsets never
+counts a payment twice.
 
-State history (the app's own schema versions):
-  v1: {customer: total_cents}
-  v2: {customer: {"total_cents": int, "currency": str}}   (v1 totals were all in EUR)
+State history (the app's own schema versions of one entry, keyed by customer):
+  v1: total_cents
+  v2: {"total_cents": int, "currency": str}   (v1 totals were all in EUR)
 
     offsetkeeper run --app consumer.examples.totals:app --group totals --topic payments \
         --sink sqlite:///totals.db
@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from consumer import App, InvalidRecordError, Record, Row, StateSchema, Table
+from consumer import App, InvalidRecordError, KeyedState, Record, Row, StateSchema, Table
 
 TOTALS = Table(
     name="customer_totals",
@@ -29,10 +29,16 @@ TOTALS = Table(
 )
 
 
-def state_v1_to_v2(state: dict[str, int]) -> dict[str, dict[str, Any]]:
-    return {
-        customer: {"total_cents": total, "currency": "EUR"} for customer, total in state.items()
-    }
+def state_v1_to_v2(total_cents: int) -> dict[str, Any]:
+    """One customer's entry, v1 -> v2 (run lazily when a v1 entry is read)."""
+    return {"total_cents": total_cents, "currency": "EUR"}
+
+
+def customer_of(record: Record) -> str | None:
+    """The state key a payment touches, so a batch's uncached totals are read at once."""
+    event: Any = record.value
+    customer = event.get("customer") if isinstance(event, dict) else None
+    return customer if isinstance(customer, str) else None
 
 
 app = App(
@@ -40,11 +46,12 @@ app = App(
     tables=(TOTALS,),
     decode="json",
     state=StateSchema(version=2, upgraders={1: state_v1_to_v2}),
+    state_key=customer_of,
 )
 
 
 @app.process
-def add_payment(record: Record, totals: dict[str, dict[str, Any]]) -> Row:
+def add_payment(record: Record, totals: KeyedState) -> Row:
     event: Any = record.value
     if not isinstance(event, dict):
         raise InvalidRecordError("payment event is not a JSON object")

@@ -25,6 +25,7 @@ from consumer.engine.observer import EngineObserver
 from consumer.engine.planned import PlannedRun, PlannedSummary
 from consumer.engine.retry import RetryPolicy
 from consumer.engine.sink import Sink
+from consumer.engine.state import DEFAULT_CACHE_BYTES
 from consumer.replay.plan import Progress, ReplayPlan, job_group
 
 
@@ -70,6 +71,8 @@ class ReplayOptions:
     on_data_loss: DataLossPolicy = "stop"
     # Awaits an async processor's result (the aiokafka reader's event loop); None: sync only.
     resolve_awaitable: Callable[[Any], Any] | None = None
+    # Stateful apps: the byte budget of cached state entries.
+    state_cache_bytes: int = DEFAULT_CACHE_BYTES
 
 
 def run_replay(
@@ -100,6 +103,7 @@ def run_replay(
         observer=observer,
         pause=reader.pause,
         on_fenced=functools.partial(_another_run_took_over, plan.job_id),
+        state_cache_bytes=options.state_cache_bytes,
     )
     loop.resolve_awaitable = options.resolve_awaitable
     ranges = {TopicPartition(plan.topic, r.partition): (r.start, r.end) for r in plan.ranges}

@@ -14,6 +14,7 @@ from consumer import (
     Record,
     RecordError,
     Row,
+    StateChange,
     StateSchema,
     Table,
     TopicPartition,
@@ -27,8 +28,10 @@ from consumer.engine.batch import (
     merge_rows,
     process_partition,
 )
+from consumer.engine.state import StateCache, open_partition_state
 from tests.fixtures.apps import EVENTS, event, events_app
 from tests.fixtures.fake_backend import raw
+from tests.fixtures.state_store import MemoryStateStore
 
 TP0 = TopicPartition("events", 0)
 TP1 = TopicPartition("events", 1)
@@ -429,17 +432,21 @@ def test_a_dead_lettered_record_leaves_no_trace_in_the_state() -> None:
         [event("a", 1), {"id": "a", "amount": 100, "fail": True}, event("a", 2)],
     )
 
+    store = MemoryStateStore()
+    store.write_state("g", [StateChange(TP0, "a", b"10", 1)])
+    state = open_partition_state(store, StateCache(), "g", TP0, None)
+
     work = process_partition(
         app,
         JSON,
         TP0,
         records,
-        {"a": 10},
+        state,
         policy=BadRecordPolicy(action="dead-letter", retries=2),
         sleep=lambda _s: None,
     )
 
-    assert work.state == {"a": 13}, "the failed attempts' +100 is gone"
+    assert work.state_changes == [StateChange(TP0, "a", b"13", 1)], "the failed +100 is gone"
     assert [values["total"] for _t, _k, values in work.rows] == [11, 13]
     assert len(work.dead_letters) == 1
 

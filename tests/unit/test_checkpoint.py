@@ -230,7 +230,9 @@ def test_avro_for_a_format_with_no_schema_is_refused() -> None:
 
 
 def test_released_versions_are_every_schema_file_from_v1_to_current() -> None:
-    on_disk = sorted(int(path.stem[1:]) for path in SCHEMA_DIR.glob("v*.avsc"))
+    on_disk = sorted(
+        int(path.stem[1:]) for path in SCHEMA_DIR.glob("v*.avsc") if path.stem[1:].isdigit()
+    )
     assert released_checkpoint_versions() == on_disk
     assert on_disk == list(range(1, CURRENT_FORMAT_VERSION + 1))
 

@@ -9,12 +9,20 @@ from pathlib import Path
 
 import pytest
 
-from consumer import CheckpointAdmin, GroupBoundSink, JobStore, LimitedSink, Sink, ValueLimits
+from consumer import (
+    CheckpointAdmin,
+    GroupBoundSink,
+    JobStore,
+    LimitedSink,
+    Sink,
+    StateStore,
+    ValueLimits,
+)
 from sinks import FileSink, KafkaSink, SqliteSink
 from sinks._kafka_settings import parse_kafka_url
 from sinks._postgres import PostgresSink
 
-PROTOCOLS = (Sink, LimitedSink, CheckpointAdmin, JobStore, GroupBoundSink)
+PROTOCOLS = (Sink, LimitedSink, CheckpointAdmin, JobStore, GroupBoundSink, StateStore)
 
 
 def _sinks(tmp_path: Path) -> dict[str, object]:
@@ -36,12 +44,12 @@ def _declared(sink: object) -> set[str]:
 @pytest.mark.parametrize(
     ("name", "capabilities"),
     [
-        ("sqlite", {Sink, LimitedSink, CheckpointAdmin, JobStore}),
-        ("postgresql", {Sink, LimitedSink, CheckpointAdmin, JobStore}),
-        ("file", {Sink, LimitedSink, CheckpointAdmin, JobStore}),
+        ("sqlite", {Sink, LimitedSink, CheckpointAdmin, JobStore, StateStore}),
+        ("postgresql", {Sink, LimitedSink, CheckpointAdmin, JobStore, StateStore}),
+        ("file", {Sink, LimitedSink, CheckpointAdmin, JobStore, StateStore}),
         # Only the Kafka sink is fenced by the group generation: GroupBoundSink changes what
         # the engine does (no advisory offset commit), so no other sink may look like one.
-        ("kafka", {Sink, LimitedSink, CheckpointAdmin, JobStore, GroupBoundSink}),
+        ("kafka", {Sink, LimitedSink, CheckpointAdmin, JobStore, GroupBoundSink, StateStore}),
     ],
 )
 def test_a_sink_implements_the_capabilities_it_declares_and_no_other(

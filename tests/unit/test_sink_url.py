@@ -34,7 +34,7 @@ def test_sqlite_url_options_name_the_own_tables(tmp_path: Path) -> None:
     sink.open(())
     sink.close()
     tables = {name for (name,) in query(db, "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"cp", "leases", "offsetkeeper_replay_jobs"}
+    assert tables == {"cp", "leases", "offsetkeeper_replay_jobs", "offsetkeeper_state"}
 
 
 def test_unknown_sqlite_options_are_a_config_error() -> None:

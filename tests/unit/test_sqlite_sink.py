@@ -97,6 +97,7 @@ def test_open_creates_the_declared_and_own_tables_in_wal_mode(sink: SqliteSink, 
         "offsetkeeper_checkpoints",
         "offsetkeeper_leases",
         "offsetkeeper_replay_jobs",
+        "offsetkeeper_state",
     }
     columns = [(name, kind) for _cid, name, kind, *_ in query(db, "PRAGMA table_info(profiles)")]
     assert columns == [
@@ -549,7 +550,13 @@ def test_custom_checkpoint_and_lease_tables(db: Path) -> None:
         (GROUP, "orders", 0, 1)
     ]
     tables = {name for (name,) in query(db, "SELECT name FROM sqlite_master WHERE type='table'")}
-    assert tables == {"profiles", "my_checkpoints", "my_leases", "offsetkeeper_replay_jobs"}
+    assert tables == {
+        "profiles",
+        "my_checkpoints",
+        "my_leases",
+        "offsetkeeper_replay_jobs",
+        "offsetkeeper_state",
+    }
 
 
 # -- migrations -----------------------------------------------------------------------------------
