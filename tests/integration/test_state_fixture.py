@@ -284,6 +284,38 @@ def test_kill_9_at_the_first_commit_after_assignment_loses_and_repeats_nothing(
     _assert_upgraded(sink, indices, with_currency=True)
 
 
+def test_a_partition_without_new_records_keeps_its_blob_until_it_moves(
+    kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]
+) -> None:
+    """Partition 1 gets nothing new in the first run: its released state must survive as the
+    blob or as entries (never both, never neither) and count on when its payments come."""
+    sink = GoldenSink(SINK_V2, GROUP_V2, tmp_path)
+    released = {row[0]: row for row in sink.checkpoints()}
+    first = [i for i in NEW_EVENTS if partition_of(i) == 0]
+    indices = _topic_as_released(kafka, sink.topic, first)
+    assert _finish(_run(kafka, sink, tmp_path, consumers, "first"))["records"] == len(first)
+
+    idle = {row[0]: row for row in sink.checkpoints()}[1]
+    entries = {c: e for c, e in sink.state_entries().items() if e[0] == 1}
+    released_totals = expected_totals(range(FIXTURE_EVENTS))
+    if idle[2] == 2:
+        assert idle == released[1], "an untouched v2 checkpoint is left exactly as it was"
+        assert entries == {}, "entries beside a blob would be counted twice"
+    else:
+        assert (idle[1], idle[2], idle[3]) == (17, 3, None), idle
+        assert {c: v for c, (_, v, _) in entries.items()} == {
+            c: {"currency": "EUR", "total_cents": t}
+            for c, t in released_totals.items()
+            if _partition_of_customer(c) == 1
+        }
+    assert {c: t for c, (t, _) in sink.totals().items()} == expected_totals(indices)
+
+    later = [i for i in NEW_EVENTS if partition_of(i) == 1]
+    produce_payments(kafka.address, sink.topic, later)
+    assert _finish(_run(kafka, sink, tmp_path, consumers, "later"))["records"] == len(later)
+    _assert_upgraded(sink, [*indices, *later], with_currency=True)
+
+
 def test_a_released_v1_state_blob_is_upgraded_lazily_per_entry(
     kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]
 ) -> None:
