@@ -355,7 +355,7 @@ class FileSink:
 
     def commit(self) -> None:
         self._require(write=True)
-        checkpoint_replaced = False
+        replaced: list[bool] = []  # the checkpoint document was renamed: the commit point
         renamed: list[Path] = []
         try:
             self._lock.acquire()  # already held after save_checkpoints
@@ -365,16 +365,18 @@ class FileSink:
                 renamed.append(pending.final)
             for directory in directories:
                 fsync_directory(directory)
-            renamed.extend(self._states.rename())
+            self._states.rename(renamed)
             if renamed:
                 self._crash.at(CRASH_AFTER_DATA)
-            if self._next_checkpoints is not None:
+            if self._next_checkpoints is None:
+                self._states.discard_uncertain()  # no document lists the state files
+            else:
                 group, document = self._next_checkpoints
-                write_durably(self._layout.checkpoint_path(group), document)  # the commit point
-            checkpoint_replaced = True
-            self._states.committed()
+                path = self._layout.checkpoint_path(group)
+                write_durably(path, document, renamed=lambda: replaced.append(True))
+                self._states.committed()
         except OSError as exc:
-            if not checkpoint_replaced:
+            if not replaced:
                 # Not committed: take back what readers could not see yet anyway. (Once the
                 # checkpoint is renamed it may be durable, so its files must stay; a retry
                 # rewrites the same names with the same rows.)
@@ -384,9 +386,9 @@ class FileSink:
                 self._states.discard_uncertain()
             self._discard_batch()
             raise SinkError(
-                "commit failed; batch rolled back"
-                if not checkpoint_replaced
-                else "commit's final fsync failed; the batch may or may not be durable",
+                "commit's final fsync failed; the batch may or may not be durable"
+                if replaced
+                else "commit failed; batch rolled back",
                 sink=self.description,
                 reason=str(exc),
             ) from exc

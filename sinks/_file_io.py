@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +31,10 @@ def make_directory(directory: Path) -> None:
     fsync_directory(directory.parent)
 
 
-def write_durably(path: Path, data: bytes) -> None:
-    """Replace `path` with `data` atomically: temp file, fsync, rename, fsync the directory."""
+def write_durably(path: Path, data: bytes, *, renamed: Callable[[], object] | None = None) -> None:
+    """Replace `path` with `data` atomically: temp file, fsync, rename, fsync the directory.
+    `renamed` is called right after the rename (from then on, readers may see `data` even
+    if the directory's fsync fails)."""
     temp = temp_path(path)
     try:
         with temp.open("wb") as handle:
@@ -42,6 +45,8 @@ def write_durably(path: Path, data: bytes) -> None:
     except BaseException:
         temp.unlink(missing_ok=True)
         raise
+    if renamed is not None:
+        renamed()
     fsync_directory(path.parent)
 
 

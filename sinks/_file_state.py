@@ -335,15 +335,16 @@ class FileStateStore:
             manifests[tp] = pending.manifest
         return list(manifests.values())
 
-    def rename(self) -> list[Path]:
-        """Rename the batch's state files into place (not committed until the document is)."""
-        renamed = []
+    def rename(self, renamed: list[Path]) -> None:
+        """Rename the batch's state files into place, appending each to `renamed` (they are
+        not committed until the document is)."""
+        directories = set()
         for pending in self._pending.values():
             pending.temp.replace(pending.final)
             renamed.append(pending.final)
-        for directory in {path.parent for path in renamed}:
+            directories.add(pending.final.parent)
+        for directory in directories:
             fsync_directory(directory)
-        return renamed
 
     def committed(self) -> None:
         """After the document was replaced: apply the batch to the indexes, and delete the

@@ -35,6 +35,7 @@ from consumer import (
     TopicPartition,
 )
 from sinks import FileSink, committed_files, read_committed_rows
+from sinks import _file_io as file_io
 from sinks._file_layout import data_file_name, safe_name
 from tests.apps.chaos import EVENTS
 from tests.fixtures.file_sink import CommittedFileWatcher
@@ -1058,3 +1059,43 @@ def test_a_tampered_state_file_is_a_sink_error(
     path.write_text(tamper(path.read_text()))
     with pytest.raises(SinkError, match=r"state file|add up"):
         list(_reader(root).scan_state(GROUP, TP0))
+
+
+def test_a_commit_that_fails_before_the_document_commits_no_state(
+    sink: FileSink, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
+    _state_batch(sink, epochs, {TP0: {"a": 1}}, {TP0: 1})
+
+    def full_disk(path: Path, data: bytes, **_: Any) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr("sinks._file.write_durably", full_disk)
+    with pytest.raises(SinkError, match="batch rolled back"):
+        _state_batch(sink, epochs, {TP0: {"a": 2}}, {TP0: 2})
+    monkeypatch.undo()
+    assert _state(sink, TP0) == {"a": (1, 1)}
+    assert _state_files(root) == [f"orders+0+{1:020d}.delta.jsonl"]
+    _state_batch(sink, epochs, {TP0: {"a": 3}}, {TP0: 2})
+    assert _state(sink, TP0) == _state(_reader(root), TP0) == {"a": (3, 1)}
+
+
+def test_a_commit_whose_outcome_is_unknown_reads_the_state_again(
+    sink: FileSink, root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
+    _state_batch(sink, epochs, {TP0: {"a": 1}}, {TP0: 1})
+    real_fsync = file_io.fsync_directory
+
+    def failing_fsync(directory: Path) -> None:
+        if directory.name == "checkpoints":
+            raise OSError(5, "Input/output error")
+        real_fsync(directory)
+
+    monkeypatch.setattr(file_io, "fsync_directory", failing_fsync)
+    with pytest.raises(SinkError, match="may or may not be durable"):
+        _state_batch(sink, epochs, {TP0: {"a": 2, "b": 2}}, {TP0: 2})
+    monkeypatch.undo()
+    # Here the document was renamed: the batch is committed, and its files were kept.
+    assert _state(sink, TP0) == _state(_reader(root), TP0) == {"a": (2, 1), "b": (2, 1)}
+    assert [r["id"] for r in read_committed_rows(root, PROFILES, GROUP)] == ["r1", "r2"]
