@@ -1,0 +1,378 @@
+"""Keyed state on the Kafka sink (`consumer.StateStore`) against a real broker: entries are
+written to a compacted changelog topic in the batch's transaction, an aborted or fenced batch
+leaves none, and a fresh sink (as a new process) restores exactly what was committed."""
+
+from __future__ import annotations
+
+import json
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import confluent_kafka
+import pytest
+from confluent_kafka.admin import AdminClient, ConfigResource, NewTopic, ResourceType
+
+from consumer import (
+    Checkpoint,
+    ConfigError,
+    FencedError,
+    StateChange,
+    StateEntry,
+    Table,
+    TopicPartition,
+)
+from sinks import KafkaSink
+from sinks._kafka_settings import parse_kafka_url
+from sinks._kafka_state import changelog_topic
+from tests.fixtures.kafka_sink import committed_offsets
+from tests.fixtures.kafka_tools import create_topic, unique_name
+from tests.fixtures.services import Service
+
+pytestmark = [pytest.mark.integration]
+
+SOURCE_PARTITIONS = 3
+TOTALS = Table(name="totals", columns={"key": "text", "n": "bigint"}, key=("key",))
+# Short, so a transaction a test leaves open does not block readers for long.
+TRANSACTION_TIMEOUT_MS = 5000
+
+
+def _url(kafka: Service, output: str, options: str = "") -> str:
+    return f"kafka://{kafka.address}/{output}?transaction_timeout_ms={TRANSACTION_TIMEOUT_MS}" + (
+        f"&{options}" if options else ""
+    )
+
+
+def _topics(kafka: Service, prefix: str) -> tuple[str, str, str]:
+    source, output, group = (
+        unique_name(prefix),
+        unique_name(f"{prefix}-out"),
+        unique_name(f"{prefix}-group"),
+    )
+    create_topic(kafka.address, source, SOURCE_PARTITIONS)
+    create_topic(kafka.address, output, 1)
+    return source, output, group
+
+
+def _sink(url: str, group: str, partitions: list[TopicPartition]) -> tuple[KafkaSink, Any]:
+    """A sink opened and assigned `partitions` of `group`, as the engine does at start-up."""
+    sink = KafkaSink(parse_kafka_url(url))
+    sink.open([TOTALS])
+    epochs = sink.acquire(group, partitions)
+    sink.load_checkpoints(group, partitions)
+    return sink, epochs
+
+
+def _set(tp: TopicPartition, key: str, value: Any, version: int = 1) -> StateChange:
+    return StateChange(tp, key, json.dumps(value).encode(), version)
+
+
+def _delete(tp: TopicPartition, key: str) -> StateChange:
+    return StateChange(tp, key, None, 1)
+
+
+def _checkpoint(tp: TopicPartition, group: str, offset: int, **extra: Any) -> Checkpoint:
+    return Checkpoint(
+        group=group,
+        topic=tp.topic,
+        partition=tp.partition,
+        next_offset=offset,
+        updated_at=datetime.now(UTC),
+        **extra,
+    )
+
+
+def _batch(
+    sink: KafkaSink,
+    group: str,
+    epochs: Any,
+    changes: list[StateChange],
+    offsets: dict[TopicPartition, int],
+    *,
+    commit: bool = True,
+) -> None:
+    sink.begin()
+    try:
+        sink.write_rows(TOTALS, [{"key": c.key, "n": len(c.value or b"")} for c in changes])
+        sink.write_state(group, changes)
+        sink.save_checkpoints(
+            group, [_checkpoint(tp, group, offset) for tp, offset in offsets.items()], epochs
+        )
+    except BaseException:
+        sink.rollback()
+        raise
+    if commit:
+        sink.commit()
+    else:
+        sink.rollback()
+
+
+def _everything(sink: KafkaSink, group: str, tps: list[TopicPartition]) -> dict[int, list[Any]]:
+    return {
+        tp.partition: [(e.key, json.loads(e.value), e.version) for e in sink.scan_state(group, tp)]
+        for tp in tps
+    }
+
+
+def _topic_config(kafka: Service, topic: str) -> dict[str, str]:
+    admin = AdminClient({"bootstrap.servers": kafka.address})
+    resource = ConfigResource(ResourceType.TOPIC, topic)
+    entries = admin.describe_configs([resource])[resource].result(timeout=30)
+    return {name: entry.value for name, entry in entries.items()}
+
+
+def _changelog_contents(kafka: Service, changelog: str) -> dict[int, list[tuple[bytes, Any]]]:
+    """(key, value) of every record of the changelog, aborted ones included (read_uncommitted),
+    per partition; read until each position reaches its end (markers take offsets too)."""
+    reader = confluent_kafka.Consumer(
+        {
+            "bootstrap.servers": kafka.address,
+            "group.id": unique_name("changelog-reader"),
+            "enable.auto.commit": False,
+            "isolation.level": "read_uncommitted",
+        }
+    )
+    try:
+        wanted = [confluent_kafka.TopicPartition(changelog, p) for p in range(SOURCE_PARTITIONS)]
+        ends = {tp.partition: reader.get_watermark_offsets(tp, timeout=10)[1] for tp in wanted}
+        reader.assign([confluent_kafka.TopicPartition(changelog, p, 0) for p in ends])
+        contents: dict[int, list[tuple[bytes, Any]]] = {p: [] for p in ends}
+        deadline = time.monotonic() + 60
+        while any(tp.offset < ends[tp.partition] for tp in reader.position(wanted)):
+            assert time.monotonic() < deadline, f"could not read {changelog} to {ends}"
+            for message in reader.consume(num_messages=1000, timeout=0.5):
+                if message.error() is None:
+                    contents[message.partition()].append((message.key(), message.value()))
+        return contents
+    finally:
+        reader.close()
+
+
+def test_committed_state_restores_exactly_in_a_fresh_sink_and_aborted_state_never(
+    kafka: Service,
+) -> None:
+    source, output, group = _topics(kafka, "state-restore")
+    tps = [TopicPartition(source, p) for p in range(SOURCE_PARTITIONS)]
+    url = _url(kafka, output, "state_replication_factor=1&state_min_insync_replicas=1")
+    first, epochs = _sink(url, group, tps)
+    try:
+        assert first.read_state(group, tps[0], ["a"]) == {}, "no changelog yet: no state"
+        odd_key = 'we"ird key/é\u2603'
+        _batch(
+            first,
+            group,
+            epochs,
+            [
+                _set(tps[0], "a", {"count": 1, "sum": 10}),
+                _set(tps[0], "b", {"count": 1, "sum": 5}),
+                _set(tps[1], "a", [1, 2, 3], version=2),
+                _set(tps[1], odd_key, "x"),
+            ],
+            {tps[0]: 10, tps[1]: 5},
+        )
+        assert first.read_state(group, tps[0], ["a", "b", "zz"]) == {
+            "a": StateEntry("a", b'{"count": 1, "sum": 10}', 1),
+            "b": StateEntry("b", b'{"count": 1, "sum": 5}', 1),
+        }
+        # Aborted: none of it may ever be seen, here or after a restore.
+        _batch(
+            first,
+            group,
+            epochs,
+            [_set(tps[0], "a", {"count": 99, "sum": 99}), _set(tps[2], "ghost", 1)],
+            {tps[0]: 20, tps[2]: 7},
+            commit=False,
+        )
+        assert first.read_state(group, tps[0], ["a"])["a"].value == b'{"count": 1, "sum": 10}'
+        # Committed: an update, a delete, a new entry; then a key deleted and set again.
+        _batch(
+            first,
+            group,
+            epochs,
+            [
+                _set(tps[0], "a", {"count": 2, "sum": 13}),
+                _delete(tps[0], "b"),
+                _set(tps[0], "c", None),
+                _set(tps[1], "gone-then-back", 1),
+            ],
+            {tps[0]: 12, tps[1]: 6},
+        )
+        _batch(first, group, epochs, [_delete(tps[1], "gone-then-back")], {tps[1]: 7})
+        _batch(first, group, epochs, [_set(tps[1], "gone-then-back", 2)], {tps[1]: 8})
+        expected = {
+            0: [("a", {"count": 2, "sum": 13}, 1), ("c", None, 1)],
+            1: [("a", [1, 2, 3], 2), ("gone-then-back", 2, 1), (odd_key, "x", 1)],
+            2: [],
+        }
+        assert _everything(first, group, tps) == expected
+    finally:
+        first.close()
+
+    fresh, _ = _sink(url, group, tps)  # a new process: restored from the changelog
+    try:
+        assert _everything(fresh, group, tps) == expected
+        assert fresh.read_state(group, tps[0], ["a", "b"]) == {
+            "a": StateEntry("a", b'{"count": 2, "sum": 13}', 1)
+        }
+        sizes = {tp.partition: size for tp, size in fresh.state_sizes(group).items()}
+        assert sizes == {0: (2, len(b'{"count": 2, "sum": 13}') + 4), 1: (3, 9 + 1 + 3)}
+        assert fresh.state_sizes(group, [tps[2]]) == {}
+    finally:
+        fresh.close()
+    assert committed_offsets(kafka.address, group, source, SOURCE_PARTITIONS) == {0: 12, 1: 8}
+
+    changelog = changelog_topic("offsetkeeper-state", group, source)
+    config = _topic_config(kafka, changelog)
+    assert config["cleanup.policy"] == "compact"
+    assert config["min.insync.replicas"] == "1"
+    contents = _changelog_contents(kafka, changelog)
+    keys = {p: {json.loads(key)[1] for key, _ in records} for p, records in contents.items()}
+    # Partition p holds source partition p's entries; the aborted batch's records are in the log
+    # (a read_uncommitted reader sees them) but were never restored.
+    assert keys[0] == {"a", "b", "c"}
+    assert keys[1] == {"a", odd_key, "gone-then-back"}
+    assert keys[2] == {"ghost"}
+    tombstones = [json.loads(key) for key, value in contents[0] if value is None]
+    assert tombstones == [[0, "b"]]
+
+
+def test_a_fenced_zombie_transaction_writes_no_state(kafka: Service) -> None:
+    source, output, group = _topics(kafka, "state-zombie")
+    tps = [TopicPartition(source, p) for p in range(SOURCE_PARTITIONS)]
+    url = _url(kafka, output)
+    # Without group metadata the sink commits as the group's single writer with the stable
+    # transactional.id offsetkeeper-<group>: a newer sink fences the older one's producer.
+    zombie, zombie_epochs = _sink(url, group, tps)
+    try:
+        _batch(zombie, group, zombie_epochs, [_set(tps[0], "k", {"count": 1})], {tps[0]: 1})
+        zombie.begin()
+        zombie.write_rows(TOTALS, [{"key": "k", "n": 2}])
+        zombie.write_state(group, [_set(tps[0], "k", {"count": 2}), _set(tps[1], "z", 1)])
+        zombie.save_checkpoints(
+            group, [_checkpoint(tps[0], group, 2), _checkpoint(tps[1], group, 1)], zombie_epochs
+        )
+
+        successor, epochs = _sink(url, group, tps)  # takes the id over: the zombie is fenced
+        try:
+            with pytest.raises(FencedError):
+                zombie.commit()
+            zombie.rollback()
+            assert _everything(successor, group, tps) == {
+                0: [("k", {"count": 1}, 1)],
+                1: [],
+                2: [],
+            }
+            _batch(successor, group, epochs, [_set(tps[0], "k", {"count": 5})], {tps[0]: 3})
+        finally:
+            successor.close()
+    finally:
+        zombie.close()
+    restored, _ = _sink(url, group, tps)
+    try:
+        assert _everything(restored, group, tps) == {0: [("k", {"count": 5}, 1)], 1: [], 2: []}
+    finally:
+        restored.close()
+    assert committed_offsets(kafka.address, group, source, SOURCE_PARTITIONS) == {0: 3}
+
+
+def _member(kafka: Service, group: str, source: str) -> confluent_kafka.Consumer:
+    """A real member of `group`, assigned partitions of `source`."""
+    member = confluent_kafka.Consumer(
+        {
+            "bootstrap.servers": kafka.address,
+            "group.id": group,
+            "enable.auto.commit": False,
+            "session.timeout.ms": 6000,
+            "heartbeat.interval.ms": 500,
+        }
+    )
+    member.subscribe([source])
+    deadline = time.monotonic() + 60
+    while not member.assignment():
+        assert time.monotonic() < deadline, "the member was never assigned partitions"
+        member.poll(0.2)
+    return member
+
+
+def test_a_member_evicted_from_the_group_commits_no_state(kafka: Service) -> None:
+    source, output, group = _topics(kafka, "state-evicted")
+    tps = [TopicPartition(source, p) for p in range(SOURCE_PARTITIONS)]
+    old_member = _member(kafka, group, source)
+    old_metadata = old_member.consumer_group_metadata()
+    zombie = KafkaSink(parse_kafka_url(_url(kafka, output)))
+    zombie.bind_group_metadata(lambda: old_metadata)  # what it held before it was evicted
+    zombie.open([TOTALS])
+    try:
+        epochs = zombie.acquire(group, tps)
+        zombie.begin()
+        zombie.write_state(group, [_set(tps[0], "k", "stale")])
+        old_member.close()  # leaves the group: its generation and member id are stale now
+        new_member = _member(kafka, group, source)
+        try:
+            # The coordinator refuses the stale member's offsets: the batch is aborted.
+            with pytest.raises(FencedError):
+                zombie.save_checkpoints(group, [_checkpoint(tps[0], group, 1)], epochs)
+            zombie.rollback()
+        finally:
+            new_member.close()
+    finally:
+        zombie.close()
+    fresh, _ = _sink(_url(kafka, output), group, tps)
+    try:
+        assert _everything(fresh, group, tps) == {0: [], 1: [], 2: []}
+    finally:
+        fresh.close()
+    assert committed_offsets(kafka.address, group, source, SOURCE_PARTITIONS) == {}
+
+
+def test_a_changelog_that_is_not_compacted_or_too_small_is_refused(kafka: Service) -> None:
+    source, output, _ = _topics(kafka, "state-refused")
+    tp = TopicPartition(source, 2)
+    admin = AdminClient({"bootstrap.servers": kafka.address})
+    deleting, small = unique_name("state-deleting"), unique_name("state-small")
+    admin.create_topics(
+        [
+            NewTopic(
+                changelog_topic("offsetkeeper-state", deleting, source),
+                num_partitions=SOURCE_PARTITIONS,
+                replication_factor=1,
+                config={"cleanup.policy": "compact,delete"},
+            ),
+            NewTopic(
+                changelog_topic("offsetkeeper-state", small, source),
+                num_partitions=1,
+                replication_factor=1,
+                config={"cleanup.policy": "compact"},
+            ),
+        ]
+    )[changelog_topic("offsetkeeper-state", small, source)].result(timeout=30)
+    time.sleep(1)
+    for group, message in ((deleting, "cleanup.policy=compact"), (small, "fewer partitions")):
+        sink, _ = _sink(_url(kafka, output), group, [tp])
+        try:
+            with pytest.raises(ConfigError, match=message):
+                sink.read_state(group, tp, ["k"])
+            sink.begin()
+            with pytest.raises(ConfigError, match=message):
+                sink.write_state(group, [_set(tp, "k", 1)])
+            sink.rollback()
+        finally:
+            sink.close()
+
+
+def test_the_legacy_state_blob_in_the_offset_metadata_is_written_as_given(
+    kafka: Service,
+) -> None:
+    source, output, group = _topics(kafka, "state-legacy")
+    tp = TopicPartition(source, 0)
+    sink, epochs = _sink(_url(kafka, output), group, [tp])
+    try:
+        sink.begin()
+        sink.save_checkpoints(
+            group, [_checkpoint(tp, group, 4, state=b'{"a": 1}', state_version=2)], epochs
+        )
+        sink.commit()
+        stored = sink.load_checkpoints(group, [tp])[tp]
+        assert (stored.next_offset, stored.state, stored.state_version) == (4, b'{"a": 1}', 2)
+    finally:
+        sink.close()
