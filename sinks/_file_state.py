@@ -33,7 +33,7 @@ from pathlib import Path
 
 import structlog
 
-from consumer import SinkError, StateChange, StateEntry, TopicPartition
+from consumer import FencedError, SinkError, StateChange, StateEntry, TopicPartition
 from sinks._file_documents import GroupDocument, read_group_document
 from sinks._file_io import fsync_directory, make_directory
 from sinks._file_layout import TEMP_NAME, FileLayout, temp_path
@@ -330,8 +330,14 @@ class FileStateStore:
                 )
             index = self._indexes.get((group, tp))
             if index is None or index.manifest != manifests.get(tp, StateManifest(tp)):
+                # Another writer changed it, so the batch's values may come from stale reads:
+                # the engine lets the partition go (an epoch bump would have said the same).
                 self.forget([(group, tp)])
-                raise SinkError("the partition's state changed under its owner", **context)
+                raise FencedError(
+                    "the partition's state was changed by another writer; batch rolled back",
+                    partitions=[(tp.topic, tp.partition)],
+                    group=group,
+                )
             manifests[tp] = pending.manifest
         return list(manifests.values())
 

@@ -1099,3 +1099,18 @@ def test_a_commit_whose_outcome_is_unknown_reads_the_state_again(
     # Here the document was renamed: the batch is committed, and its files were kept.
     assert _state(sink, TP0) == _state(_reader(root), TP0) == {"a": (2, 1), "b": (2, 1)}
     assert [r["id"] for r in read_committed_rows(root, PROFILES, GROUP)] == ["r1", "r2"]
+
+
+def test_state_changed_behind_the_owners_back_fences_the_batch(sink: FileSink, root: Path) -> None:
+    epochs = sink.acquire(GROUP, [TP0])
+    _state_batch(sink, epochs, {TP0: {"a": 1}}, {TP0: 1})
+    assert _state(sink, TP0) == {"a": (1, 1)}  # the owner holds its index
+    path = root / "_offsetkeeper" / "checkpoints" / "g.json"
+    document = json.loads(path.read_text())
+    document["state"][0]["seq"] = 7  # as if another writer had committed, without an epoch
+    path.write_text(json.dumps(document))
+    with pytest.raises(FencedError, match="changed by another writer") as caught:
+        _state_batch(sink, epochs, {TP0: {"a": 2}}, {TP0: 2})
+    assert caught.value.partitions == frozenset({("orders", 0)})
+    assert json.loads(path.read_text()) == document  # nothing written
+    assert _state_files(root) == [f"orders+0+{1:020d}.delta.jsonl"]
