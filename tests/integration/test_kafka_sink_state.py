@@ -1,12 +1,17 @@
 """Keyed state on the Kafka sink (`consumer.StateStore`) against a real broker: entries are
 written to a compacted changelog topic in the batch's transaction, an aborted or fenced batch
-leaves none, and a fresh sink (as a new process) restores exactly what was committed."""
+leaves none, and a fresh sink (as a new process) restores exactly what was committed. Then the
+engine: a non-idempotent stateful app (count and sum per key) stays exact through kill -9 at
+the commit sequence's kill points and at random moments, and through a graceful restart."""
 
 from __future__ import annotations
 
 import json
+import random
+import signal
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import confluent_kafka
@@ -25,11 +30,19 @@ from consumer import (
 from sinks import KafkaSink
 from sinks._kafka_settings import parse_kafka_url
 from sinks._kafka_state import changelog_topic
-from tests.fixtures.kafka_sink import committed_offsets
-from tests.fixtures.kafka_tools import create_topic, unique_name
+from tests.fixtures.kafka_sink import committed_offsets, read_output
+from tests.fixtures.kafka_tools import (
+    create_topic,
+    end_offsets,
+    partition_contents,
+    produce,
+    unique_name,
+)
+from tests.fixtures.processes import ConsumerProcess, run_args, wait_until
 from tests.fixtures.services import Service
 
 pytestmark = [pytest.mark.integration]
+fault = pytest.mark.fault
 
 SOURCE_PARTITIONS = 3
 TOTALS = Table(name="totals", columns={"key": "text", "n": "bigint"}, key=("key",))
@@ -121,19 +134,24 @@ def _topic_config(kafka: Service, topic: str) -> dict[str, str]:
     return {name: entry.value for name, entry in entries.items()}
 
 
-def _changelog_contents(kafka: Service, changelog: str) -> dict[int, list[tuple[bytes, Any]]]:
-    """(key, value) of every record of the changelog, aborted ones included (read_uncommitted),
-    per partition; read until each position reaches its end (markers take offsets too)."""
+def _changelog_contents(
+    kafka: Service,
+    changelog: str,
+    partitions: int = SOURCE_PARTITIONS,
+    isolation: str = "read_uncommitted",
+) -> dict[int, list[tuple[bytes, Any]]]:
+    """(key, value) of every record of the changelog (by default aborted ones included), per
+    partition; read until each position reaches its end (markers take offsets too)."""
     reader = confluent_kafka.Consumer(
         {
             "bootstrap.servers": kafka.address,
             "group.id": unique_name("changelog-reader"),
             "enable.auto.commit": False,
-            "isolation.level": "read_uncommitted",
+            "isolation.level": isolation,
         }
     )
     try:
-        wanted = [confluent_kafka.TopicPartition(changelog, p) for p in range(SOURCE_PARTITIONS)]
+        wanted = [confluent_kafka.TopicPartition(changelog, p) for p in range(partitions)]
         ends = {tp.partition: reader.get_watermark_offsets(tp, timeout=10)[1] for tp in wanted}
         reader.assign([confluent_kafka.TopicPartition(changelog, p, 0) for p in ends])
         contents: dict[int, list[tuple[bytes, Any]]] = {p: [] for p in ends}
@@ -376,3 +394,157 @@ def test_the_legacy_state_blob_in_the_offset_metadata_is_written_as_given(
         assert (stored.next_offset, stored.state, stored.state_version) == (4, b'{"a": 1}', 2)
     finally:
         sink.close()
+
+
+# --- the engine: a non-idempotent stateful app through kill -9 and restarts -------------------
+
+ENGINE_PARTITIONS = 4
+ENGINE_KEYS = 150
+
+
+def _totals_event(index: int) -> tuple[bytes, bytes]:
+    key = f"k-{index % ENGINE_KEYS}"
+    return key.encode(), json.dumps({"key": key, "amount": (index * 7919) % 1000 + 1}).encode()
+
+
+def _totals_args(kafka: Service, group: str, topic: str, output: str, *extra: str) -> list[str]:
+    return run_args(
+        "tests.apps.kafka_state_totals:app",
+        kafka.address,
+        group,
+        topic,
+        _url(kafka, output),
+        "--batch-max-records",
+        "300",
+        *extra,
+    )
+
+
+def _truth(kafka: Service, topic: str) -> dict[int, dict[str, tuple[int, int]]]:
+    """Per partition, each key's (count, sum) computed from the input records."""
+    truth: dict[int, dict[str, tuple[int, int]]] = {}
+    for partition, records in partition_contents(kafka.address, topic, ENGINE_PARTITIONS).items():
+        totals = truth.setdefault(partition, {})
+        for _offset, _key, value in records:
+            event = json.loads(value or b"")
+            count, total = totals.get(event["key"], (0, 0))
+            totals[event["key"]] = (count + 1, total + event["amount"])
+    return truth
+
+
+def _progress(kafka: Service, group: str, topic: str) -> int:
+    return sum(committed_offsets(kafka.address, group, topic, ENGINE_PARTITIONS).values())
+
+
+def _crash_at_kill_points(
+    kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess], args: list[str]
+) -> None:
+    """after-rows: rows AND state changes produced in the open transaction, no offsets, no
+    commit; after-commit: right after commit_transaction."""
+    for point, batch in (("after-rows", 3), ("after-commit", 2), ("after-rows", 2)):
+        crashing = ConsumerProcess(
+            args,
+            tmp_path / f"crash-{point}-{batch}.log",
+            env={
+                "OFFSETKEEPER_TEST_CRASH_POINT": point,
+                "OFFSETKEEPER_TEST_CRASH_AFTER_BATCHES": str(batch),
+            },
+        )
+        consumers.append(crashing)
+        assert crashing.wait(timeout=120) == -signal.SIGKILL, crashing.log_path.read_text()[-3000:]
+
+
+def _kill_at_random_moments(
+    kafka: Service,
+    tmp_path: Path,
+    consumers: list[ConsumerProcess],
+    args: list[str],
+    where: tuple[str, str, int],
+) -> None:
+    group, topic, total = where
+    rng = random.Random()
+    seed = rng.randrange(1 << 30)
+    rng.seed(seed)
+    print(f"kill moments seed={seed}")
+    for number, fraction in enumerate(sorted(rng.uniform(0.3, 0.75) for _ in range(2)), 1):
+        process = ConsumerProcess(args, tmp_path / f"consumer-{number}.log")
+        consumers.append(process)
+        target = max(int(total * fraction), _progress(kafka, group, topic) + 600)
+        wait_until(
+            lambda target=target, process=process: (
+                _progress(kafka, group, topic) >= target or not process.alive()
+            ),
+            timeout=120,
+            interval=0.05,
+            what=f"progress to {target} before kill {number}",
+        )
+        time.sleep(rng.uniform(0, 0.05))  # an arbitrary instant of the batch cycle
+        assert process.alive(), f"consumer exited early:\n{process.log_path.read_text()[-3000:]}"
+        process.kill()
+
+
+@fault
+def test_a_stateful_app_counts_each_record_once_through_kill_9_and_restarts(
+    kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]
+) -> None:
+    total = 12_000
+    topic, output, group = (
+        unique_name("state-engine"),
+        unique_name("state-engine-out"),
+        unique_name("state-engine"),
+    )
+    create_topic(kafka.address, topic, ENGINE_PARTITIONS)
+    create_topic(kafka.address, output, 2)
+    produce(kafka.address, topic, (_totals_event(i) for i in range(total)))
+    args = _totals_args(kafka, group, topic, output)
+
+    _crash_at_kill_points(kafka, tmp_path, consumers, args)
+    # A graceful restart: the next process restores the state from the changelog.
+    graceful = ConsumerProcess(args, tmp_path / "graceful.log")
+    consumers.append(graceful)
+    before = _progress(kafka, group, topic)
+    wait_until(
+        lambda: _progress(kafka, group, topic) >= before + 900 or not graceful.alive(),
+        timeout=120,
+        what="progress before the graceful restart",
+    )
+    assert graceful.terminate() == 0, graceful.log_path.read_text()[-3000:]
+    _kill_at_random_moments(kafka, tmp_path, consumers, args, (group, topic, total))
+
+    final = ConsumerProcess(
+        _totals_args(kafka, group, topic, output, "--stop-when-idle", "3"), tmp_path / "final.log"
+    )
+    consumers.append(final)
+    assert final.wait(timeout=240) == 0, final.log_path.read_text()[-3000:]
+    ends = end_offsets(kafka.address, topic, ENGINE_PARTITIONS)
+    assert committed_offsets(kafka.address, group, topic, ENGINE_PARTITIONS) == ends
+    truth = _truth(kafka, topic)
+    assert sum(count for keys in truth.values() for count, _ in keys.values()) == total
+
+    # The state, restored by a fresh sink as a new process would: every key exact.
+    tps = [TopicPartition(topic, p) for p in range(ENGINE_PARTITIONS)]
+    fresh, _ = _sink(_url(kafka, output), group, tps)
+    try:
+        restored = {
+            tp.partition: {
+                entry.key: (json.loads(entry.value)["count"], json.loads(entry.value)["sum"])
+                for entry in fresh.scan_state(group, tp)
+            }
+            for tp in tps
+        }
+    finally:
+        fresh.close()
+    assert restored == truth
+
+    # The outputs: the last committed row of each key holds its exact totals.
+    latest: dict[str, tuple[int, int]] = {}
+    for message in read_output(kafka.address, output, 2, isolation="read_committed"):
+        latest[message.row["event_key"]] = (message.row["count"], message.row["sum"])
+    assert latest == {key: totals for keys in truth.values() for key, totals in keys.items()}
+    changelog = changelog_topic("offsetkeeper-state", group, topic)
+    written, committed = (
+        sum(len(records) for records in _changelog_contents(kafka, changelog, 4, i).values())
+        for i in ("read_uncommitted", "read_committed")
+    )
+    print(f"changelog records: {committed} committed, {written - committed} aborted")
+    assert written > committed, "no state change was ever aborted: the kill points missed"

@@ -1,5 +1,6 @@
 """sinks._kafka*, the parts that need no broker: URL, row <-> message, checkpoint <-> offset
-metadata, group metadata parsing, and what each transactional error means."""
+metadata, group metadata parsing, what each transactional error means, and keyed state's
+changelog names, messages and in-memory copies (applied on commit only)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from typing import Any
 import confluent_kafka
 import pytest
 
-from consumer import ConfigError, open_sink
+from consumer import ConfigError, StateChange, StateEntry, TopicPartition, open_sink
 from consumer.checkpoints.model import CURRENT_FORMAT_VERSION, Checkpoint
 from consumer.core.app import Table
 from consumer.core.errors import (
@@ -31,7 +32,18 @@ from sinks._kafka_offsets import (
     encode_checkpoint_metadata,
     own_metadata,
 )
-from sinks._kafka_settings import DEFAULT_TRANSACTION_TIMEOUT_MS, parse_kafka_url
+from sinks._kafka_settings import (
+    DEFAULT_TRANSACTION_TIMEOUT_MS,
+    MAX_TOPIC_NAME_LENGTH,
+    TOPIC_NAME_CHARACTERS,
+    parse_kafka_url,
+)
+from sinks._kafka_state import (
+    PartitionState,
+    changelog_topic,
+    decode_message,
+    encode_change,
+)
 
 EVENTS = Table(
     name="events",
@@ -369,3 +381,237 @@ def test_a_client_whose_group_metadata_cannot_be_read_is_refused_at_open() -> No
     sink._admin = object()  # no broker in a unit test: open() fails before asking it
     with pytest.raises(ConfigError, match="cannot read the consumer's group membership"):
         sink.open([])
+
+
+# --- keyed state -----------------------------------------------------------------------------
+
+
+def test_url_state_options_set_the_changelog_topics_prefix_replication_and_min_isr() -> None:
+    default = parse_kafka_url("kafka://h:1/t")
+    assert default.state_topic_prefix == "offsetkeeper-state"
+    assert default.state_replication_factor is None  # the broker's default
+    assert default.state_min_insync_replicas is None
+    settings = parse_kafka_url(
+        "kafka://h:1/t?state_topic_prefix=team-a.state&state_replication_factor=3"
+        "&state_min_insync_replicas=2"
+    )
+    assert settings.state_topic_prefix == "team-a.state"
+    assert (settings.state_replication_factor, settings.state_min_insync_replicas) == (3, 2)
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [
+        ("state_topic_prefix=", "state_topic_prefix"),
+        ("state_topic_prefix=a/b", "state_topic_prefix"),
+        ("state_topic_prefix=" + "p" * 101, "state_topic_prefix"),
+        ("state_replication_factor=0", "at least 1"),
+        ("state_replication_factor=three", "whole number"),
+        ("state_min_insync_replicas=-1", "at least 1"),
+    ],
+)
+def test_invalid_state_options_are_config_errors(query: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        parse_kafka_url(f"kafka://h:1/t?{query}")
+
+
+@pytest.mark.parametrize(
+    ("group", "topic"),
+    [
+        ("billing", "payments"),
+        ("team/billing:v2 é ☃", "payments.eu"),
+        ("g" * 500, "t" * 249),
+        ("", "t"),
+        ("\ud800 lone surrogate", "t"),
+    ],
+)
+def test_a_changelog_topic_name_is_valid_for_any_group_and_topic(group: str, topic: str) -> None:
+    name = changelog_topic("p" * 100, group, topic)
+    assert set(name) <= TOPIC_NAME_CHARACTERS
+    assert len(name) <= MAX_TOPIC_NAME_LENGTH
+    assert name == changelog_topic("p" * 100, group, topic), "the name must be stable"
+
+
+def test_changelog_topic_names_read_like_group_and_topic_and_never_collide() -> None:
+    name = changelog_topic("offsetkeeper-state", "billing", "payments")
+    assert name.startswith("offsetkeeper-state.billing.payments.")
+    assert len(name.rsplit(".", 1)[1]) == 12
+    alike = {
+        changelog_topic("offsetkeeper-state", group, topic)
+        for group, topic in [("a.b", "t"), ("a_b", "t"), ("a/b", "t"), ("a", "b.t"), ("a.b", "t2")]
+    }
+    assert len(alike) == 5, "groups and topics that clean up alike keep topics of their own"
+
+
+TP = TopicPartition("payments", 2)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "version"),
+    [
+        ("alice", b'{"count": 3, "sum": 70}', 1),
+        ('we"ird\\key é ☃', b"[1,2,3]", 7),
+        ("\ud800", b'"x"', 2),
+        ("", b"null", 1),
+        ("k", b'{\n  "spaced" :  true }', 1),  # kept byte for byte
+    ],
+)
+def test_a_state_entry_round_trips_through_its_changelog_message_exactly(
+    key: str, value: bytes, version: int
+) -> None:
+    raw_key, raw_value = encode_change(StateChange(TP, key, value, version))
+    assert json.loads(raw_key) == [2, key]
+    assert json.loads(raw_value or b"") == {"version": version, "value": json.loads(value)}
+    assert decode_message("log", 2, raw_key, raw_value) == (key, StateEntry(key, value, version))
+
+
+def test_a_deleted_entry_is_a_tombstone() -> None:
+    raw_key, raw_value = encode_change(StateChange(TP, "gone", None, 1))
+    assert raw_value is None
+    assert decode_message("log", 2, raw_key, None) == ("gone", None)
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "message"),
+    [
+        (b'[3,"k"]', b'{"version":1,"value":1}', "key is not an entry key of its partition"),
+        (b"k", b'{"version":1,"value":1}', "key is not an entry key"),
+        (None, b'{"version":1,"value":1}', "key is not an entry key"),
+        (b'[2,"k"]', b'{"value":1,"version":1}', "not an offsetkeeper state entry"),
+        (b'[2,"k"]', b"1", "not an offsetkeeper state entry"),
+    ],
+)
+def test_a_changelog_message_that_is_not_ours_is_a_sink_error(
+    key: bytes | None, value: bytes, message: str
+) -> None:
+    with pytest.raises(SinkError, match=message):
+        decode_message("log", 2, key, value)
+
+
+def test_a_partition_state_counts_its_entries_value_bytes() -> None:
+    state = PartitionState()
+    state.put("a", StateEntry("a", b"123", 1))
+    state.put("b", StateEntry("b", b"1", 1))
+    state.put("a", StateEntry("a", b"12", 2))
+    state.put("b", None)
+    state.put("missing", None)
+    assert state.entries == {"a": StateEntry("a", b"12", 2)}
+    assert state.value_bytes == 2
+
+
+class _RecordingProducer:
+    """Stands in for confluent_kafka.Producer: records the transactional calls and messages;
+    commit_transaction fails with `commit_error` when set."""
+
+    def __init__(self, commit_error: confluent_kafka.KafkaError | None = None) -> None:
+        self.commit_error = commit_error
+        self.calls: list[str] = []
+        self.messages: list[tuple[str, int | None, bytes, bytes | None]] = []
+
+    def begin_transaction(self) -> None:
+        self.calls.append("begin")
+
+    def produce(self, topic: str, *, value: bytes | None, key: bytes, **extra: Any) -> None:
+        self.messages.append((topic, extra.get("partition"), key, value))
+
+    def poll(self, _timeout: float) -> int:
+        return 0
+
+    def send_offsets_to_transaction(self, *_args: object) -> None:
+        self.calls.append("send_offsets")
+
+    def commit_transaction(self, *_args: object) -> None:
+        self.calls.append("commit")
+        if self.commit_error is not None:
+            raise confluent_kafka.KafkaException(self.commit_error)
+
+    def abort_transaction(self, *_args: object) -> None:
+        self.calls.append("abort")
+
+
+GROUP = "g"
+CHANGELOG = changelog_topic("offsetkeeper-state", GROUP, TP.topic)
+
+
+def _state_sink(producer: _RecordingProducer) -> KafkaSink:
+    """A sink with partition 2's state already restored (empty) and its changelog checked: no
+    broker in a unit test."""
+    sink = KafkaSink(parse_kafka_url("kafka://127.0.0.1:9/out"))
+    sink._producer = producer
+    sink._group = GROUP
+    sink._admin = object()
+    sink._state.changelogs._checked[CHANGELOG] = 4
+    sink._state._copies[(GROUP, TP)] = PartitionState()
+    sink._memberless.metadata = lambda _group: b"no membership"  # type: ignore[method-assign]
+    return sink
+
+
+def _state_batch(sink: KafkaSink, changes: list[StateChange], *, offsets: bool = True) -> None:
+    sink.begin()
+    sink.write_state(GROUP, changes)
+    if offsets:
+        checkpoint = Checkpoint(
+            group=GROUP, topic=TP.topic, partition=2, next_offset=5, updated_at=datetime.now(UTC)
+        )
+        sink.save_checkpoints(GROUP, [checkpoint], {})
+
+
+def test_state_changes_go_to_the_source_partitions_changelog_partition_and_apply_on_commit() -> (
+    None
+):
+    producer = _RecordingProducer()
+    sink = _state_sink(producer)
+    _state_batch(sink, [StateChange(TP, "a", b"1", 1), StateChange(TP, "b", None, 1)])
+    assert producer.messages == [
+        (CHANGELOG, 2, b'[2,"a"]', b'{"version":1,"value":1}'),
+        (CHANGELOG, 2, b'[2,"b"]', None),
+    ]
+    assert sink.read_state(GROUP, TP, ["a"]) == {}, "nothing is visible before the commit"
+    sink.commit()
+    assert sink.read_state(GROUP, TP, ["a", "b"]) == {"a": StateEntry("a", b"1", 1)}
+    assert sink.state_sizes(GROUP, [TP]) == {TP: (1, 1)}
+    _state_batch(sink, [StateChange(TP, "a", None, 1), StateChange(TP, "c", b"[]", 2)])
+    sink.commit()
+    assert list(sink.scan_state(GROUP, TP)) == [StateEntry("c", b"[]", 2)]
+
+
+def test_rolled_back_state_changes_are_discarded() -> None:
+    producer = _RecordingProducer()
+    sink = _state_sink(producer)
+    _state_batch(sink, [StateChange(TP, "a", b"1", 1)])
+    sink.rollback()
+    assert producer.calls[-1] == "abort"
+    assert sink.read_state(GROUP, TP, ["a"]) == {}
+    _state_batch(sink, [StateChange(TP, "b", b"2", 1)])
+    sink.commit()
+    assert [entry.key for entry in sink.scan_state(GROUP, TP)] == ["b"]
+
+
+def test_state_without_its_partitions_offsets_is_refused_as_it_would_not_be_fenced() -> None:
+    producer = _RecordingProducer()
+    sink = _state_sink(producer)
+    _state_batch(sink, [StateChange(TP, "a", b"1", 1)], offsets=False)
+    with pytest.raises(SinkError, match="offsets are not in the transaction") as caught:
+        sink.commit()
+    assert caught.value.context["partitions"] == [("payments", 2)]
+    assert "commit" not in producer.calls
+    assert producer.calls[-1] == "abort"
+    assert sink.read_state(GROUP, TP, ["a"]) == {}
+
+
+def test_after_a_failed_commit_the_copy_is_dropped_so_the_next_read_restores_the_truth() -> None:
+    producer = _RecordingProducer(_error(confluent_kafka.KafkaError._INCONSISTENT, fatal=True))
+    sink = _state_sink(producer)
+    _state_batch(sink, [StateChange(TP, "a", b"1", 1)])
+    with pytest.raises(SinkError):
+        sink.commit()
+    assert (GROUP, TP) not in sink._state._copies
+
+
+def test_acquire_drops_the_copies_of_an_earlier_ownership(monkeypatch: pytest.MonkeyPatch) -> None:
+    sink = _state_sink(_RecordingProducer())
+    other = TopicPartition("payments", 3)
+    sink._state._copies[(GROUP, other)] = PartitionState()
+    monkeypatch.setattr(sink, "load_checkpoints", lambda _group, _partitions: {})
+    assert sink.acquire(GROUP, [TP]) == {TP: 1}
+    assert sink._state.loaded(GROUP) == [other]
