@@ -33,7 +33,7 @@ from pathlib import Path
 
 import structlog
 
-from consumer import FencedError, SinkError, StateChange, StateEntry, TopicPartition
+from consumer import ConfigError, FencedError, SinkError, StateChange, StateEntry, TopicPartition
 from sinks._file_documents import GroupDocument, read_group_document
 from sinks._file_io import fsync_directory, make_directory
 from sinks._file_layout import TEMP_NAME, FileLayout, temp_path
@@ -120,7 +120,7 @@ class FileStateStore:
 
     def __init__(self, layout: FileLayout, *, max_deltas: int, min_compact_bytes: int) -> None:
         if max_deltas < 1:
-            raise ValueError("max_deltas must be at least 1")
+            raise ConfigError("the file sink keeps at least one delta", max_deltas=max_deltas)
         self._layout = layout
         self._max_deltas = max_deltas
         self._min_compact_bytes = min_compact_bytes
