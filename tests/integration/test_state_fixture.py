@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import sqlite3
+import subprocess
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from typing import Any
 import pytest
 
 from tests.fixtures.kafka_tools import partition_contents, unique_name
-from tests.fixtures.processes import REPO, ConsumerProcess, run_args
+from tests.fixtures.processes import OFFSETKEEPER, REPO, ConsumerProcess, run_args
 from tests.fixtures.services import Service
 from tests.fixtures.state_fixture import (
     FIXTURE_EVENTS,
@@ -213,13 +214,35 @@ def _assert_upgraded(sink: GoldenSink, indices: list[int], *, with_currency: boo
         assert value == {"total_cents": expected[customer], "currency": "EUR"}, customer
 
 
+@pytest.mark.parametrize("migrate_first", [False, True], ids=["as-released", "migrated"])
 def test_the_released_v2_state_blob_is_continued_exactly(
-    kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]
+    migrate_first: bool, kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]
 ) -> None:
     sink = GoldenSink(SINK_V2, GROUP_V2, tmp_path)
     released = sink.checkpoints()
     assert [(p, o, f, v) for p, o, f, _, v in released] == [(0, 23, 2, 2), (1, 17, 2, 2)]
     assert all(blob is not None for _, _, _, blob, _ in released)
+    if migrate_first:
+        # `checkpoint migrate` rewrites the checkpoints in today's format and keeps the blob
+        # (splitting it is the engine's, at the partition's first commit).
+        subprocess.run(
+            [
+                OFFSETKEEPER,
+                "checkpoint",
+                "migrate",
+                "--sink",
+                sink.url,
+                "--backup",
+                str(tmp_path / "backup.json"),
+            ],
+            check=True,
+            capture_output=True,
+            timeout=120,
+        )
+        migrated = sink.checkpoints()
+        assert migrated == [(p, o, 3, b, v) for p, o, _, b, v in released], (
+            "the same offsets and blobs, in format 3"
+        )
     indices = _topic_as_released(kafka, sink.topic, NEW_EVENTS)
 
     stopped = _finish(_run(kafka, sink, tmp_path, consumers, "upgrade"))
