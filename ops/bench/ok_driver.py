@@ -7,6 +7,10 @@ optionally per-record latency (commit time minus the producer's `ts_ms`).
 
     ok_driver.py --encoding json --sink postgresql --sink-url URL --bootstrap B --group G
                  --topic T --result FILE [--latency] [--profile FILE] [-X key=value ...]
+                 [--app MODULE:ATTR] [--state-cache-mb N]
+
+`--app` runs another app than `ok_app`'s (the keyed-state bench's `state_app`); `--state-cache-mb`
+is `offsetkeeper run --state-cache-mb` (the byte budget of a stateful app's cached entries).
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import ok_app
 from bench_sinks import KafkaOffsetsOnlySink, NullSink, SplitTransactionSink
 from timing import RunClock
 
-from consumer import Sink, open_sink
+from consumer import Sink, load_app, open_sink
 from consumer.backends.confluent import ConfluentBackend
 from consumer.core.errors import RecordError, SinkError
 from consumer.core.records import TopicPartition
@@ -34,6 +38,7 @@ from consumer.decoding.topics import DecodeSettings, TopicDecoders
 from consumer.engine.batch import PartitionWork
 from consumer.engine.commit import CommittedBatch
 from consumer.engine.group import Engine, EngineSettings
+from consumer.engine.state import DEFAULT_CACHE_BYTES
 from consumer.runtime.logs import configure_logging
 
 SINK_KINDS = ("sqlite", "postgresql", "null", "split", "kafka-offsets")
@@ -48,6 +53,7 @@ class BenchObserver:
         self.on_enough: Callable[[], None] = lambda: None
         self.ranges: dict[int, list[tuple[int, int]]] = {}
         self.assignments = 0
+        self.first_joined_at: float | None = None
         self.first_assigned_at: float | None = None
 
     def polled(self, records: int) -> None:
@@ -77,7 +83,10 @@ class BenchObserver:
         pass
 
     def joined(self) -> None:
-        pass
+        # Called as an assignment starts (before the sink's acquire, checkpoints and, for a
+        # stateful app, loading its state): first_assigned_at - first_joined_at is that load.
+        if self.first_joined_at is None:
+            self.first_joined_at = time.time()
 
     def partitions_assigned(self, starts: Mapping[TopicPartition, int | None]) -> None:
         self.assignments += 1
@@ -130,6 +139,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--latency", action="store_true")
     parser.add_argument("--first-commit-file")
     parser.add_argument("--profile", help="write cProfile stats of engine.run() to this file")
+    parser.add_argument("--app", help="MODULE:ATTR of the app (default: ok_app's, per encoding)")
+    parser.add_argument("--state-cache-mb", type=int, help="a stateful app's state cache budget")
     parser.add_argument("-X", dest="kafka", action="append", default=[], metavar="KEY=VALUE")
     args = parser.parse_args(argv)
 
@@ -137,7 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     kafka_config = dict(item.split("=", 1) for item in args.kafka)
     clock = RunClock(latency=args.latency, first_commit_file=args.first_commit_file)
     observer = BenchObserver(clock, args.stop_after_records)
-    app = ok_app.app_for(args.encoding)
+    app = load_app(args.app) if args.app else ok_app.app_for(args.encoding)
+    cache_bytes = DEFAULT_CACHE_BYTES if args.state_cache_mb is None else args.state_cache_mb << 20
     schema_dir = ok_app.write_schema_dir(Path(tempfile.mkdtemp(prefix="ok-bench-schemas-")))
     engine = Engine(
         app,
@@ -147,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             batch_max_records=args.batch_max_records,
             poll_timeout_s=args.poll_timeout,
             stop_when_idle_s=None if args.stop_after_records else args.stop_when_idle,
+            state_cache_bytes=cache_bytes,
         ),
         ConfluentBackend(
             bootstrap_servers=args.bootstrap, group=args.group, client_config=kafka_config
@@ -173,6 +186,7 @@ def main(argv: list[str] | None = None) -> int:
         outcome,
         ranges={str(p): r for p, r in sorted(observer.ranges.items())},
         assignments=observer.assignments,
+        first_joined_at=observer.first_joined_at,
         first_assigned_at=observer.first_assigned_at,
     )
     clock.write(args.result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import confluent_kafka
@@ -58,6 +59,21 @@ def produce_all(bootstrap: str, topic: str, n: int, encoding: str) -> None:
             producer.poll(0)
     if producer.flush(120):
         raise RuntimeError(f"producer could not deliver every record to {topic}")
+
+
+def produce_items(bootstrap: str, topic: str, items: Iterable[tuple[int, str, bytes]]) -> int:
+    """Send ready-made (partition, key, value) records as fast as the producer goes (the
+    keyed-state bench's workload); returns how many were sent."""
+    producer = _producer(bootstrap, linger_ms=20)
+    sent = 0
+    for partition, key, value in items:
+        _send(producer, topic, partition, key, value)
+        sent += 1
+        if sent % 1000 == 0:
+            producer.poll(0)
+    if producer.flush(120):
+        raise RuntimeError(f"producer could not deliver every record to {topic}")
+    return sent
 
 
 class RateProducer(threading.Thread):
