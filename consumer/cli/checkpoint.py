@@ -6,7 +6,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, TextIO
@@ -20,19 +21,30 @@ from consumer.cli.checkpoint_tools import (
     check_offsets_in_log,
     export_document,
     offsets_to_checkpoints,
-    read_export,
+    parse_export,
+    read_json_file,
     read_offsets_file,
     refuse_live_group,
     store_checkpoints,
 )
 from consumer.cli.common import COMMON_SETTINGS, add_common_arguments, cli_values
 from consumer.cli.sinks import checkpoint_admin, open_sink
+from consumer.cli.state_tools import (
+    StateUpgrade,
+    blob_cleared,
+    export_entries,
+    parse_entries,
+    plan_state_upgrade,
+    replacing_changes,
+    state_sizes,
+)
+from consumer.core.app import StateSchema, load_app
 from consumer.core.errors import ConfigError, KafkaError
 from consumer.core.exit_codes import EXIT_OK, EXIT_PROBLEMS_FOUND
 from consumer.core.records import TopicPartition
 from consumer.core.settings import CheckpointSettings, CommonSettings, load_settings
 from consumer.core.urls import mask_url
-from consumer.engine.sink import Sink
+from consumer.engine.sink import Sink, StateEntry
 from consumer.replay.plan import at_time_or_end, check_in_log
 from consumer.runtime.logs import configure_logging
 
@@ -75,6 +87,12 @@ def add_checkpoint_parser(commands: Any) -> None:
     )
     migrate.add_argument("--dry-run", action="store_true", help="print what would change")
     migrate.add_argument("--backup", type=Path, help="where to write the backup (default: named)")
+    migrate.add_argument(
+        "--app",
+        metavar="MODULE:APP",
+        help="also split format-2 state blobs and upgrade every state entry to this app's "
+        "state version now (the groups must be stopped); without it both happen lazily",
+    )
 
     adopt = command("adopt", "take over offsets from another consumer", checkpoint_adopt)
     adopt.add_argument(
@@ -155,19 +173,14 @@ def _table(out: TextIO, header: Sequence[str], rows: Sequence[Sequence[object]])
         out.write("  ".join(c.ljust(w) for c, w in zip(line, widths, strict=True)).rstrip() + "\n")
 
 
-def checkpoint_show(args: argparse.Namespace, out: TextIO) -> int:
-    settings = _settings(args)
-    group = _group(settings)
-    sink_url = settings.sink.get_secret_value()
-    sink = _open(settings, write=False)
-    try:
-        checkpoints = sink.load_checkpoints(group)
-    finally:
-        sink.close()
+def _end_offsets(
+    settings: CommonSettings, group: str, partitions: Iterable[TopicPartition]
+) -> dict[TopicPartition, int | None]:
+    """Each partition's end offset; None where the broker did not say (logged)."""
     reader = _reader(settings, f"inspect-{group}")
     ends: dict[TopicPartition, int | None] = {}
     try:
-        for tp in checkpoints:
+        for tp in partitions:
             try:
                 ends[tp] = reader.watermarks(tp, timeout_s=10.0)[1]
             except KafkaError as exc:
@@ -177,6 +190,20 @@ def checkpoint_show(args: argparse.Namespace, out: TextIO) -> int:
                 ends[tp] = None
     finally:
         reader.close()
+    return ends
+
+
+def checkpoint_show(args: argparse.Namespace, out: TextIO) -> int:
+    settings = _settings(args)
+    group = _group(settings)
+    sink_url = settings.sink.get_secret_value()
+    sink = _open(settings, write=False)
+    try:
+        checkpoints = sink.load_checkpoints(group)
+        sizes = state_sizes(sink, group)
+    finally:
+        sink.close()
+    ends = _end_offsets(settings, group, checkpoints)
     rows = []
     for tp in sorted(checkpoints):
         checkpoint = checkpoints[tp]
@@ -190,7 +217,9 @@ def checkpoint_show(args: argparse.Namespace, out: TextIO) -> int:
                 "lag": None if end is None else max(end - checkpoint.next_offset, 0),
                 "format": checkpoint.read_from_format,
                 "epoch": checkpoint.epoch,
-                "state_bytes": 0 if checkpoint.state is None else len(checkpoint.state),
+                "state_entries": sizes.get(tp, (0, 0))[0],
+                "state_entry_bytes": sizes.get(tp, (0, 0))[1],
+                "state_blob_bytes": 0 if checkpoint.state is None else len(checkpoint.state),
                 "state_version": checkpoint.state_version,
                 "updated_at": checkpoint.updated_at.isoformat(),
             }
@@ -208,7 +237,8 @@ def checkpoint_show(args: argparse.Namespace, out: TextIO) -> int:
         "lag",
         "format",
         "epoch",
-        "state_bytes",
+        "state_entries",
+        "state_entry_bytes",
         "updated_at",
     )
     _table(out, header, [[r[h] for h in header] for r in rows])
@@ -221,7 +251,10 @@ def checkpoint_export(args: argparse.Namespace, out: TextIO) -> int:
     sink = _open(settings, write=False)
     try:
         checkpoints = sorted(sink.load_checkpoints(group).values(), key=lambda c: c.topic_partition)
-        document = export_document(checkpoints, source=mask_url(sink.description))
+        entries = export_entries(sink, group, [cp.topic_partition for cp in checkpoints])
+        document = export_document(
+            checkpoints, source=mask_url(sink.description), state_entries=entries
+        )
     finally:
         sink.close()
     text = json.dumps(document, indent=2) + "\n"
@@ -229,21 +262,28 @@ def checkpoint_export(args: argparse.Namespace, out: TextIO) -> int:
         out.write(text)
     else:
         args.output.write_text(text, encoding="utf-8")
-        out.write(f"exported {len(checkpoints)} checkpoint(s) of group {group} to {args.output}\n")
+        out.write(
+            f"exported {len(checkpoints)} checkpoint(s) and {len(entries)} state entries of "
+            f"group {group} to {args.output}\n"
+        )
     return EXIT_OK
 
 
 def checkpoint_import(args: argparse.Namespace, out: TextIO) -> int:
     settings = _settings(args)
     group = _group(settings)
-    checkpoints = read_export(args.input)
+    document = read_json_file(args.input, "export file")
+    checkpoints = parse_export(document, path=str(args.input))
+    entries = parse_entries(document, path=str(args.input), group=group)
     reader = _reader(settings, f"import-{group}")
     try:
         refuse_live_group(reader, group, "import checkpoints")
         check_offsets_in_log(reader, {cp.topic_partition: cp.next_offset for cp in checkpoints})
     finally:
         reader.close()
-    return _apply(settings, group, checkpoints, out, dry_run=args.dry_run, verb="import")
+    return _apply(
+        settings, group, checkpoints, out, dry_run=args.dry_run, verb="import", entries=entries
+    )
 
 
 def _apply(
@@ -254,11 +294,16 @@ def _apply(
     *,
     dry_run: bool,
     verb: str,
+    entries: Mapping[TopicPartition, list[StateEntry]] | None = None,
 ) -> int:
+    """Store `checkpoints`; an import also replaces the partitions' keyed state by `entries`,
+    while reset and adopt keep the state (a format-2 blob included)."""
     done = _PAST[verb]
     sink = _open(settings, write=not dry_run)
     try:
         current = sink.load_checkpoints(group)
+        if entries is None:  # keep a blob not yet split, as the entries are kept
+            checkpoints = [_keeping_blob(cp, current.get(cp.topic_partition)) for cp in checkpoints]
         action = f"would {verb}" if dry_run else done
         out.write(f"group {group}: {action} {len(checkpoints)} checkpoint(s)\n")
         for cp in sorted(checkpoints, key=lambda c: c.topic_partition):
@@ -266,8 +311,15 @@ def _apply(
                 current[cp.topic_partition].next_offset if cp.topic_partition in current else "-"
             )
             out.write(f"  {cp.topic}[{cp.partition}]: {before} -> {cp.next_offset}\n")
+        changes = (
+            []
+            if entries is None
+            else replacing_changes(sink, group, entries, [cp.topic_partition for cp in checkpoints])
+        )
+        if entries is not None:
+            out.write(f"  state: {sum(len(e) for e in entries.values())} entries\n")
         if not dry_run:
-            store_checkpoints(sink, group, checkpoints)
+            store_checkpoints(sink, group, checkpoints, changes)
             log.info(
                 f"checkpoints_{done}",
                 group=group,
@@ -278,41 +330,116 @@ def _apply(
     return EXIT_OK
 
 
+def _keeping_blob(checkpoint: Checkpoint, stored: Checkpoint | None) -> Checkpoint:
+    if stored is None or stored.state is None:
+        return checkpoint
+    return replace(checkpoint, state=stored.state, state_version=stored.state_version)
+
+
 def checkpoint_migrate(args: argparse.Namespace, out: TextIO) -> int:
     settings = _settings(args, group=False)
+    schema = _state_schema(args.app) if args.app else None
     sink = _open(settings, write=not args.dry_run)
     try:
+        groups = checkpoint_admin(sink).checkpoint_groups()
+        if schema is not None and not args.dry_run:
+            _refuse_live_groups(settings, groups)
+        upgrades = {} if schema is None else _plan_state_upgrades(sink, groups, schema)
         if args.dry_run:
             older = checkpoint_admin(sink).migrate_checkpoints(dry_run=True)
-            out.write(
-                f"dry run: {len(older)} checkpoint(s) would be rewritten "
-                f"in format v{CURRENT_FORMAT_VERSION}\n"
-            )
-            for cp in older:
-                out.write(
-                    f"  {cp.group} {cp.topic}[{cp.partition}] next_offset {cp.next_offset}: "
-                    f"v{cp.read_from_format} -> v{CURRENT_FORMAT_VERSION}\n"
-                )
+            _report_migration(out, older, upgrades, dry_run=True)
             return EXIT_OK
-        everything = [
-            cp
-            for group in checkpoint_admin(sink).checkpoint_groups()
-            for cp in sink.load_checkpoints(group).values()
-        ]
-        stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
-        backup = args.backup or Path(f"offsetkeeper-checkpoints-backup-{stamp}.json")
-        backup.write_text(
-            json.dumps(export_document(everything, source=mask_url(sink.description)), indent=2)
-            + "\n",
-            encoding="utf-8",
-        )
-        out.write(f"backup of {len(everything)} checkpoint(s) written to {backup}\n")
-        migrated = checkpoint_admin(sink).migrate_checkpoints()
-        out.write(f"migrated {len(migrated)} checkpoint(s) to format v{CURRENT_FORMAT_VERSION}\n")
-        log.info("checkpoints_migrated", rewritten=len(migrated), backup=str(backup))
+        backup = _write_backup(sink, groups, args.backup)
+        out.write(f"backup of group(s) {', '.join(groups) or '-'} written to {backup}\n")
+        older = checkpoint_admin(sink).migrate_checkpoints()
+        for group, (checkpoints, planned) in upgrades.items():
+            store_checkpoints(
+                sink,
+                group,
+                [blob_cleared(checkpoints[u.partition]) for u in planned],
+                [change for u in planned for change in u.changes],
+            )
+        _report_migration(out, older, upgrades, dry_run=False)
+        log.info("checkpoints_migrated", rewritten=len(older), backup=str(backup))
     finally:
         sink.close()
     return EXIT_OK
+
+
+_Upgrades = dict[str, tuple[dict[TopicPartition, Checkpoint], list[StateUpgrade]]]
+
+
+def _state_schema(reference: str) -> StateSchema:
+    app = load_app(reference)
+    if app.state is None:
+        raise ConfigError("--app names an app without state: there is no state to upgrade")
+    return app.state
+
+
+def _refuse_live_groups(settings: CommonSettings, groups: Sequence[str]) -> None:
+    reader = _reader(settings, "migrate")
+    try:
+        for group in groups:
+            refuse_live_group(reader, group, "upgrade its state")
+    finally:
+        reader.close()
+
+
+def _plan_state_upgrades(sink: Sink, groups: Sequence[str], schema: StateSchema) -> _Upgrades:
+    """Per group, its checkpoints and the partitions whose state changes (blobs to split,
+    entries to upgrade to the app's state version)."""
+    upgrades: _Upgrades = {}
+    for group in groups:
+        checkpoints = sink.load_checkpoints(group)
+        planned = [plan_state_upgrade(sink, group, cp, schema) for cp in checkpoints.values()]
+        planned = [u for u in planned if u.changes]
+        if planned:
+            upgrades[group] = (checkpoints, planned)
+    return upgrades
+
+
+def _write_backup(sink: Sink, groups: Sequence[str], chosen: Path | None) -> Path:
+    """An export of every group's checkpoints and state entries, before anything changes."""
+    checkpoints = [cp for group in groups for cp in sink.load_checkpoints(group).values()]
+    entries = [
+        {"group": group, **entry}
+        for group in groups
+        for entry in export_entries(
+            sink, group, [cp.topic_partition for cp in checkpoints if cp.group == group]
+        )
+    ]
+    stamp = datetime.now(tz=UTC).strftime("%Y%m%dT%H%M%SZ")
+    backup = chosen or Path(f"offsetkeeper-checkpoints-backup-{stamp}.json")
+    document = export_document(
+        checkpoints, source=mask_url(sink.description), state_entries=entries
+    )
+    backup.write_text(json.dumps(document, indent=2) + "\n", encoding="utf-8")
+    return backup
+
+
+def _report_migration(
+    out: TextIO, older: Sequence[Checkpoint], upgrades: _Upgrades, *, dry_run: bool
+) -> None:
+    if dry_run:
+        out.write(
+            f"dry run: {len(older)} checkpoint(s) would be rewritten "
+            f"in format v{CURRENT_FORMAT_VERSION}\n"
+        )
+    else:
+        out.write(f"migrated {len(older)} checkpoint(s) to format v{CURRENT_FORMAT_VERSION}\n")
+    for cp in older:
+        out.write(
+            f"  {cp.group} {cp.topic}[{cp.partition}] next_offset {cp.next_offset}: "
+            f"v{cp.read_from_format} -> v{CURRENT_FORMAT_VERSION}\n"
+        )
+    verb = "would be" if dry_run else "were"
+    for group, (_checkpoints, planned) in upgrades.items():
+        for u in planned:
+            out.write(
+                f"  {group} {u.partition.topic}[{u.partition.partition}] state: "
+                f"{u.blob_entries} entries {verb} split from a format-2 blob, "
+                f"{u.upgraded} {verb} upgraded\n"
+            )
 
 
 def checkpoint_adopt(args: argparse.Namespace, out: TextIO) -> int:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,14 +23,19 @@ from consumer.core.errors import CheckpointError, ConfigError
 from consumer.core.records import TopicPartition
 from consumer.engine.client import PartitionReader
 from consumer.engine.data_loss import lost_records
-from consumer.engine.sink import Sink
+from consumer.engine.sink import Sink, StateChange, StateStore
 
 EXPORT_KIND = "offsetkeeper-checkpoints"
-EXPORT_VERSION = 1
+# 2 (0.2.0) adds "state_entries"; a version-1 document (no entries) is read as well.
+EXPORT_VERSION = 2
+_READ_EXPORT_VERSIONS = (1, 2)
 
 
-def export_document(checkpoints: list[Checkpoint], *, source: str) -> dict[str, Any]:
-    """A JSON-ready document of checkpoints in the current format (state as base64)."""
+def export_document(
+    checkpoints: list[Checkpoint], *, source: str, state_entries: list[Any] | None = None
+) -> dict[str, Any]:
+    """A JSON-ready document of checkpoints in the current format (a format-2 blob as
+    base64) and the keyed state's entries (`consumer.cli.state_tools.export_entries`)."""
     records = []
     for checkpoint in checkpoints:
         record = encode_checkpoint(checkpoint)
@@ -46,6 +51,7 @@ def export_document(checkpoints: list[Checkpoint], *, source: str) -> dict[str, 
         "source": source,
         "format_version": CURRENT_FORMAT_VERSION,
         "checkpoints": records,
+        "state_entries": state_entries or [],
     }
 
 
@@ -90,7 +96,7 @@ def parse_export(document: Any, *, path: str) -> list[Checkpoint]:
     wrong is a `ConfigError` naming the file and the entry."""
     if not isinstance(document, dict) or document.get("kind") != EXPORT_KIND:
         raise ConfigError("not an offsetkeeper checkpoint export", path=path)
-    if document.get("export_version") != EXPORT_VERSION:
+    if document.get("export_version") not in _READ_EXPORT_VERSIONS:
         raise ConfigError(
             "unknown export document version",
             path=path,
@@ -243,9 +249,14 @@ def refuse_live_group(reader: PartitionReader, group: str, action: str) -> None:
         )
 
 
-def store_checkpoints(sink: Sink, group: str, checkpoints: list[Checkpoint]) -> None:
-    """Write checkpoints for `group` in one transaction, under new fencing epochs (so a zombie
-    of the group can no longer commit over them)."""
+def store_checkpoints(
+    sink: Sink,
+    group: str,
+    checkpoints: list[Checkpoint],
+    state_changes: Sequence[StateChange] = (),
+) -> None:
+    """Write checkpoints (and changes of the keyed state) for `group` in one transaction,
+    under new fencing epochs (so a zombie of the group can no longer commit over them)."""
     tps = sorted({cp.topic_partition for cp in checkpoints})
     epochs = sink.acquire(group, tps)
     now = datetime.now(tz=UTC)
@@ -259,8 +270,12 @@ def store_checkpoints(sink: Sink, group: str, checkpoints: list[Checkpoint]) -> 
         )
         for cp in checkpoints
     ]
+    if state_changes and not isinstance(sink, StateStore):
+        raise ConfigError("state entries for a sink that cannot store keyed state")
     sink.begin()
     try:
+        if state_changes and isinstance(sink, StateStore):
+            sink.write_state(group, state_changes)
         sink.save_checkpoints(group, rewritten, epochs)
         sink.commit()
     except BaseException:

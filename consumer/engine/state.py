@@ -127,20 +127,23 @@ class PartitionState:
             return found
         if self.complete:
             return (None, 0)
-        self.fetch([key])
-        return self.cache.get(self, key) or (None, 0)
+        return self.fetch([key]).get(key, (None, 0))
 
-    def fetch(self, keys: Iterable[str]) -> None:
-        """Read the entries of `keys` that are not cached, in one call to the sink."""
+    def fetch(self, keys: Iterable[str]) -> dict[str, Stored]:
+        """Read the entries of `keys` that are not cached, in one call to the sink; returns
+        them (absent ones as (None, 0)) and caches them."""
         if self.complete or self.legacy:
-            return
+            return {}
         missing = {key for key in keys if self.cache.get(self, key) is None}
         if not missing:
-            return
+            return {}
         stored = self.store.read_state(self.group, self.partition, missing)
+        fetched: dict[str, Stored] = {}
         for key in missing:
             entry = stored.get(key)
-            self.cache.put(self, key, (None, 0) if entry is None else (entry.value, entry.version))
+            fetched[key] = (None, 0) if entry is None else (entry.value, entry.version)
+            self.cache.put(self, key, fetched[key])
+        return fetched
 
     def apply(self, changes: Sequence[StateChange]) -> None:
         """A batch's changes, now committed (a blob they included is written: drop it)."""
@@ -200,28 +203,33 @@ class BatchState:
         self.owner = owner
         self.schema = schema
         self._pending: dict[str, Stored] = {}
+        # Entries prefetched for this batch: kept here too, as the cache may evict them
+        # before their records come (a batch touching more keys than the cache holds).
+        self._fetched: dict[str, Stored] = {}
 
     def record_view(self) -> KeyedState:
         """The mapping one record's processor call sees."""
         return KeyedState(self)
 
     def base(self, key: str) -> Stored:
-        pending = self._pending.get(key)
-        return pending if pending is not None else self.owner.lookup(key)
+        found = self._pending.get(key) or self._fetched.get(key)
+        return found if found is not None else self.owner.lookup(key)
 
     def prefetch(self, keys: Iterable[str]) -> None:
-        self.owner.fetch(key for key in keys if key not in self._pending)
+        self._fetched.update(self.owner.fetch(key for key in keys if key not in self._pending))
 
     def keep(self, view: KeyedState) -> None:
         """The record succeeded: each key it touched whose JSON or version changed is pending.
         Raises `InvalidRecordError` for a value that is not JSON (the record's failure)."""
         version = self.schema.version
+        kept: dict[str, Stored] = {}  # all encoded first: a failure keeps none of them
         for key, value in view.touched.items():
             encoded = None if value is _ABSENT else _encoded(key, value)
             base = view.bases.get(key)  # None: set without being read first
             if base is not None and encoded == base[0] and (encoded is None or base[1] == version):
                 continue  # unchanged, or absent before and after
-            self._pending[key] = (encoded, version)
+            kept[key] = (encoded, version)
+        self._pending.update(kept)
 
     def changes(self) -> list[StateChange]:
         """What committing this batch writes: its pending changes, and a blob's entries that
@@ -274,22 +282,7 @@ class KeyedState:
         return value
 
     def _decoded(self, key: str, stored: Stored) -> Any:
-        raw, version = stored
-        value = json.loads(raw or b"null")
-        schema = self._batch.schema
-        if version != schema.version:
-            tp = self._batch.owner.partition
-            value = upgrade_chain(
-                value,
-                from_version=version,
-                to_version=schema.version,
-                steps=schema.upgraders,
-                what="state entry",
-                key=key[:80],
-                topic=tp.topic,
-                partition=tp.partition,
-            )
-        return value
+        return current_value(self._batch.schema, stored, key, self._batch.owner.partition)
 
     def __getitem__(self, key: str) -> Any:
         value = self._load(key)
@@ -333,6 +326,33 @@ class KeyedState:
 
     def __len__(self) -> int:
         raise TypeError("keyed state cannot be counted: it may be larger than memory")
+
+
+def current_value(schema: StateSchema, stored: Stored, key: str, partition: TopicPartition) -> Any:
+    """A stored entry's value at the app's state version: decoded, and upgraded one version at
+    a time when older. A newer version raises `CheckpointFormatError` (nothing is written)."""
+    raw, version = stored
+    try:
+        value = json.loads(raw or b"null")
+    except (UnicodeDecodeError, json.JSONDecodeError):  # the sink's data, not the record's
+        raise CheckpointError(
+            "a stored state entry is not JSON",
+            key=key[:80],
+            topic=partition.topic,
+            partition=partition.partition,
+        ) from None
+    if version != schema.version:
+        value = upgrade_chain(
+            value,
+            from_version=version,
+            to_version=schema.version,
+            steps=schema.upgraders,
+            what="state entry",
+            key=key[:80],
+            topic=partition.topic,
+            partition=partition.partition,
+        )
+    return value
 
 
 def _check_key(key: object) -> None:

@@ -228,5 +228,5 @@ def test_replay_job_outputs_its_range_once_and_keeps_its_checkpoint_in_kafka(
     assert shown.returncode == 0, shown.stderr[-3000:]
     report = json.loads(shown.stdout)
     assert {(c["partition"], c["next_offset"], c["format"]) for c in report["checkpoints"]} == {
-        (p, 300, 2) for p in range(INPUT_PARTITIONS)
+        (p, 300, 3) for p in range(INPUT_PARTITIONS)
     }

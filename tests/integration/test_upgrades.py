@@ -121,20 +121,20 @@ def test_a_v1_sink_is_read_migrated_and_consumed_from_where_v1_stopped(
         (1, 15, 1),
     ]
     dry = cli(kafka, "checkpoint", "migrate", "--sink", sink.url, "--dry-run").stdout
-    assert "2 checkpoint(s) would be rewritten in format v2" in dry
+    assert "2 checkpoint(s) would be rewritten in format v3" in dry
     assert sink.query("SELECT DISTINCT format_version FROM offsetkeeper_checkpoints") == [(1,)]
     backup = tmp_path / "backup.json"
     migrated = cli(
         kafka, "checkpoint", "migrate", "--sink", sink.url, "--backup", str(backup)
     ).stdout
     assert f"written to {backup}" in migrated
-    assert "migrated 2 checkpoint(s) to format v2" in migrated
+    assert "migrated 2 checkpoint(s) to format v3" in migrated
     saved = json.loads(backup.read_text())
     assert sorted(c["next_offset"] for c in saved["checkpoints"]) == [15, 15]
     assert sink.query(
         "SELECT partition, next_offset, format_version, epoch, writer_version FROM"
         " offsetkeeper_checkpoints ORDER BY partition"
-    ) == [(0, 15, 2, 0, "unknown"), (1, 15, 2, 0, "unknown")]
+    ) == [(0, 15, 3, 0, "unknown"), (1, 15, 3, 0, "unknown")]
 
     consumer = ConsumerProcess(
         [
@@ -185,7 +185,7 @@ def test_a_newer_checkpoint_format_is_refused_and_left_untouched(
     consumers.append(first)
     assert first.wait(timeout=60) == 0
     sink.query_write(  # as if a newer offsetkeeper had written it
-        f"UPDATE offsetkeeper_checkpoints SET format_version = 3, next_offset = 0"
+        f"UPDATE offsetkeeper_checkpoints SET format_version = 4, next_offset = 0"
         f" WHERE group_id = '{group}'"
     )
     before = sink.query("SELECT * FROM offsetkeeper_checkpoints")
@@ -193,8 +193,8 @@ def test_a_newer_checkpoint_format_is_refused_and_left_untouched(
     consumers.append(second)
     assert second.wait(timeout=60) == 1
     output = second.log_path.read_text()
-    assert "checkpoint format v3 is newer than this code knows" in output
-    assert "reads up to v2" in output
+    assert "checkpoint format v4 is newer than this code knows" in output
+    assert "reads up to v3" in output
     assert sink.query("SELECT * FROM offsetkeeper_checkpoints") == before
     refused = cli(kafka, "checkpoint", "migrate", "--sink", sink.url, check=False)
     assert refused.returncode == 1
@@ -241,17 +241,34 @@ def test_state_upgrade_continues_the_totals(
         assert process.wait(timeout=90) == 0, process.log_path.read_text()[-2000:]
         return process
 
+    def versions() -> dict[int, int]:
+        rows = sink.query(f"SELECT version FROM offsetkeeper_state WHERE group_id = '{group}'")
+        counted: dict[int, int] = {}
+        for (version,) in rows:
+            counted[int(version)] = counted.get(int(version), 0) + 1  # type: ignore[call-overload]
+        return counted
+
     pay(0, 3_000)
     run("tests.apps.totals_v1:app", "v1")
     assert dict(sink.query("SELECT customer, total_cents FROM customer_totals")) == expected
-    assert sink.query("SELECT DISTINCT state_version FROM offsetkeeper_checkpoints") == [(1,)]
+    assert versions() == {1: 40}
+    assert sink.query("SELECT DISTINCT state_version FROM offsetkeeper_checkpoints") == [(None,)]
 
-    pay(3_000, 2_000)
+    # Upgraded lazily: only the 15 customers paid after the upgrade have v2 entries.
+    pay(3_000, 15)
     run("consumer.examples.totals:app", "v2")
+    rows = sink.query("SELECT customer, total_cents FROM customer_totals")
+    assert dict(rows) == expected, "totals continue across the state upgrade"
+    assert versions() == {1: 25, 2: 15}
+
+    pay(3_015, 2_000)
+    run("consumer.examples.totals:app", "v2-again")
     rows = sink.query("SELECT customer, total_cents, currency FROM customer_totals")
-    assert {c: t for c, t, _ in rows} == expected, "totals continue across the state upgrade"
+    assert {c: t for c, t, _ in rows} == expected
     assert {currency for _, _, currency in rows} == {"EUR"}
-    assert sink.query("SELECT DISTINCT state_version FROM offsetkeeper_checkpoints") == [(2,)]
+    assert versions() == {2: 40}
+
+    _export_and_import_carry_the_state(kafka, sink, group, tmp_path)
 
     # Replaying offsets already counted adds nothing: the total lives in the state, which
     # moves with the offsets.
@@ -279,6 +296,32 @@ def test_state_upgrade_continues_the_totals(
         c: t
         for c, t, _ in sink.query("SELECT customer, total_cents, currency FROM customer_totals")
     } == expected
+
+
+def _export_and_import_carry_the_state(
+    kafka: Service, sink: SinkUnderTest, group: str, tmp_path: Path
+) -> None:
+    """The group's state travels with export and import, into another group."""
+    exported = tmp_path / "totals.json"
+    export = ["--sink", sink.url, "--group", group]
+    cli(kafka, "checkpoint", "export", *export, "--output", str(exported))
+    assert len(json.loads(exported.read_text())["state_entries"]) == 40
+    copy = unique_name("totals-copy")
+    imported = ["--sink", sink.url, "--group", copy, "--input", str(exported)]
+    cli(kafka, "checkpoint", "import", *imported)
+    shown = json.loads(
+        cli(
+            kafka, "checkpoint", "show", "--sink", sink.url, "--group", copy, "--format", "json"
+        ).stdout
+    )
+    assert sum(c["state_entries"] for c in shown["checkpoints"]) == 40
+    assert sink.query(
+        f"SELECT topic, partition, key, value, version FROM offsetkeeper_state"
+        f" WHERE group_id = '{copy}' ORDER BY partition, key"
+    ) == sink.query(
+        f"SELECT topic, partition, key, value, version FROM offsetkeeper_state"
+        f" WHERE group_id = '{group}' ORDER BY partition, key"
+    )
 
 
 def _plain_consumer_commits(
@@ -481,7 +524,7 @@ def test_export_import_round_trip_and_import_refuses_a_live_group(
         str(exported),
     )
     document = json.loads(exported.read_text())
-    assert document["format_version"] == 2
+    assert document["format_version"] == 3
     assert {(c["partition"], c["next_offset"]) for c in document["checkpoints"]} == {
         (0, 11),
         (1, 22),
