@@ -97,6 +97,12 @@ def add_replay_parser(commands: Any) -> None:
         help="show the overlap of the range with this group's checkpoints (with --dry-run)",
     )
     replay.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    replay.add_argument(
+        "--state-from-empty",
+        action="store_true",
+        help="stateful apps: replay a range that starts after the log start anyway; the "
+        "job's state starts empty there, so its outputs count only the replayed records",
+    )
     replay.add_argument("--batch-max-records", type=int, help="records per batch, at most")
     replay.add_argument(
         "--sink-retry-deadline",
@@ -141,6 +147,8 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
             live_group = args.live_group or args.from_checkpoint
             _print_plan(out, plan, sink, live_group, stored is not None)
             return EXIT_OK
+        if app.state is not None and stored is None and not args.state_from_empty:
+            _refuse_partial_state(reader, plan)  # (a resumed job was allowed when it began)
         if stored is None:
             plan = ReplayPlan.from_document(job_store(sink).create_job(job_id, plan.to_document()))
         ranges = {r.partition: (r.start, r.end) for r in plan.ranges}
@@ -165,6 +173,25 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
         if dead_letters is not None:
             dead_letters.close()
     return _report(out, summary, interrupted=bool(interrupted))
+
+
+def _refuse_partial_state(reader: PartitionReader, plan: ReplayPlan) -> None:
+    """A stateful app's replay keeps its state in the job's own group, which starts empty:
+    from the middle of a partition its outputs would count only the replayed records. That
+    is refused unless asked for (`--state-from-empty`)."""
+    for partition_range in plan.ranges:
+        tp = TopicPartition(plan.topic, partition_range.partition)
+        log_start = reader.watermarks(tp)[0]
+        if partition_range.start > log_start:
+            raise ConfigError(
+                "the app keeps state, and a replay's state starts empty: from an offset after "
+                "the log start its outputs would count only the replayed records. Replay from "
+                "the log start (e.g. --from-timestamp 1970-01-01), or pass --state-from-empty",
+                topic=plan.topic,
+                partition=partition_range.partition,
+                start=partition_range.start,
+                log_start=log_start,
+            )
 
 
 def _options(settings: ReplaySettings, resolve: Callable[[Any], Any] | None) -> ReplayOptions:
