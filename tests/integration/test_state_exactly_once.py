@@ -137,7 +137,6 @@ def test_a_zombie_is_fenced_and_none_of_its_counts_land(
     verify_state_sink(kafka.address, topic, partitions, sink.query, group)
 
 
-@pytest.mark.parametrize("sink", ["postgresql"], indirect=True)
 def test_three_members_through_kill_join_and_leave_keep_every_count_exact(
     kafka: Service, sink: SinkUnderTest, tmp_path: Path, consumers: list[ConsumerProcess]
 ) -> None:
