@@ -157,6 +157,8 @@ class BatchLoop:
             position = self.positions.pop(tp, None)
             if position is not None:
                 forgotten[str(tp)] = position.next_offset
+                if position.state is not None:  # its cached entries age out of the cache
+                    self.state_cache.release(position.state.slot)
         return forgotten
 
     def initial_state(
