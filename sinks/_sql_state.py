@@ -75,17 +75,22 @@ class SqliteStateTable:
     def sizes(
         self, group: str, partitions: Iterable[TopicPartition] | None
     ) -> dict[TopicPartition, tuple[int, int]]:
-        wanted = None if partitions is None else set(partitions)
         sizes: dict[TopicPartition, tuple[int, int]] = {}
+        selections: list[tuple[str, tuple[Any, ...]]] = (
+            [("", ())]
+            if partitions is None
+            else [
+                (" AND topic = ? AND partition = ?", (tp.topic, tp.partition)) for tp in partitions
+            ]
+        )
         with self._mapped("cannot count state", rollback=False, missing_table_ok=True):
-            for topic, partition, count, size in self._db().execute(
-                f"SELECT topic, partition, count(*), coalesce(sum(length(value)), 0)"
-                f" FROM {STATE_TABLE} WHERE group_id = ? GROUP BY topic, partition",
-                (group,),
-            ):
-                tp = TopicPartition(topic, partition)
-                if wanted is None or tp in wanted:
-                    sizes[tp] = (int(count), int(size))
+            for where, params in selections:  # one partition at a time: its index range only
+                for topic, partition, count, size in self._db().execute(
+                    "SELECT topic, partition, count(*), coalesce(sum(length(value)), 0)"
+                    f" FROM {STATE_TABLE} WHERE group_id = ?{where} GROUP BY topic, partition",
+                    (group, *params),
+                ):
+                    sizes[TopicPartition(topic, partition)] = (int(count), int(size))
         return sizes
 
     def scan(self, group: str, tp: TopicPartition) -> Iterator[StateEntry]:
@@ -182,16 +187,19 @@ class PostgresStateTable:
     def sizes(
         self, group: str, partitions: Iterable[TopicPartition] | None
     ) -> dict[TopicPartition, tuple[int, int]]:
-        wanted = None if partitions is None else set(partitions)
-        rows = self._read_only(
-            sql.SQL(
-                "SELECT topic, partition, count(*), coalesce(sum(octet_length(value)), 0)"
-                " FROM {} WHERE group_id = %s GROUP BY topic, partition"
-            ).format(_PG_TABLE),
-            (group,),
+        wanted = None if partitions is None else sorted(set(partitions))
+        query = (
+            "SELECT topic, partition, count(*), coalesce(sum(octet_length(value)), 0)"
+            " FROM {} WHERE group_id = %s"
         )
-        sizes = {TopicPartition(t, p): (int(n), int(b)) for t, p, n, b in rows}
-        return {tp: size for tp, size in sizes.items() if wanted is None or tp in wanted}
+        params: list[Any] = [group]
+        if wanted is not None:  # only the partitions asked for: their index ranges
+            query += " AND (topic, partition) IN (SELECT * FROM unnest(%s::text[], %s::int[]))"
+            params += [[tp.topic for tp in wanted], [tp.partition for tp in wanted]]
+        rows = self._read_only(
+            sql.SQL(query + " GROUP BY topic, partition").format(_PG_TABLE), params
+        )
+        return {TopicPartition(t, p): (int(n), int(b)) for t, p, n, b in rows}
 
     def scan(self, group: str, tp: TopicPartition) -> Iterator[StateEntry]:
         last = b""
