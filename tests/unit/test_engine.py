@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,12 +20,14 @@ from consumer import (
     FencedError,
     InvalidRecordError,
     KafkaError,
+    KeyedState,
     Record,
     RecordsLostError,
     Row,
     RowsOrigin,
     RowsRefusedError,
     SinkError,
+    StateSchema,
     Table,
     TopicPartition,
 )
@@ -102,6 +105,7 @@ def make(tmp_path: Path) -> Make:
         bad_records: BadRecordPolicy | None = None,
         dead_letters: DeadLetterWriter | None = None,
         on_data_loss: DataLossPolicy = "stop",
+        app: App | None = None,
     ) -> Harness:
         db = tmp_path / "engine.db"
         clock = FakeClock()
@@ -109,7 +113,7 @@ def make(tmp_path: Path) -> Make:
         seen: list[tuple[int, int]] = []
         real_sink = sink or SqliteSink(db)
         engine = Engine(
-            events_app(seen),
+            app or events_app(seen),
             EngineSettings(
                 group=GROUP,
                 topics=(TOPIC,),
@@ -958,6 +962,50 @@ def test_a_batch_the_sink_refuses_is_split_until_the_refused_record_stands_alone
     # per record.
     assert sink.transactions <= 12
     assert any(e["event"] == "rows_refused_isolating" for e in log_events)
+
+
+def _summing_app() -> App:
+    """The events app that also sums each partition's amounts in its keyed state."""
+    app = App(name="summing", tables=(EVENTS,), decode="json", state=StateSchema())
+
+    @app.process
+    def sum_amounts(record: Record, state: KeyedState) -> Row:
+        event: Any = record.value
+        state["sum"] = state.get("sum", 0) + event["amount"]
+        state.setdefault("ids", []).append(event["id"])
+        return Row("events", {"id": event["id"], "amount": event["amount"]})
+
+    return app
+
+
+def test_a_refused_records_state_change_is_not_kept_and_the_parts_state_is_exact(
+    make: Make, tmp_path: Path
+) -> None:
+    letters = RecordingDeadLetters(tmp_path / "engine.db")
+    sink = RefusingSink(tmp_path / "engine.db")
+    h = make(
+        [Assign([P0, P1])],
+        sink=sink,
+        bad_records=DEAD_LETTER,
+        dead_letters=letters,
+        app=_summing_app(),
+    )
+    h.backend.append(P0, *(event(f"p0-{i}", 666 if i == 11 else i) for i in range(16)))
+    h.backend.append(P1, event("x", 1), event("y", 2))
+
+    assert h.run() == EXIT_OK
+
+    stored = SqliteSink(tmp_path / "engine.db")
+    stored.open_existing()
+    state = {
+        tp: {entry.key: json.loads(entry.value) for entry in stored.scan_state(GROUP, tp)}
+        for tp in (P0, P1)
+    }
+    stored.close()
+    kept = [i for i in range(16) if i != 11]
+    assert state[P0] == {"sum": sum(kept), "ids": [f"p0-{i}" for i in kept]}
+    assert state[P1] == {"sum": 3, "ids": ["x", "y"]}
+    assert len(letters.letters) == 1
 
 
 def test_under_stop_a_refused_record_stops_its_partition_after_the_records_before_it(
