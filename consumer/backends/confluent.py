@@ -17,6 +17,15 @@ from consumer.engine.client import RebalanceListener, StartPosition
 log = structlog.get_logger("offsetkeeper.kafka")
 
 _PROBE_INTERVAL_S = 2.0
+# Describing a group: how long a coordinator that is not ready yet is waited for.
+_COORDINATOR_WAIT_S = 30.0
+_COORDINATOR_MOVING = frozenset(
+    (
+        confluent_kafka.KafkaError.NOT_COORDINATOR,
+        confluent_kafka.KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        confluent_kafka.KafkaError.COORDINATOR_NOT_AVAILABLE,
+    )
+)
 _PROBE_TIMEOUT_S = 1.0
 _START = {"earliest": confluent_kafka.OFFSET_BEGINNING, "latest": confluent_kafka.OFFSET_END}
 
@@ -445,12 +454,19 @@ class ConfluentReader:
         admin = confluent_kafka.admin.AdminClient(
             {"bootstrap.servers": self._bootstrap, **self._client_config}
         )
-        try:
-            description = admin.describe_consumer_groups([group], request_timeout=15)[
-                group
-            ].result()
-        except confluent_kafka.KafkaException as exc:
-            raise translate(exc, "cannot describe consumer group", group=group) from exc
+        deadline = time.monotonic() + _COORDINATOR_WAIT_S
+        while True:
+            try:
+                description = admin.describe_consumer_groups([group], request_timeout=15)[
+                    group
+                ].result()
+                break
+            except confluent_kafka.KafkaException as exc:
+                # A broker just started (or a coordinator moving) answers NOT_COORDINATOR or
+                # COORDINATOR_LOAD_IN_PROGRESS for a while: ask again, to a deadline.
+                if exc.args[0].code() not in _COORDINATOR_MOVING or time.monotonic() > deadline:
+                    raise translate(exc, "cannot describe consumer group", group=group) from exc
+                time.sleep(0.5)
         return [member.client_id for member in description.members]
 
     def committed_offsets(self, group: str) -> dict[TopicPartition, int]:

@@ -416,3 +416,47 @@ def test_the_state_fixtures_are_as_the_release_wrote_them(tmp_path: Path) -> Non
                 assert state == mine, fixture
             else:
                 assert state == {c: {"currency": "EUR", "total_cents": t} for c, t in mine.items()}
+
+
+def test_migrate_with_the_app_splits_and_upgrades_every_entry_at_once(
+    kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]
+) -> None:
+    sink = GoldenSink(SINK_V1, GROUP_V1, tmp_path)
+    released = expected_totals(range(FIXTURE_EVENTS))
+
+    def migrate(*extra: str) -> str:
+        command = ["checkpoint", "migrate", "--sink", sink.url, "--app", APP]
+        done = subprocess.run(
+            [OFFSETKEEPER, *command, "--bootstrap-servers", kafka.address, *extra],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        assert done.returncode == 0, done.stderr[-3000:]
+        return done.stdout
+
+    before = sink.snapshot()
+    dry = migrate("--dry-run")
+    assert f"{sink.topic}[0] state: 4 entries would be split" in dry
+    assert f"{sink.topic}[1] state: 3 entries would be split" in dry
+    assert "4 would be upgraded" in dry
+    assert sink.snapshot() == before, "a dry run writes nothing"
+
+    backup = tmp_path / "backup.json"
+    done = migrate("--backup", str(backup))
+    assert "3 entries were split from a format-2 blob, 3 were upgraded" in done
+    assert {(f, blob, v) for _, _, f, blob, v in sink.checkpoints()} == {(3, None, None)}
+    entries = sink.state_entries()
+    assert {k: (v, version) for k, (_p, v, version) in entries.items()} == {
+        customer: ({"total_cents": total, "currency": "EUR"}, 2)
+        for customer, total in released.items()
+    }
+    saved = json.loads(backup.read_text())
+    assert all(c["state"] is not None for c in saved["checkpoints"] if c["group"] == sink.group)
+
+    indices = _topic_as_released(kafka, sink.topic, NEW_EVENTS)
+    stopped = _finish(_run(kafka, sink, tmp_path, consumers, "after-migrate"))
+    assert stopped["records"] == len(NEW_EVENTS)
+    expected = expected_totals(indices)
+    assert {c: t for c, (t, *_rest) in sink.totals().items()} == expected
