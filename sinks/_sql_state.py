@@ -94,17 +94,24 @@ class SqliteStateTable:
         return sizes
 
     def scan(self, group: str, tp: TopicPartition) -> Iterator[StateEntry]:
-        last = b""
+        last: bytes | None = None  # the empty key is a key too: the first page has no bound
         while True:  # in pages by key, so no cursor stays open between the caller's steps
             rows: list[Any] = []
+            after = "" if last is None else " AND key > ?"
             with self._mapped("cannot read state", rollback=False, missing_table_ok=True):
                 rows = (
                     self._db()
                     .execute(
                         f"SELECT key, value, version FROM {STATE_TABLE}"
-                        " WHERE group_id = ? AND topic = ? AND partition = ? AND key > ?"
+                        f" WHERE group_id = ? AND topic = ? AND partition = ?{after}"
                         " ORDER BY key LIMIT ?",
-                        (group, tp.topic, tp.partition, last, _SCAN_ROWS),
+                        (
+                            group,
+                            tp.topic,
+                            tp.partition,
+                            *(() if last is None else (last,)),
+                            _SCAN_ROWS,
+                        ),
                     )
                     .fetchall()
                 )
@@ -202,14 +209,15 @@ class PostgresStateTable:
         return {TopicPartition(t, p): (int(n), int(b)) for t, p, n, b in rows}
 
     def scan(self, group: str, tp: TopicPartition) -> Iterator[StateEntry]:
-        last = b""
+        last: bytes | None = None  # the empty key is a key too: the first page has no bound
         while True:  # in pages by key: no transaction stays open between the caller's steps
+            after = "" if last is None else " AND key > %s"
             rows = self._read_only(
                 sql.SQL(
                     "SELECT key, value, version FROM {} WHERE group_id = %s AND topic = %s"
-                    " AND partition = %s AND key > %s ORDER BY key LIMIT %s"
+                    f" AND partition = %s{after} ORDER BY key LIMIT %s"
                 ).format(_PG_TABLE),
-                (group, tp.topic, tp.partition, last, _SCAN_ROWS),
+                (group, tp.topic, tp.partition, *(() if last is None else (last,)), _SCAN_ROWS),
             )
             yield from map(_entry, rows)
             if len(rows) < _SCAN_ROWS:
@@ -217,6 +225,7 @@ class PostgresStateTable:
             last = bytes(rows[-1][0])
 
     def write(self, group: str, changes: Sequence[StateChange]) -> None:
+        deletes = any(change.value is None for change in changes)
         with self._mapped("cannot write state"), self._db().cursor() as cursor:
             cursor.execute(
                 sql.SQL(
@@ -224,18 +233,15 @@ class PostgresStateTable:
                     " key BYTEA, value BYTEA, version INTEGER) ON COMMIT DELETE ROWS"
                 ).format(_PG_STAGE)
             )
-            copy_sql = sql.SQL("COPY {} (topic, partition, key, value, version) FROM STDIN")
+            # Binary COPY: keys and values go as they are, not hex-escaped text.
+            copy_sql = sql.SQL(
+                "COPY {} (topic, partition, key, value, version) FROM STDIN (FORMAT BINARY)"
+            )
             with cursor.copy(copy_sql.format(_PG_STAGE)) as copy:
+                copy.set_types(["text", "int4", "bytea", "bytea", "int4"])
                 for c in changes:
-                    copy.write_row(
-                        (
-                            c.partition.topic,
-                            c.partition.partition,
-                            key_bytes(c.key),
-                            c.value,
-                            c.version,
-                        )
-                    )
+                    tp = c.partition
+                    copy.write_row((tp.topic, tp.partition, key_bytes(c.key), c.value, c.version))
             cursor.execute(
                 sql.SQL(
                     "INSERT INTO {table} (group_id, topic, partition, key, value, version)"
@@ -246,16 +252,17 @@ class PostgresStateTable:
                 ).format(table=_PG_TABLE, stage=_PG_STAGE),
                 (group,),
             )
-            cursor.execute(
-                sql.SQL(
-                    "DELETE FROM {table} s USING {stage} d WHERE d.value IS NULL"
-                    " AND s.group_id = %s AND s.topic = d.topic AND s.partition = d.partition"
-                    " AND s.key = d.key"
-                ).format(table=_PG_TABLE, stage=_PG_STAGE),
-                (group,),
-            )
-            # ON COMMIT DELETE ROWS empties it at commit; a retry in the same transaction
-            # must not see these rows twice.
+            if deletes:
+                cursor.execute(
+                    sql.SQL(
+                        "DELETE FROM {table} s USING {stage} d WHERE d.value IS NULL"
+                        " AND s.group_id = %s AND s.topic = d.topic"
+                        " AND s.partition = d.partition AND s.key = d.key"
+                    ).format(table=_PG_TABLE, stage=_PG_STAGE),
+                    (group,),
+                )
+            # ON COMMIT DELETE ROWS empties it at commit; a second call in the same
+            # transaction must not see these rows again.
             cursor.execute(sql.SQL("TRUNCATE {}").format(_PG_STAGE))
 
 

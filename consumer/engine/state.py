@@ -45,12 +45,13 @@ from consumer.core.errors import CheckpointError, InvalidRecordError
 from consumer.core.records import Record, TopicPartition
 from consumer.engine.sink import StateChange, StateStore
 
-# Bytes a cached entry costs beyond its key and value: the Python objects around them (key
-# tuple, str and bytes headers, the ordered dict's node), measured with tracemalloc.
-ENTRY_OVERHEAD_BYTES = 220
+# Bytes a cached entry costs beyond its key's and value's length: the Python objects around
+# them, measured with tracemalloc (217 for the tuples and the ordered dict's slot and node, 82
+# for the str and bytes headers).
+ENTRY_OVERHEAD_BYTES = 300
 DEFAULT_CACHE_BYTES = 256 * 1024 * 1024
-# A partition whose stored entries take at most this share of the cache is loaded whole at
-# assignment (one scan instead of a read per miss).
+# A partition whose stored entries fit in this share of the cache, besides what the cache
+# holds already, is loaded whole at assignment (one scan instead of a read per miss).
 _PRELOAD_SHARE = 0.5
 
 Stored = tuple[bytes | None, int]  # an entry's JSON (None: absent) and its version
@@ -209,7 +210,8 @@ def open_partition_state(
         return PartitionState(store, group, partition, cache, complete=True, legacy=legacy)
     count, size = store.state_sizes(group, [partition]).get(partition, (0, 0))
     state = PartitionState(store, group, partition, cache, complete=count == 0)
-    if count and size + count * ENTRY_OVERHEAD_BYTES <= cache.max_bytes * _PRELOAD_SHARE:
+    needed = size + count * (ENTRY_OVERHEAD_BYTES + 16)  # 16: a short key's length
+    if count and cache.bytes + needed <= cache.max_bytes * _PRELOAD_SHARE:
         state.complete = True  # set first: a put that evicts one of them clears it again
         for entry in store.scan_state(group, partition):
             cache.put(state.slot, entry.key, (entry.value, entry.version))

@@ -134,3 +134,14 @@ def test_migrate_refuses_an_entry_newer_than_the_app(sink: SqliteSink) -> None:
         plan_state_upgrade(
             sink, "g", _checkpoint(P1, 7), StateSchema(version=2, upgraders={1: str})
         )
+
+
+def test_a_scan_pages_through_every_entry_the_empty_key_included(tmp_path: Path) -> None:
+    sink = SqliteSink(tmp_path / "many.db")
+    sink.open(())
+    keys = ["", *(f"k{i:05}" for i in range(4_500))]
+    store_checkpoints(
+        sink, "g", [_checkpoint(P0, 1)], [StateChange(P0, key, b"1", 1) for key in keys]
+    )
+    assert [entry.key for entry in sink.scan_state("g", P0)] == keys
+    assert sink.state_sizes("g", [P0, P1]) == {P0: (len(keys), len(keys))}
