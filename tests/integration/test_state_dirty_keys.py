@@ -5,6 +5,7 @@ escapes and deep nesting round-trip exactly through PostgreSQL's binary COPY and
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 
@@ -28,7 +29,15 @@ VALUES = [
 
 
 def test_dirty_keys_and_values_round_trip_exactly(sink: SinkUnderTest) -> None:
-    store = open_sink(sink.url)
+    _round_trip(sink.url)
+
+
+def test_dirty_keys_and_values_round_trip_exactly_in_the_file_sink(tmp_path: Path) -> None:
+    _round_trip(f"file://{tmp_path / 'files'}")
+
+
+def _round_trip(url: str) -> None:
+    store = open_sink(url)
     store.open(())
     try:
         now = datetime.now(tz=UTC)
