@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import signal
 import sqlite3
@@ -100,6 +101,7 @@ class Ctx:
     bootstrap: str
     dsn: str
     work: Path
+    engine_env: dict[str, str] = field(default_factory=dict)
     children: Children = field(default_factory=Children)
 
 
@@ -275,7 +277,7 @@ def stored_checkpoints(sink: SinkRef, group: str, topic: str) -> dict[int, int]:
 def run_driver(ctx: Ctx, argv: list[str], log_path: Path, timeout_s: float) -> tuple[int, float]:
     """One consumer process, killed by PID at the timeout; (exit code, wall seconds)."""
     started = time.monotonic()
-    process = ctx.children.start(argv, log_path)
+    process = ctx.children.start(argv, log_path, ctx.engine_env)
     try:
         process.wait(timeout=timeout_s)
     except subprocess.TimeoutExpired:
@@ -569,6 +571,12 @@ def _num(value: float | None, digits: int = 0) -> str:
     return f"{value:,.{digits}f}"
 
 
+def _engine_text(engine: dict[str, Any]) -> str:
+    if not engine.get("commit"):
+        return "the working tree, as it was at each run (not pinned)"
+    return f"commit {engine['commit'][:10]} ({engine.get('subject', '')[:90]})"
+
+
 def _cells(*cells: str) -> str:
     return "| " + " | ".join(cells) + " |"
 
@@ -601,7 +609,8 @@ def markdown(doc: dict[str, Any]) -> str:
         "",
         f"Machine: {m.get('cores')} cores ({m.get('cpu_model')}), {m.get('memory_gib')} GiB;"
         f" Python {m.get('python')}, offsetkeeper {m.get('offsetkeeper')}"
-        f" ({m.get('offsetkeeper_commit')}), {m.get('kafka_broker')}, {m.get('postgresql')}.",
+        f", {m.get('kafka_broker')}, {m.get('postgresql')}.",
+        f"Engine measured: `consumer/`, `sinks/` at {_engine_text(doc.get('engine') or {})}.",
         f"Load: `uptime` before: `{doc['uptime'][0]}`; after: `{doc['uptime'][1]}`. Other work"
         " (tests of other sessions) shared the 2 cores during the run: the load average before"
         " each run is in state.json; rates are noisy, the ratios (same rounds) less so.",
@@ -691,6 +700,52 @@ def markdown(doc: dict[str, Any]) -> str:
 # -- main ----------------------------------------------------------------------------------------
 
 
+def pin_engine(rev: str, work: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """The engine the consumers import: `consumer`, `sinks` and `schemas` as committed at
+    `rev`, extracted with `git archive` and put first on PYTHONPATH (other work changes the
+    working tree while a run lasts; every run of one bench must measure the same engine).
+    `rev` "worktree": the working tree as it is, run by run."""
+    if rev == "worktree":
+        return {"source": "working tree (not pinned)", "commit": None}, {}
+    sha = subprocess.run(
+        ["git", "-C", str(REPO), "rev-parse", "--verify", f"{rev}^{{commit}}"],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    subject = subprocess.run(
+        ["git", "-C", str(REPO), "log", "-1", "--format=%ci %s", sha],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    target = work / "engine"
+    target.mkdir(parents=True)
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", sha, "consumer", "sinks", "schemas"],
+        check=True,
+        capture_output=True,
+    ).stdout
+    subprocess.run(["tar", "-x", "-C", str(target)], input=archive, check=True)
+    env = {"PYTHONPATH": str(target)}
+    found = subprocess.run(
+        [PY, "-c", "import consumer, sinks; print(consumer.__file__); print(sinks.__file__)"],
+        check=True,
+        capture_output=True,
+        text=True,
+        cwd=BENCH,
+        env={**os.environ, **env},
+    ).stdout.split()
+    if not all(Path(f).is_relative_to(target) for f in found):
+        raise RuntimeError(f"the pinned engine is not the one imported: {found}")
+    log_line(f"engine pinned at {sha[:10]} ({subject[:100]})")
+    return {
+        "source": f"git archive {sha} consumer sinks schemas",
+        "commit": sha,
+        "subject": subject,
+    }, env
+
+
 def _uptime() -> str:
     done = subprocess.run(["uptime"], check=False, capture_output=True, text=True)
     return done.stdout.strip()
@@ -720,6 +775,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--repeat-below", type=int, default=600_000)
     parser.add_argument("--keep-work", action="store_true", help="keep every run's log")
+    parser.add_argument(
+        "--engine",
+        default="HEAD",
+        help="the commit whose consumer/ and sinks/ are measured (default HEAD, extracted once"
+        " at the start); 'worktree': the working tree as it is at each run",
+    )
     parser.add_argument("--note", action="append", default=[], help="a line for the results")
     return parser.parse_args(argv)
 
@@ -764,9 +825,13 @@ def main(argv: list[str] | None = None) -> int:
     ctx: Ctx | None = None
     runs: list[dict[str, Any]] = []
     described: dict[str, Any] = {}
+    engine: dict[str, Any] = {}
     work = Path(tempfile.mkdtemp(prefix="okstate-work-"))
     try:
-        ctx = Ctx(settings=s, bootstrap=svc.bootstrap, dsn=svc.dsn, work=work)
+        engine, engine_env = pin_engine(args.engine, work)
+        ctx = Ctx(
+            settings=s, bootstrap=svc.bootstrap, dsn=svc.dsn, work=work, engine_env=engine_env
+        )
         for n in s.keys:
             runs.extend(keys_run(ctx, n))
         described = machine.describe(svc.dsn, None)
@@ -787,6 +852,7 @@ def main(argv: list[str] | None = None) -> int:
             "rss_over_cache_mib": TARGET_RSS_OVER_CACHE_MIB,
         },
         "machine": described,
+        "engine": engine,
         "correct": bool(runs) and all(run["correct"] for run in runs),
         "summary": summarize(s, runs),
         "runs": runs,
