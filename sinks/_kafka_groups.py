@@ -10,11 +10,20 @@ from typing import Any
 import confluent_kafka
 
 from consumer import Checkpoint, ConfigError, SinkError, TopicPartition
-from sinks._kafka_errors import error_context
+from sinks._kafka_errors import error_context, kafka_error
 from sinks._kafka_offsets import decode_committed_offset, own_metadata
 from sinks._kafka_settings import OPERATION_TIMEOUT_S
 
 _UNSTABLE_POLL_S = 0.2
+# The group coordinator is loading its offsets (a broker just started, or the coordinator moved):
+# retriable, waited out like an offset still in an open transaction.
+_COORDINATOR_BUSY = frozenset(
+    {
+        confluent_kafka.KafkaError.COORDINATOR_LOAD_IN_PROGRESS,
+        confluent_kafka.KafkaError.COORDINATOR_NOT_AVAILABLE,
+        confluent_kafka.KafkaError.NOT_COORDINATOR,
+    }
+)
 
 
 def topic_names(admin: Any, *, sink: str) -> set[str]:
@@ -46,7 +55,7 @@ def committed_checkpoints(
     """Committed offsets of `group` as checkpoints (all of its partitions when `partitions` is
     None). For named partitions the read is stable: an offset in a transaction still open (a
     predecessor killed mid-commit) is waited for, up to `wait_s`, until that transaction
-    commits or the broker aborts it at its timeout."""
+    commits or the broker aborts it at its timeout; so is a coordinator still loading."""
     request = confluent_kafka.ConsumerGroupTopicPartitions(
         group,
         None
@@ -55,12 +64,23 @@ def committed_checkpoints(
     )
     deadline = time.monotonic() + wait_s
     while True:
-        answers = list_offsets(admin, request, require_stable=partitions is not None)
+        try:
+            answers = list_offsets(admin, request, require_stable=partitions is not None)
+        except SinkError as exc:
+            error = kafka_error(exc.__cause__) if exc.__cause__ is not None else None
+            busy = error is not None and error.code() in _COORDINATOR_BUSY
+            if not busy or time.monotonic() > deadline:
+                raise
+            time.sleep(_UNSTABLE_POLL_S)
+            continue
         unstable = [
             answer
             for answer in answers
             if answer.error is not None
-            and answer.error.code() == confluent_kafka.KafkaError.UNSTABLE_OFFSET_COMMIT
+            and (
+                answer.error.code() == confluent_kafka.KafkaError.UNSTABLE_OFFSET_COMMIT
+                or answer.error.code() in _COORDINATOR_BUSY
+            )
         ]
         if not unstable:
             break

@@ -59,6 +59,7 @@ _HASH_DIGITS = 12
 _VALUE = re.compile(rb'\A\{"version":(-?[0-9]+),"value":(.*)\}\Z', re.DOTALL)
 _RESTORE_BATCH = 1000
 _KEY_PARTS = 2  # [partition, entry key]
+_METADATA_POLL_S = 0.1
 
 
 def changelog_topic(prefix: str, group: str, topic: str) -> str:
@@ -307,12 +308,30 @@ class Changelogs:
         if found is None and self._create(admin, changelog, needed, partition.topic):
             self._checked[changelog] = needed
             return changelog
-        if found is None:  # another member created it first
-            found = _topic_metadata(admin, sink=self._sink).get(changelog)
+        if found is None:  # another member created it first: wait until the metadata shows it
+            found = self._created_elsewhere(admin, changelog)
         count = 0 if found is None else len(found.partitions)
         self._require(admin, changelog, count, needed, group=group, topic=partition.topic)
         self._checked[changelog] = count
         return changelog
+
+    def _created_elsewhere(self, admin: Any, changelog: str) -> Any:
+        """The metadata of `changelog`, which a concurrent creator (another member's first
+        batch) just made: the broker's metadata may not show it, or its partitions, yet. An
+        answer without them is not "fewer partitions" (a ConfigError that stops the member)
+        but a moment too early: asked again until the deadline, then a retriable SinkError."""
+        deadline = time.monotonic() + OPERATION_TIMEOUT_S
+        while True:
+            found = _topic_metadata(admin, sink=self._sink).get(changelog)
+            if found is not None and found.error is None and found.partitions:
+                return found
+            if time.monotonic() > deadline:
+                raise SinkError(
+                    "the state changelog topic exists but its metadata does not show it yet",
+                    changelog=changelog,
+                    sink=self._sink,
+                )
+            time.sleep(_METADATA_POLL_S)
 
     def _create(self, admin: Any, changelog: str, partitions: int, source: str) -> bool:
         """Create `changelog`; False when it already existed."""

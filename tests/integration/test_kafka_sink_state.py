@@ -2,13 +2,19 @@
 written to a compacted changelog topic in the batch's transaction, an aborted or fenced batch
 leaves none, and a fresh sink (as a new process) restores exactly what was committed. Then the
 engine: a non-idempotent stateful app (count and sum per key) stays exact through kill -9 at
-the commit sequence's kill points and at random moments, and through a graceful restart."""
+the commit sequence's kill points and at random moments, and through a graceful restart; a
+group of members over a paced stream through kill -9, a join and a graceful leave; and a
+SIGSTOPped zombie member, fenced when it resumes (stopped before its transaction or inside it).
+Every key's totals are checked in the state a fresh sink restores and in the committed output,
+row by row, against the truth computed from the input topic."""
 
 from __future__ import annotations
 
 import json
+import os
 import random
 import signal
+import threading
 import time
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,8 +35,9 @@ from consumer import (
 )
 from sinks import KafkaSink
 from sinks._kafka_settings import parse_kafka_url
-from sinks._kafka_state import changelog_topic
-from tests.fixtures.kafka_sink import committed_offsets, read_output
+from sinks._kafka_state import Changelogs, changelog_topic
+from tests.fixtures.chaos import PacedProducer, chaos_event
+from tests.fixtures.kafka_sink import Isolation, committed_offsets, read_output
 from tests.fixtures.kafka_tools import (
     create_topic,
     end_offsets,
@@ -64,7 +71,20 @@ def _topics(kafka: Service, prefix: str) -> tuple[str, str, str]:
     )
     create_topic(kafka.address, source, SOURCE_PARTITIONS)
     create_topic(kafka.address, output, 1)
+    _wait_for_topics(kafka, source, output)
     return source, output, group
+
+
+def _wait_for_topics(kafka: Service, *topics: str) -> None:
+    """Until the broker's metadata shows the topics just created (a sink opened at once could
+    find its output topic missing, on a broker that just started)."""
+    admin = AdminClient({"bootstrap.servers": kafka.address})
+
+    def shown() -> bool:
+        listed = admin.list_topics(timeout=10).topics
+        return all(t in listed and listed[t].error is None and listed[t].partitions for t in topics)
+
+    wait_until(shown, timeout=30, interval=0.1, what=f"the metadata of {topics}")
 
 
 def _sink(url: str, group: str, partitions: list[TopicPartition]) -> tuple[KafkaSink, Any]:
@@ -378,6 +398,36 @@ def test_a_changelog_that_is_not_compacted_or_too_small_is_refused(kafka: Servic
             sink.close()
 
 
+def test_members_creating_the_changelog_at_once_all_write_to_it(kafka: Service) -> None:
+    """The first batches of a group's members create its changelog at the same moment: the
+    losers of the race (TOPIC_ALREADY_EXISTS) must not read the broker's metadata, which may
+    not show the topic yet, as "fewer partitions" (a ConfigError that stops a member)."""
+    source, output, _ = _topics(kafka, "state-race")
+    settings = parse_kafka_url(_url(kafka, output))
+    failures: list[str] = []
+    for _round in range(8):
+        group = unique_name("state-race-group")
+        barrier = threading.Barrier(SOURCE_PARTITIONS)
+
+        def member(
+            partition: int, group: str = group, barrier: threading.Barrier = barrier
+        ) -> None:
+            admin = AdminClient({"bootstrap.servers": kafka.address})
+            changelogs = Changelogs(settings, sink="race")
+            barrier.wait()
+            try:
+                changelogs.for_writing(admin, group, TopicPartition(source, partition))
+            except Exception as exc:
+                failures.append(f"{group} partition {partition}: {exc!r}")
+
+        threads = [threading.Thread(target=member, args=(p,)) for p in range(SOURCE_PARTITIONS)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+    assert not failures, "\n".join(failures)
+
+
 def test_the_legacy_state_blob_in_the_offset_metadata_is_written_as_given(
     kafka: Service,
 ) -> None:
@@ -548,3 +598,278 @@ def test_a_stateful_app_counts_each_record_once_through_kill_9_and_restarts(
     )
     print(f"changelog records: {committed} committed, {written - committed} aborted")
     assert written > committed, "no state change was ever aborted: the kill points missed"
+
+
+# --- the engine: a group of members, and a zombie, over a paced stream ------------------------
+
+CHAOS_APP = "tests.apps.kafka_state_chaos:app"
+CHAOS_OUTPUT_PARTITIONS = 2
+
+Totals = dict[str, tuple[int, int]]
+
+
+def _chaos_args(kafka: Service, group: str, topic: str, output: str, *extra: str) -> list[str]:
+    return run_args(
+        CHAOS_APP,
+        kafka.address,
+        group,
+        topic,
+        _url(kafka, output),
+        "--backend",
+        "confluent",
+        *extra,
+    )
+
+
+def _chaos_topics(kafka: Service, prefix: str, partitions: int) -> tuple[str, str, str]:
+    topic, output, group = (
+        unique_name(prefix),
+        unique_name(f"{prefix}-out"),
+        unique_name(f"{prefix}-group"),
+    )
+    create_topic(kafka.address, topic, partitions)
+    create_topic(kafka.address, output, CHAOS_OUTPUT_PARTITIONS)
+    _wait_for_topics(kafka, topic, output)
+    return topic, output, group
+
+
+def _wait_caught_up(kafka: Service, group: str, topic: str, partitions: int) -> dict[int, int]:
+    ends = end_offsets(kafka.address, topic, partitions)
+    wait_until(
+        lambda: committed_offsets(kafka.address, group, topic, partitions) == ends,
+        timeout=120,
+        interval=0.5,
+        what=f"the group's committed offsets to reach the end offsets {ends}",
+    )
+    return ends
+
+
+def _restored_totals(kafka: Service, output: str, group: str, tps: list[TopicPartition]) -> Totals:
+    """Every key's (count, sum) in the state a fresh sink (a new process) restores."""
+    fresh, _ = _sink(_url(kafka, output), group, tps)
+    try:
+        restored: Totals = {}
+        for tp in tps:
+            for entry in fresh.scan_state(group, tp):
+                value = json.loads(entry.value)
+                assert entry.key not in restored, f"key {entry.key} in two partitions' state"
+                restored[entry.key] = (value["count"], value["sum"])
+        return restored
+    finally:
+        fresh.close()
+
+
+def _verify_chaos_totals(
+    kafka: Service,
+    topic: str,
+    partitions: int,
+    output: str,
+    group: str,
+    writers: dict[int, str],
+) -> dict[str, int]:
+    """Against the truth computed from the input topic: the state a fresh sink restores, and
+    the read_committed output row by row (each row holds its key's totals up to the record it
+    names; the last row of each key, the key's totals). A wrong row is reported with the
+    record and the member (`writers`: pid -> name) that wrote it."""
+    truth: Totals = {}
+    upto: dict[tuple[int, int], tuple[str, int, int]] = {}  # (partition, offset) -> totals then
+    for partition, records in partition_contents(kafka.address, topic, partitions).items():
+        for offset, _key, value in records:
+            event = json.loads(value or b"")
+            count, total = truth.get(event["key"], (0, 0))
+            truth[event["key"]] = (count + 1, total + event["version"])
+            upto[(partition, offset)] = (event["key"], count + 1, total + event["version"])
+
+    def who(writer: str) -> str:
+        pid = int(writer.split("-", 1)[0])
+        return f"{writers.get(pid, '?')} (pid {pid})"
+
+    rows = [
+        m
+        for m in read_output(
+            kafka.address, output, CHAOS_OUTPUT_PARTITIONS, isolation="read_committed"
+        )
+        if m.table == "kafka_state_chaos"
+    ]
+    wrong = []
+    latest: Totals = {}
+    for message in rows:
+        row = message.row
+        coordinates = (row["source_partition"], row["source_offset"])
+        expected = upto.get(coordinates)
+        if expected != (row["event_key"], row["count"], row["sum"]):
+            wrong.append(
+                f"{row['event_key']} at {topic}[{coordinates[0]}]@{coordinates[1]} by "
+                f"{who(row['writer'])}: (count, sum) {(row['count'], row['sum'])}, truth "
+                f"{expected[1:] if expected else None} (output partition {message.partition} "
+                f"offset {message.offset})"
+            )
+        latest[row["event_key"]] = (row["count"], row["sum"])
+    assert not wrong, f"{len(wrong)} committed rows off the truth, first ones:\n" + "\n".join(
+        wrong[:10]
+    )
+    assert latest == truth, "the last committed row of a key does not hold its totals"
+
+    restored = _restored_totals(
+        kafka, output, group, [TopicPartition(topic, p) for p in range(partitions)]
+    )
+    off = {k: (restored.get(k), v) for k, v in truth.items() if restored.get(k) != v}
+    assert not off, f"{len(off)} keys' restored state off (state, truth): {list(off.items())[:5]}"
+    assert restored.keys() == truth.keys(), "the state holds keys the input never had"
+    changelog = changelog_topic("offsetkeeper-state", group, topic)
+    written, committed = (
+        sum(len(r) for r in _changelog_contents(kafka, changelog, partitions, i).values())
+        for i in ("read_uncommitted", "read_committed")
+    )
+    return {
+        "records": len(upto),
+        "keys": len(truth),
+        "committed_rows": len(rows),
+        "writers": len({m.row["writer"] for m in rows}),
+        "changelog_committed": committed,
+        "changelog_aborted": written - committed,
+    }
+
+
+@fault
+def test_three_members_through_kill_9_join_and_leave_keep_every_count_exact(
+    kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]
+) -> None:
+    partitions, total, keys = 6, 30_000, 3_000
+    topic, output, group = _chaos_topics(kafka, "state-members", partitions)
+    writers: dict[int, str] = {}
+
+    def member(name: str) -> ConsumerProcess:
+        process = ConsumerProcess(
+            _chaos_args(kafka, group, topic, output, "--batch-max-records", "500"),
+            tmp_path / f"{name}.log",
+        )
+        consumers.append(process)
+        writers[process.pid] = name
+        return process
+
+    started = time.monotonic()
+
+    def progress(what: str) -> int:
+        done = sum(committed_offsets(kafka.address, group, topic, partitions).values())
+        elapsed = time.monotonic() - started
+        print(f"{elapsed:5.1f}s {what}: {producer.produced} produced, {done} committed")
+        return done
+
+    first, second, third = member("c1"), member("c2"), member("c3")
+    for process in (first, second, third):
+        process.wait_for_event("partitions_assigned", timeout=60, what="an assignment")
+    # The stream runs while members die, join and leave.
+    producer = PacedProducer(kafka.address, topic, total=total, rate=1_500, keys=keys).start()
+    wait_until(
+        lambda: progress("before kill -9") >= 3_000, timeout=60, interval=0.5, what="progress"
+    )
+    first.kill()  # kill -9 mid-stream: its open transaction is aborted at its timeout
+    fourth = member("c4")
+    fourth.wait_for_event("partitions_assigned", timeout=60, what="the new member's assignment")
+    # The graceful leave while the member has work: the stream runs, or the group lags.
+    assert progress("c4 assigned") < total or producer.produced < total
+    assert second.terminate() == 0, second.log_path.read_text()[-3000:]
+    progress("c2 left")
+    producer.join(timeout=120)
+    _wait_caught_up(kafka, group, topic, partitions)
+    progress("caught up")
+    for process in (third, fourth):
+        assert process.alive(), process.log_path.read_text()[-3000:]
+        assert process.terminate() == 0, process.log_path.read_text()[-3000:]
+    counts = _verify_chaos_totals(kafka, topic, partitions, output, group, writers)
+    print(f"three members, kill -9, join, leave: {counts} in {time.monotonic() - started:.1f}s")
+    assert counts["records"] == total
+    assert counts["writers"] >= 3, "the members did not share the stream; the test is weak"
+
+
+def _process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+@fault
+@pytest.mark.parametrize(
+    "stop",
+    [
+        # While processing partition 0, offset 700: mid-batch, before its transaction begins,
+        # holding the state of two committed batches of each partition.
+        {"CHAOS_SELF_STOP_AT": "0:700"},
+        # In its third batch with state, the rows and state changes produced (in the log) in
+        # the open transaction, before its offsets are added: the broker aborts it at its
+        # timeout, and the successor's restore must wait for that and skip them.
+        {"CHAOS_SELF_STOP_IN_TRANSACTION": "3"},
+    ],
+    ids=["while-processing", "in-open-transaction"],
+)
+def test_a_zombie_member_is_fenced_and_none_of_its_counts_land(
+    stop: dict[str, str], kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]
+) -> None:
+    partitions, keys = 3, 300
+    topic, output, group = _chaos_topics(kafka, "state-zombie-engine", partitions)
+    produce(kafka.address, topic, (chaos_event(i, keys) for i in range(6_000)))
+    writers: dict[int, str] = {}
+    started = time.monotonic()
+    args = _chaos_args(kafka, group, topic, output, "--batch-max-records", "300")
+    zombie = ConsumerProcess(args, tmp_path / "zombie.log", env=stop)
+    consumers.append(zombie)
+    writers[zombie.pid] = "zombie"
+    wait_until(
+        lambda: _process_state(zombie.pid) == "T", timeout=60, what="the zombie to stop itself"
+    )
+    frozen = committed_offsets(kafka.address, group, topic, partitions)
+    assert sum(frozen.values()) > 0, "the zombie committed nothing before it stopped"
+    assert frozen.get(0, 0) <= 700, f"offset 700 of partition 0 committed already: {frozen}"
+
+    successor = ConsumerProcess(args, tmp_path / "successor.log")
+    consumers.append(successor)
+    writers[successor.pid] = "successor"
+    ends = _wait_caught_up(kafka, group, topic, partitions)
+
+    os.kill(zombie.pid, signal.SIGCONT)
+    fenced = zombie.wait_for_event("partitions_fenced", timeout=60, what="the zombie's fencing")
+    # The batch fenced is the stale one: each of its partitions from where the zombie stood.
+    assert fenced["partitions"], fenced
+    assert fenced["next_offsets"] == {
+        name: frozen.get(int(name.rsplit("[", 1)[1][:-1]), 0) for name in fenced["partitions"]
+    }, (fenced, frozen)
+    # Refused before anything of it committed: the sink logs the refusal (the coordinator's
+    # UNKNOWN_MEMBER_ID, or a membership librdkafka already reset), then the engine drops the
+    # partitions.
+    order = [
+        e["event"]
+        for e in zombie.events()
+        if e.get("event") in ("kafka_commit_fenced", "partitions_fenced")
+    ]
+    assert order[:2] == ["kafka_commit_fenced", "partitions_fenced"], order
+    time.sleep(2)  # whatever the zombie still does, let it happen before we look
+    assert committed_offsets(kafka.address, group, topic, partitions) == ends, (
+        "the zombie moved the group's offsets"
+    )
+
+    def stale(isolation: Isolation) -> int:
+        """The zombie's outputs of records at or past where it stood when it stopped."""
+        return sum(
+            1
+            for m in read_output(
+                kafka.address, output, CHAOS_OUTPUT_PARTITIONS, isolation=isolation
+            )
+            if m.row["writer"].startswith(f"{zombie.pid}-")
+            and m.row["source_offset"] >= frozen.get(m.row["source_partition"], 0)
+        )
+
+    assert stale("read_committed") == 0, "outputs of the zombie's stale batch became visible"
+    if "CHAOS_SELF_STOP_IN_TRANSACTION" in stop:
+        assert stale("read_uncommitted") > 0, "the zombie's open transaction wrote nothing"
+
+    # The fenced member is a member again, with no state in hand: more records, shared by
+    # both, each partition's state restored from its changelog wherever it moves.
+    produce(kafka.address, topic, (chaos_event(i, keys) for i in range(6_000, 9_000)))
+    _wait_caught_up(kafka, group, topic, partitions)
+    assert successor.terminate() == 0, successor.log_path.read_text()[-3000:]
+    assert zombie.terminate() == 0, zombie.log_path.read_text()[-3000:]
+    counts = _verify_chaos_totals(kafka, topic, partitions, output, group, writers)
+    events = [e["event"] for e in zombie.events() if "fence" in e.get("event", "")]
+    print(f"zombie fenced ({events}): {counts} in {time.monotonic() - started:.1f}s")
+    assert counts["records"] == 9_000
+    if "CHAOS_SELF_STOP_IN_TRANSACTION" in stop:
+        assert counts["changelog_aborted"] > 0, "the zombie's state changes never reached the log"
