@@ -117,14 +117,19 @@ class StateCache:
         return found
 
     def put(self, slot: int, key: str, stored: Stored) -> None:
+        entries = self._entries
         entry = (slot, key)
-        previous = self._entries.pop(entry, None)
-        if previous is not None:
-            self.bytes -= _cost(key, previous)
-        self._entries[entry] = stored
-        self.bytes += _cost(key, stored)
-        while self.bytes > self.max_bytes and self._entries:
-            (evicted_slot, evicted_key), evicted = self._entries.popitem(last=False)
+        previous = entries.pop(entry, None)
+        entries[entry] = stored
+        # The cost of `_cost` inlined: this runs once per changed key of every batch.
+        self.bytes += (
+            len(stored[0] or b"")
+            - (0 if previous is None else len(previous[0] or b"") + len(key) + ENTRY_OVERHEAD_BYTES)
+            + len(key)
+            + ENTRY_OVERHEAD_BYTES
+        )
+        while self.bytes > self.max_bytes and entries:
+            (evicted_slot, evicted_key), evicted = entries.popitem(last=False)
             self.bytes -= _cost(evicted_key, evicted)
             owner = self._owners.get(evicted_slot)
             if owner is not None:
