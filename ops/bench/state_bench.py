@@ -58,6 +58,7 @@ FULL_KEYS = (10_000, 100_000, 600_000, 1_000_000, 5_000_000)
 QUICK_KEYS = (10_000, 100_000)
 DEFAULT_CACHE_MB = 256
 STATE_TABLE = "offsetkeeper_state"
+ENGINE_DIRS = ("consumer", "sinks", "schemas")
 # Targets of issue #15.
 TARGET_RATIO = 0.6
 TARGET_RATIO_KEYS = 600_000
@@ -494,6 +495,10 @@ def _pick(
     }
 
 
+def _minus(a: float | None, b: float | None) -> float | None:
+    return None if a is None or b is None else round(a - b, 1)
+
+
 def _ratio(a: float | None, b: float | None) -> float | None:
     return round(a / b, 3) if a and b else None
 
@@ -525,6 +530,11 @@ def summarize(settings: Settings, runs: list[dict[str, Any]]) -> dict[str, Any]:
                         "peak_rss_without_state_mib": o.get("peak_rss_mib"),
                         "cache_mib": w.get("cache_mib"),
                         "with_state_assignment_s": w.get("assignment_s"),
+                        # What keeping state adds to a batch: the with-state time per batch
+                        # minus the without-state one (the same rows are written by both).
+                        "state_extra_ms_per_batch": _minus(
+                            w.get("ms_per_batch"), o.get("ms_per_batch")
+                        ),
                         "correct": bool(o.get("correct")) and bool(w.get("correct")),
                     }
                 )
@@ -553,14 +563,18 @@ def summarize(settings: Settings, runs: list[dict[str, Any]]) -> dict[str, Any]:
             )
     flatness: dict[str, Any] = {}
     for kind in settings.sinks:
-        rates = [(r["keys"], r["with_state_rps"]) for r in flat if r["sink"] == kind]
-        rates = [(n, rate) for n, rate in rates if rate]
-        if len(rates) >= 2:  # noqa: PLR2004
+        rows = [r for r in flat if r["sink"] == kind and r["with_state_rps"]]
+        if len(rows) >= 2:  # noqa: PLR2004
+            first, last = rows[0], rows[-1]
             flatness[kind] = {
-                "smallest_keys": rates[0][0],
-                "largest_keys": rates[-1][0],
-                "with_state_rps_largest_over_smallest": _ratio(rates[-1][1], rates[0][1]),
-                "with_state_rps_median": round(statistics.median(r for _n, r in rates)),
+                "smallest_keys": first["keys"],
+                "largest_keys": last["keys"],
+                "with_state_rps_largest_over_smallest": _ratio(
+                    last["with_state_rps"], first["with_state_rps"]
+                ),
+                "ratio_smallest": first["ratio"],
+                "ratio_largest": last["ratio"],
+                "state_extra_ms_per_batch": [r["state_extra_ms_per_batch"] for r in rows],
             }
     return {"table": table, "flat": flat, "targets": targets, "flatness": flatness}
 
@@ -574,7 +588,9 @@ def _num(value: float | None, digits: int = 0) -> str:
 def _engine_text(engine: dict[str, Any]) -> str:
     if not engine.get("commit"):
         return "the working tree, as it was at each run (not pinned)"
-    return f"commit {engine['commit'][:10]} ({engine.get('subject', '')[:90]})"
+    last = engine.get("last_change")
+    where = f"commit {engine['commit'][:10]}"
+    return f"{where} (their last change: {last[:110]})" if last else where
 
 
 def _cells(*cells: str) -> str:
@@ -670,9 +686,9 @@ def markdown(doc: dict[str, Any]) -> str:
         " entries when they fit half the cache) is start-up, shown apart.",
         "",
         "| entries in the sink (N) | sink | without state rec/s | with state rec/s | ratio |"
-        " ms/batch without | ms/batch with | state load at assignment s | peak RSS with state MiB |"
-        " checked |",
-        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
+        " ms/batch without | ms/batch with | state's extra ms/batch (with - without) |"
+        " state load at assignment s | peak RSS with state MiB | checked |",
+        "| ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in doc["summary"]["flat"]:
         out.append(
@@ -680,6 +696,7 @@ def markdown(doc: dict[str, Any]) -> str:
                 f"{r['keys']:,}",
                 r["sink"],
                 *_rates(r),
+                _num(r["state_extra_ms_per_batch"], 1),
                 _num(r["with_state_assignment_s"], 2),
                 _num(r["peak_rss_with_state_mib"], 1),
                 "ok" if r["correct"] else "FAILED",
@@ -687,9 +704,13 @@ def markdown(doc: dict[str, Any]) -> str:
         )
     for kind, f in doc["summary"]["flatness"].items():
         out.append("")
+        extra = ", ".join(_num(x, 1) for x in f["state_extra_ms_per_batch"])
         out.append(
             f"{kind}: with-state rate at {f['largest_keys']:,} entries /"
-            f" at {f['smallest_keys']:,} = {_num(f['with_state_rps_largest_over_smallest'], 2)}x."
+            f" at {f['smallest_keys']:,} = {_num(f['with_state_rps_largest_over_smallest'], 2)}x;"
+            f" with/without ratio {_num(f['ratio_smallest'], 2)}x"
+            f" -> {_num(f['ratio_largest'], 2)}x;"
+            f" state's extra ms per batch, N ascending: {extra}."
         )
     if doc.get("notes"):
         out += ["", "## Notes", ""] + [f"- {note}" for note in doc["notes"]]
@@ -722,7 +743,7 @@ def pin_engine(rev: str, work: Path) -> tuple[dict[str, Any], dict[str, str]]:
     target = work / "engine"
     target.mkdir(parents=True)
     archive = subprocess.run(
-        ["git", "-C", str(REPO), "archive", sha, "consumer", "sinks", "schemas"],
+        ["git", "-C", str(REPO), "archive", sha, *ENGINE_DIRS],
         check=True,
         capture_output=True,
     ).stdout
@@ -738,11 +759,18 @@ def pin_engine(rev: str, work: Path) -> tuple[dict[str, Any], dict[str, str]]:
     ).stdout.split()
     if not all(Path(f).is_relative_to(target) for f in found):
         raise RuntimeError(f"the pinned engine is not the one imported: {found}")
-    log_line(f"engine pinned at {sha[:10]} ({subject[:100]})")
+    last_change = subprocess.run(
+        ["git", "-C", str(REPO), "log", "-1", "--format=%h %ci %s", sha, "--", *ENGINE_DIRS],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    log_line(f"engine pinned at {sha[:10]}; its last change: {last_change[:100]}")
     return {
-        "source": f"git archive {sha} consumer sinks schemas",
+        "source": f"git archive {sha} {' '.join(ENGINE_DIRS)}",
         "commit": sha,
         "subject": subject,
+        "last_change": last_change,
     }, env
 
 
@@ -782,6 +810,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         " at the start); 'worktree': the working tree as it is at each run",
     )
     parser.add_argument("--note", action="append", default=[], help="a line for the results")
+    parser.add_argument(
+        "--render", type=Path, help="only rewrite state.md (and the summary) from this state.json"
+    )
     return parser.parse_args(argv)
 
 
@@ -811,8 +842,24 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
+def render(path: Path) -> int:
+    """Summarize a state.json's runs again and rewrite it and the state.md beside it."""
+    doc = json.loads(path.read_text())
+    fields = dict(doc["settings"])
+    fields["keys"] = tuple(fields["keys"])
+    fields["sinks"] = tuple(fields["sinks"])
+    fields["out_dir"] = Path(fields["out_dir"])
+    doc["summary"] = summarize(Settings(**fields), doc["runs"])
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    (path.parent / "state.md").write_text(markdown(doc))
+    log_line(f"rewrote {path} and state.md from its runs")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.render:
+        return render(args.render)
     s = settings_from(args)
     started = time.monotonic()
     began_at = datetime.now(tz=UTC)
