@@ -45,14 +45,21 @@ class Retrier:
 
     def sink(self, what: str, action: Callable[[], T]) -> T:
         """Run a sink call, retrying `SinkError`; reported to the observer as sink health."""
-        return self.retry(what, action, retry_on=(SinkError,))
+        return self.retry(what, action, retry_on=(SinkError,), sink_call=True)
 
     def retry(
-        self, what: str, action: Callable[[], T], *, retry_on: tuple[type[Exception], ...]
+        self,
+        what: str,
+        action: Callable[[], T],
+        *,
+        retry_on: tuple[type[Exception], ...],
+        sink_call: bool = False,
     ) -> T:
         """Run `action`, retrying `retry_on` errors. Logs `<kind>_retry` and `<kind>_gave_up`,
-        where kind is "sink" for sink calls and `what` otherwise."""
-        is_sink = SinkError in retry_on
+        where kind is "sink" for sink calls and `what` otherwise. Only a sink call reports
+        its success to the observer (sink health); a `SinkError` met anywhere (a state read
+        while decoding) reports the failure."""
+        is_sink = sink_call
         kind = "sink" if is_sink else what
         deadline = self._clock() + self._policy.deadline_s
         backoff = 0.1
