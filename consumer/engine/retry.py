@@ -59,8 +59,7 @@ class Retrier:
         where kind is "sink" for sink calls and `what` otherwise. Only a sink call reports
         its success to the observer (sink health); a `SinkError` met anywhere (a state read
         while decoding) reports the failure."""
-        is_sink = sink_call
-        kind = "sink" if is_sink else what
+        kind = "sink" if sink_call else what
         deadline = self._clock() + self._policy.deadline_s
         backoff = 0.1
         attempt = 0
@@ -85,6 +84,6 @@ class Retrier:
                 self._sleep(backoff)
                 backoff = min(backoff * 2, self._policy.max_backoff_s)
             else:
-                if is_sink:
+                if sink_call:
                     self._observer.sink_succeeded(what, self._clock() - began)
                 return result

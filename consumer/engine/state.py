@@ -122,14 +122,10 @@ class StateCache:
         entries = self._entries
         entry = (slot, key)
         previous = entries.pop(entry, None)
+        if previous is not None:
+            self.bytes -= _cost(key, previous)
         entries[entry] = stored
-        # The cost of `_cost` inlined: this runs once per changed key of every batch.
-        self.bytes += (
-            len(stored[0] or b"")
-            - (0 if previous is None else len(previous[0] or b"") + len(key) + ENTRY_OVERHEAD_BYTES)
-            + len(key)
-            + ENTRY_OVERHEAD_BYTES
-        )
+        self.bytes += _cost(key, stored)
         while self.bytes > self.max_bytes and entries:
             (evicted_slot, evicted_key), evicted = entries.popitem(last=False)
             self.bytes -= _cost(evicted_key, evicted)

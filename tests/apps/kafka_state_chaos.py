@@ -25,6 +25,7 @@ import uuid
 from typing import Any
 
 from consumer import App, InvalidRecordError, KeyedState, Record, Row, StateSchema, Table
+from tests.apps.kafka_state_totals import key_of
 
 WRITER = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -40,12 +41,6 @@ TOTALS = Table(
     },
     key=("event_key",),
 )
-
-
-def key_of(record: Record) -> str | None:
-    event: Any = record.value
-    key = event.get("key") if isinstance(event, dict) else None
-    return key if isinstance(key, str) else None
 
 
 app = App(

@@ -20,6 +20,7 @@ import uuid
 from typing import Any
 
 from consumer import App, InvalidRecordError, KeyedState, Record, Row, StateSchema, Table
+from tests.apps.kafka_state_totals import key_of
 
 WRITER = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
@@ -35,18 +36,12 @@ EVENTS = Table(
 )
 
 
-def _key(record: Record) -> str | None:
-    event: Any = record.value
-    key = event.get("key") if isinstance(event, dict) else None
-    return key if isinstance(key, str) else None
-
-
 app = App(
     name="state_chaos",
     tables=(TOTALS, EVENTS),
     decode="json",
     state=StateSchema(version=1),
-    state_key=_key,
+    state_key=key_of,
 )
 
 _stop_at = os.environ.get("CHAOS_SELF_STOP_AT")
