@@ -247,6 +247,7 @@ class AiokafkaDriver:
         client_config: Mapping[str, str],
         batch_max_records: int,
         poll_timeout_s: float,
+        commit_interval_s: float = 0.0,
     ) -> None:
         self._make_engine = make_engine
         self._settings = aiokafka_settings(client_config)
@@ -255,6 +256,7 @@ class AiokafkaDriver:
         self._topics = list(topics)
         self._batch_max_records = batch_max_records
         self._poll_timeout_ms = int(poll_timeout_s * 1000)
+        self._commit_interval_s = commit_interval_s
         self._failure: BaseException | None = None
         self.batch_lock = asyncio.Lock()
         self._engine: Engine | None = None

@@ -47,6 +47,7 @@ RUN_SETTINGS = (
     "reset_policy",
     "batch_max_records",
     "poll_timeout_s",
+    "commit_interval_s",
     "stop_when_idle_s",
     "sink_retry_deadline_s",
     "broker_retry_deadline_s",
@@ -84,7 +85,15 @@ def add_run_parser(commands: Any) -> None:
         "--poll-timeout",
         dest="poll_timeout_s",
         type=float,
-        help="seconds one poll waits for records (default 0.5)",
+        help="seconds a poll waits when no record is there (default 0.5)",
+    )
+    run.add_argument(
+        "--commit-interval",
+        dest="commit_interval_s",
+        type=float,
+        metavar="SECONDS",
+        help="once a batch has a record, wait up to this long for it to fill to "
+        "--batch-max-records before it commits (default 0: commit what is there)",
     )
     run.add_argument(
         "--stop-when-idle",
@@ -173,6 +182,7 @@ def run_command(args: argparse.Namespace) -> int:
         reset_policy=settings.reset_policy,
         batch_max_records=settings.batch_max_records,
         poll_timeout_s=settings.poll_timeout_s,
+        commit_interval_s=settings.commit_interval_s,
         stop_when_idle_s=settings.stop_when_idle_s,
         sink_retry_deadline_s=settings.sink_retry_deadline_s,
         bad_records=bad_record_policy(settings),
@@ -233,4 +243,5 @@ def _aiokafka_driver(
         client_config=settings.kafka_config,
         batch_max_records=settings.batch_max_records,
         poll_timeout_s=settings.poll_timeout_s,
+        commit_interval_s=settings.commit_interval_s,
     )

@@ -78,6 +78,9 @@ class RunSettings(ConsumingSettings):
     reset_policy: Literal["earliest", "latest", "error"] = "earliest"
     batch_max_records: int = Field(default=2000, ge=1, le=1_000_000)
     poll_timeout_s: float = Field(default=0.5, gt=0)
+    # How long a batch waits to fill up to batch_max_records once it has a record (0: take
+    # what is there; README "Commit cadence").
+    commit_interval_s: float = Field(default=0.0, ge=0, le=3600)
     stop_when_idle_s: float | None = Field(default=None, gt=0)
     broker_retry_deadline_s: float = Field(default=300.0, ge=0)
     # The Kafka client: librdkafka (confluent, fastest) or aiokafka (asyncio, async processors).

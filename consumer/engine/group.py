@@ -54,7 +54,11 @@ class EngineSettings:
     topics: tuple[str, ...]
     reset_policy: ResetPolicy = "earliest"
     batch_max_records: int = 2000
+    # A poll takes what the client holds; only when it holds nothing does it wait this long.
     poll_timeout_s: float = 0.5
+    # Once a batch has a record, how long it may wait to fill up to batch_max_records (0: it
+    # commits what there is; a longer interval means fewer, larger commits).
+    commit_interval_s: float = 0.0
     # Exit once no record arrived for this long and every partition is caught up (None: never).
     stop_when_idle_s: float | None = None
     # How long sink failures are retried (capped exponential backoff) before giving up.
