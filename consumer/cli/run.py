@@ -78,23 +78,7 @@ def add_run_parser(commands: Any) -> None:
         choices=["earliest", "latest", "error"],
         help="where to start a partition with no stored checkpoint (default earliest)",
     )
-    run.add_argument(
-        "--batch-max-records", type=int, help="records per batch, at most (default 2000)"
-    )
-    run.add_argument(
-        "--poll-timeout",
-        dest="poll_timeout_s",
-        type=float,
-        help="seconds a poll waits when no record is there (default 0.5)",
-    )
-    run.add_argument(
-        "--commit-interval",
-        dest="commit_interval_s",
-        type=float,
-        metavar="SECONDS",
-        help="once a batch has a record, wait up to this long for it to fill to "
-        "--batch-max-records before it commits (default 0: commit what is there)",
-    )
+    _add_batch_arguments(run)
     run.add_argument(
         "--stop-when-idle",
         dest="stop_when_idle_s",
@@ -125,6 +109,27 @@ def add_run_parser(commands: Any) -> None:
     add_bad_record_arguments(run)
     _add_operations_arguments(run)
     run.set_defaults(handler=run_command)
+
+
+def _add_batch_arguments(run: argparse.ArgumentParser) -> None:
+    batches = run.add_argument_group("batches and commits (README: Commit cadence)")
+    batches.add_argument(
+        "--batch-max-records", type=int, help="records per batch, at most (default 2000)"
+    )
+    batches.add_argument(
+        "--poll-timeout",
+        dest="poll_timeout_s",
+        type=float,
+        help="seconds a poll waits when no record is there (default 0.5)",
+    )
+    batches.add_argument(
+        "--commit-interval",
+        dest="commit_interval_s",
+        type=float,
+        metavar="SECONDS",
+        help="once a batch has a record, wait up to this long for it to fill to "
+        "--batch-max-records before it commits (default 0: commit what is there)",
+    )
 
 
 def _add_operations_arguments(run: argparse.ArgumentParser) -> None:
