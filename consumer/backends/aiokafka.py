@@ -156,7 +156,9 @@ class AiokafkaBridge:
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None:
         raise KafkaError("the aiokafka driver subscribes itself")
 
-    def poll_batch(self, max_records: int, timeout_s: float) -> list[RawRecord]:
+    def poll_batch(
+        self, max_records: int, timeout_s: float, fill_s: float = 0.0
+    ) -> list[RawRecord]:
         raise KafkaError("the aiokafka driver fetches itself")
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None:
@@ -203,6 +205,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_revoked(self, revoked: set[aiokafka.TopicPartition]) -> None:
         tps = sorted(TopicPartition(tp.topic, tp.partition) for tp in revoked)
+        self._driver.moved.update(tps)
         # Waits for the in-flight batch to commit: never release a half-done partition.
         async with self._driver.batch_lock:
             if tps:
@@ -210,6 +213,7 @@ class _Listener(ConsumerRebalanceListener):  # type: ignore[misc]
 
     async def on_partitions_assigned(self, assigned: set[aiokafka.TopicPartition]) -> None:
         tps = sorted(TopicPartition(tp.topic, tp.partition) for tp in assigned)
+        self._driver.moved.update(tps)
         if not tps:
             return
         async with self._driver.batch_lock:
@@ -259,6 +263,8 @@ class AiokafkaDriver:
         self._commit_interval_s = commit_interval_s
         self._failure: BaseException | None = None
         self.batch_lock = asyncio.Lock()
+        # Partitions a rebalance moved while a batch was being gathered (see _gather).
+        self.moved: set[TopicPartition] = set()
         self._engine: Engine | None = None
         self._consumer: aiokafka.AIOKafkaConsumer | None = None
 
@@ -313,34 +319,64 @@ class AiokafkaDriver:
         self._consumer.subscribe(self._topics, listener=_Listener(self))
         try:
             while not engine.stop_requested:
-                try:
-                    fetched = await self._consumer.getmany(
-                        timeout_ms=self._poll_timeout_ms, max_records=self._batch_max_records
-                    )
-                except aiokafka.errors.OffsetOutOfRangeError as exc:
-                    # Raised only once the other partitions' records were returned.
-                    await self._reposition(exc)
+                records = await self._gather(engine.commit_in_flight)
+                if records is None:
                     continue
-                except aiokafka.errors.NoOffsetForPartitionError:
-                    # A partition just assigned, before the listener's seek took effect: with
-                    # no automatic reset aiokafka says so instead of guessing. Poll again.
-                    await asyncio.sleep(_NO_POSITION_YET_PAUSE_S)
-                    continue
-                except aiokafka.errors.KafkaError as exc:
-                    raise translate(exc, "poll failed", group=self._group) from exc
-                records = [_raw_record(message) for batch in fetched.values() for message in batch]
-                async with self.batch_lock:
+                async with self.batch_lock:  # an empty poll settles the commit in flight
                     carry_on = await asyncio.to_thread(engine.step, records)
                 if not carry_on:
                     break
+            async with self.batch_lock:
+                await asyncio.to_thread(engine.settle)
             if self._failure is not None:
                 raise self._failure
         finally:
-            # No batch is in flight here; stop() revokes through the listener, which takes
-            # the batch lock itself, then leaves the group.
+            # After a failure the batch in flight is waited for, not applied; stop() then
+            # revokes through the listener (which takes the batch lock) and leaves the group.
+            await asyncio.to_thread(engine.abandon)
             await self._consumer.stop()
             code = await asyncio.to_thread(engine.finish)
         return code
+
+    async def _gather(self, commit_in_flight: bool) -> list[RawRecord] | None:
+        """One batch: what aiokafka holds at once (waiting up to the poll timeout only when it
+        holds nothing and no commit is in flight), filled for the commit interval at most.
+        Records fetched before a rebalance that moved their partition are dropped (fetched
+        again from where the listener put it). None: poll again (after a repositioning)."""
+        consumer = self.consumer
+        wait_ms = 0 if commit_in_flight else self._poll_timeout_ms
+        records: list[RawRecord] = []
+        deadline: float | None = None
+        while len(records) < self._batch_max_records:
+            self.moved.clear()
+            try:
+                fetched = await consumer.getmany(
+                    timeout_ms=wait_ms, max_records=self._batch_max_records - len(records)
+                )
+            except aiokafka.errors.OffsetOutOfRangeError as exc:
+                # Raised only once the other partitions' records were returned.
+                await self._reposition(exc)
+                return records or None
+            except aiokafka.errors.NoOffsetForPartitionError:
+                # A partition just assigned, before the listener's seek took effect: with no
+                # automatic reset aiokafka says so instead of guessing. Poll again.
+                await asyncio.sleep(_NO_POSITION_YET_PAUSE_S)
+                return records or None
+            except aiokafka.errors.KafkaError as exc:
+                raise translate(exc, "poll failed", group=self._group) from exc
+            if self.moved and records:
+                records = [
+                    r for r in records if TopicPartition(r.topic, r.partition) not in self.moved
+                ]
+            records.extend(_raw_record(m) for batch in fetched.values() for m in batch)
+            loop_time = asyncio.get_running_loop().time()
+            if deadline is None:
+                deadline = loop_time + self._commit_interval_s
+            remaining_ms = int((deadline - loop_time) * 1000)
+            if not records or remaining_ms <= 0:
+                break
+            wait_ms = remaining_ms
+        return records
 
 
 def _out_of_range(exc: Any) -> list[TopicPartition]:

@@ -76,6 +76,8 @@ class ConfluentBackend:
             or str(config.get("group.protocol", "classic")) == "consumer"
         )
         self._listener: RebalanceListener | None = None
+        # Partitions a rebalance callback moved during the current consume() call.
+        self._moved: set[tuple[str, int]] = set()
         self._closed = False
         self._unreachable_deadline_s = unreachable_deadline_s
         self._down_since: float | None = None
@@ -140,6 +142,7 @@ class ConfluentBackend:
 
     def _on_assign(self, consumer: Any, partitions: list[confluent_kafka.TopicPartition]) -> None:
         listener = self._require_listener()
+        self._moved.update((p.topic, p.partition) for p in partitions)
         tps = [TopicPartition(p.topic, p.partition) for p in partitions]
         starts = listener.on_assigned(tps)  # also when empty: the member has joined
         positioned = [
@@ -161,6 +164,7 @@ class ConfluentBackend:
 
     def _on_revoke(self, consumer: Any, partitions: list[confluent_kafka.TopicPartition]) -> None:
         listener = self._require_listener()
+        self._moved.update((p.topic, p.partition) for p in partitions)
         tps = [TopicPartition(p.topic, p.partition) for p in partitions]
         if tps:
             listener.on_revoked(tps)
@@ -171,6 +175,7 @@ class ConfluentBackend:
 
     def _on_lost(self, consumer: Any, partitions: list[confluent_kafka.TopicPartition]) -> None:
         listener = self._require_listener()
+        self._moved.update((p.topic, p.partition) for p in partitions)
         tps = [TopicPartition(p.topic, p.partition) for p in partitions]
         if tps:
             listener.on_lost(tps)
@@ -179,11 +184,31 @@ class ConfluentBackend:
         else:
             consumer.unassign()
 
-    def poll_batch(self, max_records: int, timeout_s: float) -> list[RawRecord]:
+    def _consume(self, gathered: list[Any], count: int, timeout_s: float) -> list[Any]:
+        """One consume() call added to `gathered`; messages gathered before a rebalance
+        callback in it that moved their partition are dropped (fetched again after it)."""
+        self._moved.clear()
         try:
-            messages = self._consumer.consume(num_messages=max_records, timeout=timeout_s)
+            messages = self._consumer.consume(num_messages=count, timeout=timeout_s)
         except confluent_kafka.KafkaException as exc:
             raise translate(exc, "poll failed", group=self._group) from exc
+        if self._moved and gathered:
+            moved = self._moved
+            gathered = [m for m in gathered if (m.topic(), m.partition()) not in moved]
+        return gathered + messages if gathered else messages
+
+    def poll_batch(
+        self, max_records: int, timeout_s: float, fill_s: float = 0.0
+    ) -> list[RawRecord]:
+        # What the client holds, at once; wait only when it holds nothing. A batch then fills
+        # for fill_s at most (the commit interval).
+        messages = self._consume([], max_records, 0.0)
+        if not messages and timeout_s > 0:
+            messages = self._consume(messages, 1, timeout_s)
+            if messages and len(messages) < max_records:
+                messages = self._consume(messages, max_records - len(messages), fill_s)
+        elif messages and fill_s > 0 and len(messages) < max_records:
+            messages = self._consume(messages, max_records - len(messages), fill_s)
         if messages:
             self._down_since = None
         else:

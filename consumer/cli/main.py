@@ -33,6 +33,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # What was asked for, as given: `run --workers N` starts its workers with it.
+    args.command_line = tuple(sys.argv[1:] if argv is None else argv)
     try:
         exit_code: int = args.handler(args)
     except OffsetkeeperError as exc:

@@ -52,8 +52,14 @@ class ClientBackend(Protocol):
 
     def subscribe(self, topics: Sequence[str], listener: RebalanceListener) -> None: ...
 
-    def poll_batch(self, max_records: int, timeout_s: float) -> list[RawRecord]:
-        """Up to `max_records` records, in offset order per partition; [] after the timeout."""
+    def poll_batch(
+        self, max_records: int, timeout_s: float, fill_s: float = 0.0
+    ) -> list[RawRecord]:
+        """Up to `max_records` records, in offset order per partition. Takes what the client
+        holds at once; waits up to `timeout_s` only when it holds nothing ([] after that), and
+        once it has a record, up to `fill_s` more for the batch to fill. Records fetched
+        before a rebalance callback that moved their partition are not returned (the
+        partition is fetched again from where the listener put it)."""
         ...
 
     def pause(self, partitions: Sequence[TopicPartition]) -> None: ...

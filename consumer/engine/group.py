@@ -1,11 +1,13 @@
 """A consumer group member: positions come from group assignment, the loop runs until asked
 to stop (or idle), and the batch loop (`consumer.engine.loop`) does the rest.
 
-The driver is single-threaded and commits each batch before it polls again, so when the
-backend reports a revocation (from inside `poll_batch`) no batch is in flight: every record
-already returned is either committed, or belongs to a partition stopped on a bad record.
-Revocation therefore only has to forget the partitions; it can never leave a half-written
-batch.
+Batches are pipelined: one commits on the loop's committer thread while the driver polls and
+processes the next. Polls take what the client holds and wait only when it holds nothing (or,
+with a commit interval, until the batch fills or the interval ends); a poll that finds nothing
+while a commit is in flight settles that commit instead of waiting. Every rebalance callback
+(assigned, revoked, lost, out of range) settles the batch in flight first, so a revoked
+partition's last batch is committed (or fenced) before it is released, and no half-written
+batch is ever left behind.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ from consumer.engine.client import ClientBackend, StartPosition
 from consumer.engine.commit import CommittedBatch
 from consumer.engine.data_loss import DataLossPolicy, lost_records, skip_loss
 from consumer.engine.dead_letters import DeadLetterWriter
-from consumer.engine.loop import BatchLoop, Position
+from consumer.engine.loop import BatchLoop
 from consumer.engine.observer import EngineObserver
+from consumer.engine.positions import Position
 from consumer.engine.retry import RetryPolicy
 from consumer.engine.sink import GroupBoundSink, Sink
 from consumer.engine.state import DEFAULT_CACHE_BYTES
@@ -106,6 +109,8 @@ class Engine:
             pause=backend.pause,
             on_fenced=self._drop_fenced,
             state_cache_bytes=settings.state_cache_bytes,
+            pipelined=True,
+            on_committed=self._after_commit,
         )
         self._observer = self._loop.observer
         self._clock = clock
@@ -148,18 +153,28 @@ class Engine:
     def stop_requested(self) -> bool:
         return self._stop_requested
 
+    @property
+    def commit_in_flight(self) -> bool:
+        """A batch is being committed while the driver goes on (see the module docstring)."""
+        return self._loop.in_flight
+
     def run(self) -> int:
         """Consume until stopped (the synchronous driver); returns the process exit code."""
         self.start()
         self._backend.subscribe(self._settings.topics, self)
+        settings = self._settings
         try:
             while not self._stop_requested:
                 records = self._backend.poll_batch(
-                    self._settings.batch_max_records, self._settings.poll_timeout_s
+                    settings.batch_max_records,
+                    0.0 if self.commit_in_flight else settings.poll_timeout_s,
+                    settings.commit_interval_s,
                 )
                 if not self.step(records):
                     break
+            self.settle()
         finally:
+            self.abandon()  # after a failure: the sink is not closed under a commit
             self._backend.close()
             code = self.finish()
         return code
@@ -192,15 +207,17 @@ class Engine:
         self._started = self._idle_since = self._last_commit_at = self._clock()
 
     def step(self, records: Sequence[RawRecord]) -> bool:
-        """Process and commit one polled batch; False when the driver should stop (idle)."""
+        """Process one polled batch and hand it to be committed; False when the driver should
+        stop (idle). An empty poll while a commit is in flight settles it."""
         self._observer.polled(len(records))
         if records:
             if self._first_record_at is None:
                 self._first_record_at = self._clock()
-            committed = self._loop.step(records)
-            if committed is not None:
-                self._after_commit(committed)
-            self._idle_since = self._last_commit_at = self._clock()
+            self._loop.step(records)
+            self._idle_since = self._clock()
+            return True
+        if self.commit_in_flight:
+            self.settle()
             return True
         if self._idle_long_enough(self._idle_since):
             log.info("consumer_idle_stop", idle_s=self._settings.stop_when_idle_s)
@@ -228,8 +245,19 @@ class Engine:
         )
         return EXIT_PARTITIONS_STOPPED if stopped else EXIT_OK
 
+    def settle(self) -> None:
+        """Wait for the batch in flight and apply its outcome (drivers: before they stop)."""
+        self._loop.settle()
+
+    def abandon(self) -> None:
+        """Wait for the batch in flight without applying it, and stop the committer thread
+        (drivers: when they end, after a failure too, before the sink and client close)."""
+        self._loop.abandon()
+
     def _after_commit(self, committed: CommittedBatch) -> None:
-        """Step 6: the advisory copy of the offsets in Kafka, for standard lag tools."""
+        """Step 6, for each commit once applied: the advisory copy of the offsets in Kafka,
+        for standard lag tools."""
+        self._last_commit_at = self._clock()
         if not isinstance(self._sink, GroupBoundSink):
             self._backend.commit_advisory(committed.next_offsets)
 
@@ -269,6 +297,7 @@ class Engine:
     def on_assigned(
         self, partitions: Sequence[TopicPartition]
     ) -> Mapping[TopicPartition, StartPosition | None]:
+        self.settle()
         group = self._settings.group
         self._observer.joined()
         if not partitions:
@@ -345,6 +374,7 @@ class Engine:
     def on_out_of_range(self, partitions: Sequence[TopicPartition]) -> Mapping[TopicPartition, int]:
         """A fetch found these partitions' positions outside their logs: per the data-loss
         policy, go on from the log start (reported) or stop them (left out: paused)."""
+        self.settle()
         go_on: dict[TopicPartition, int] = {}
         for tp in partitions:
             position = self._loop.positions.get(tp)
@@ -361,7 +391,7 @@ class Engine:
         return go_on
 
     def on_revoked(self, partitions: Sequence[TopicPartition]) -> None:
-        # Nothing is in flight here (see the module docstring): forgetting them is enough.
+        self.settle()  # their last batch commits before they are released
         next_offsets = self._loop.forget(partitions)
         self._observer.partitions_revoked(partitions, lost=False)
         log.info(
@@ -371,6 +401,7 @@ class Engine:
         )
 
     def on_lost(self, partitions: Sequence[TopicPartition]) -> None:
+        self.settle()  # the epoch check fences it if another member took them already
         next_offsets = self._loop.forget(partitions)
         self._observer.partitions_revoked(partitions, lost=True)
         log.warning(

@@ -17,6 +17,14 @@ One step, for one polled batch:
     5. Advance positions and state; stop a partition whose record failed under "stop".
     6. Tell the driver (`on_committed`): the group driver copies the offsets to Kafka.
 
+Pipelined (the group driver; stateless apps): steps 3-4 of batch N run on a committer thread
+while the driver polls and processes batch N+1 from where N ends. At most one batch is in
+flight; `settle` waits for it and does step 5 (and the recovery of a fenced or refused batch)
+on the driver's thread, which drivers do before processing the next batch's commit, before
+any change of assignment and before they stop. Crash points, per-partition order and the
+guarantees are those of the in-line loop: each commit is still one sink transaction, and the
+sink is never used by two threads at once.
+
 Drivers differ only in where positions come from (`track` / `forget`) and when they stop:
 `consumer.engine.group.Engine` (a consumer group member) and
 `consumer.engine.planned.PlannedRun` (fixed offset ranges by manual assignment: replay and
@@ -28,6 +36,7 @@ from __future__ import annotations
 import functools
 import time
 from collections.abc import Callable, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -49,7 +58,6 @@ from consumer.decoding.decoders import Decoder
 from consumer.decoding.topics import TopicDecoders
 from consumer.engine.batch import (
     BadRecordPolicy,
-    DeadLetter,
     PartitionWork,
     Unwrap,
     group_by_partition,
@@ -58,12 +66,13 @@ from consumer.engine.batch import (
 from consumer.engine.commit import CommittedBatch, commit_batch
 from consumer.engine.crash import CrashInjector
 from consumer.engine.dead_letters import DeadLetterWriter
+from consumer.engine.isolation import isolate
 from consumer.engine.observer import EngineObserver, NullObserver
+from consumer.engine.positions import Position
 from consumer.engine.retry import Retrier, RetryPolicy
 from consumer.engine.sink import Sink, StateStore
 from consumer.engine.state import (
     DEFAULT_CACHE_BYTES,
-    BatchState,
     PartitionState,
     StateCache,
     open_partition_state,
@@ -74,15 +83,12 @@ log = structlog.get_logger("offsetkeeper.engine")
 
 
 @dataclass(slots=True)
-class Position:
-    """A partition the loop works on: its fencing epoch, the next offset to process (None
-    until the client reports one), where to stop (exclusive; None: never), and its state."""
+class _InFlight:
+    """The batch the committer thread is committing: its work, records and result."""
 
-    epoch: int
-    next_offset: int | None
-    end: int | None = None
-    state: PartitionState | None = None  # stateful apps: the state as of next_offset
-    stopped: RecordError | None = None
+    future: Future[CommittedBatch]
+    works: list[PartitionWork]
+    taken: dict[TopicPartition, Sequence[RawRecord]]
 
 
 class BatchLoop:
@@ -103,15 +109,12 @@ class BatchLoop:
         sleep: Callable[[float], None] = time.sleep,
         pause: Callable[[Sequence[TopicPartition]], None] = lambda _partitions: None,
         on_fenced: Callable[[FencedError], None] | None = None,
+        on_committed: Callable[[CommittedBatch], None] | None = None,
         unwrap: Unwrap | None = None,
         state_cache_bytes: int = DEFAULT_CACHE_BYTES,
+        pipelined: bool = False,
     ) -> None:
-        if app.state is not None and not isinstance(sink, StateStore):
-            raise ConfigError(
-                f"the app {app.name!r} keeps state, and the sink {sink.description} cannot "
-                "store keyed state (it does not implement consumer.StateStore)",
-                sink=sink.description,
-            )
+        _check_state_store(app, sink)
         self.app = app
         self.sink = sink
         self.group = group
@@ -125,6 +128,9 @@ class BatchLoop:
         self._sleep = sleep
         self._pause = pause
         self._on_fenced = on_fenced
+        # Step 6 (the driver's), after each commit is applied and before the next is handed
+        # to the committer thread.
+        self._on_committed = on_committed
         self._unwrap = unwrap
         self.retrier = Retrier(
             retry or RetryPolicy(), clock=clock, sleep=sleep, observer=self.observer
@@ -142,6 +148,11 @@ class BatchLoop:
         self.dead_lettered = 0
         # Awaits an async processor's result (set by an asyncio driver); None: sync only.
         self.resolve_awaitable: Callable[[Any], Any] | None = None
+        # Pipelined: a batch commits on the committer thread while the next one is processed.
+        # A stateful app commits in line: its state reads share the sink's connection.
+        self.pipelined = pipelined and app.state is None
+        self._in_flight: _InFlight | None = None
+        self._committer: ThreadPoolExecutor | None = None
 
     # -- positions: the drivers' side ----------------------------------------------------------
 
@@ -172,7 +183,7 @@ class BatchLoop:
             lambda: open_partition_state(self.sink, self.state_cache, self.group, tp, checkpoint),  # type: ignore[arg-type]
         )
 
-    def _state_schema(self) -> StateSchema:
+    def state_schema(self) -> StateSchema:
         if self.app.state is None:
             raise ConfigError("state changes for a stateless app")
         return self.app.state
@@ -180,15 +191,30 @@ class BatchLoop:
     # -- the step ------------------------------------------------------------------------------
 
     def step(self, records: Sequence[RawRecord]) -> CommittedBatch | None:
-        """Steps 1-5 of the module docstring for one polled batch; the batch committed, or
-        None when nothing in it was ours to process."""
+        """Steps 1-5 of the module docstring for one polled batch. In line: the batch
+        committed, or None when nothing in it was ours. Pipelined: the batch goes to the
+        committer thread once the one before it is settled, and that one is returned."""
+        works, taken = self._take(records)
+        if not self.pipelined:
+            return self._commit_in_line(works, taken) if works else None
+        committed = self.settle()
+        works = self._still_based(works)
+        if works:
+            self._submit(works, taken)
+        return committed
+
+    def _take(
+        self, records: Sequence[RawRecord]
+    ) -> tuple[list[PartitionWork], dict[TopicPartition, Sequence[RawRecord]]]:
+        """Steps 1-2: each tracked partition's records from its position, processed."""
         works: list[PartitionWork] = []
         taken: dict[TopicPartition, Sequence[RawRecord]] = {}
         for tp, fetched in group_by_partition(records).items():  # 1
             position = self.positions.get(tp)
-            if position is None or position.stopped is not None:
+            if position is None or position.stopped is not None or position.halting:
                 continue
-            start, end = position.next_offset, position.end
+            start = position.next_offset if position.ahead is None else position.ahead
+            end = position.end
             fresh = fetched
             if (start is not None and fetched[0].offset < start) or (
                 end is not None and fetched[-1].offset >= end
@@ -201,16 +227,121 @@ class BatchLoop:
             if fresh:
                 self.observer.records_fetched(tp, len(fresh))
                 taken[tp] = fresh
-                works.append(self._process(tp, fresh, position.state))  # 2
-        if not works:
-            return None
-        self._write_dead_letters(works)  # 3
-        try:
-            return self._commit(works)  # 4, 5
-        except RowsRefusedError as exc:
-            return self._isolate(works, taken, exc)
+                works.append(self.process(tp, fresh, position.state))  # 2
+        return works, taken
 
-    def _process(
+    def _commit_in_line(
+        self, works: list[PartitionWork], taken: Mapping[TopicPartition, Sequence[RawRecord]]
+    ) -> CommittedBatch | None:
+        self.write_dead_letters(works)  # 3
+        try:
+            return self.commit_works(works)  # 4, 5
+        except RowsRefusedError as exc:
+            return isolate(self, works, taken, exc)
+
+    # -- pipelined: one batch commits on the committer thread while the next is processed ----
+
+    @property
+    def in_flight(self) -> bool:
+        """A batch is being committed on the committer thread."""
+        return self._in_flight is not None
+
+    def _submit(
+        self, works: list[PartitionWork], taken: dict[TopicPartition, Sequence[RawRecord]]
+    ) -> None:
+        for work in works:
+            position = self.positions[work.partition]
+            position.ahead = work.next_offset
+            position.halting = work.error is not None
+        epochs = {work.partition: self.positions[work.partition].epoch for work in works}
+        if self._committer is None:
+            self._committer = ThreadPoolExecutor(1, thread_name_prefix="offsetkeeper-commit")
+        future = self._committer.submit(self._write_and_commit, works, epochs)
+        self._in_flight = _InFlight(future, works, taken)
+
+    def _write_and_commit(
+        self, works: list[PartitionWork], epochs: Mapping[TopicPartition, int]
+    ) -> CommittedBatch:
+        """On the committer thread: steps 3 and 4. The main thread touches neither the sink
+        nor the positions of these partitions until it settles the result."""
+        self.write_dead_letters(works)
+        return self.retrier.sink(
+            "commit",
+            functools.partial(
+                commit_batch,
+                self.sink,
+                group=self.group,
+                works=works,
+                epochs=epochs,
+                crash=self.crash,
+            ),
+        )
+
+    def settle(self) -> CommittedBatch | None:
+        """Wait for the batch in flight and apply its outcome (step 5): positions advance, or
+        fenced partitions go to the driver and the rest commits again, or refused rows are
+        isolated. Drivers settle before any change of assignment and before they stop."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is None:
+            return None
+        self._clear_ahead(in_flight.works)
+        try:
+            committed = in_flight.future.result()
+        except FencedError as exc:
+            if self._on_fenced is None:
+                raise
+            self._on_fenced(exc)  # the driver forgets them, or raises
+            rest = [w for w in in_flight.works if w.partition in self.positions]
+            if not rest:
+                return None
+            try:
+                return self.commit_works(rest)
+            except RowsRefusedError as refusal:
+                return isolate(self, rest, in_flight.taken, refusal)
+        except RowsRefusedError as exc:
+            return isolate(self, in_flight.works, in_flight.taken, exc)
+        self._advance(in_flight.works, committed)
+        return committed
+
+    def abandon(self) -> None:
+        """Wait for the batch in flight without applying it (the driver is failing: the sink
+        must not be used by two threads), and stop the committer thread."""
+        in_flight, self._in_flight = self._in_flight, None
+        if in_flight is not None:
+            self._clear_ahead(in_flight.works)
+            error = in_flight.future.exception()
+            if error is not None:
+                log.warning("in_flight_batch_failed", group=self.group, error=str(error))
+        if self._committer is not None:
+            self._committer.shutdown(wait=True)
+            self._committer = None
+
+    def _clear_ahead(self, works: Sequence[PartitionWork]) -> None:
+        for work in works:
+            position = self.positions.get(work.partition)
+            if position is not None:
+                position.ahead, position.halting = None, False
+
+    def _still_based(self, works: list[PartitionWork]) -> list[PartitionWork]:
+        """The works processed while the batch before them was in flight whose partitions are
+        still ours and moving, now that it settled. A settled batch commits all its records
+        (up to where the next begins) unless its partition stopped or went away."""
+        kept = []
+        for work in works:
+            position = self.positions.get(work.partition)
+            if position is None or position.stopped is not None:
+                continue
+            if position.next_offset is not None and position.next_offset > work.first_offset:
+                raise ConfigError(
+                    "a pipelined batch does not follow the batch committed before it",
+                    partition=str(work.partition),
+                    committed=position.next_offset,
+                    batch_from=work.first_offset,
+                )
+            kept.append(work)
+        return kept
+
+    def process(
         self,
         tp: TopicPartition,
         records: Sequence[RawRecord],
@@ -241,7 +372,7 @@ class BatchLoop:
             retry_on=(SchemaRegistryError, SinkError),
         )
 
-    def _write_dead_letters(self, works: Sequence[PartitionWork]) -> None:
+    def write_dead_letters(self, works: Sequence[PartitionWork]) -> None:
         letters = [letter for work in works for letter in work.dead_letters]
         if not letters:
             return
@@ -252,7 +383,7 @@ class BatchLoop:
         self.dead_lettered += len(letters)
         self.crash.at("after-dead-letters")
 
-    def _commit(self, works: list[PartitionWork]) -> CommittedBatch | None:
+    def commit_works(self, works: list[PartitionWork]) -> CommittedBatch | None:
         while True:
             epochs = {work.partition: self.positions[work.partition].epoch for work in works}
             try:
@@ -303,98 +434,8 @@ class BatchLoop:
         for work in works:
             if work.error is not None:
                 self.stop(work.partition, work.error)
-
-    # -- a batch the sink refused: find the records responsible ---------------------------------
-
-    def _isolate(
-        self,
-        works: Sequence[PartitionWork],
-        taken: Mapping[TopicPartition, Sequence[RawRecord]],
-        refusal: RowsRefusedError,
-    ) -> CommittedBatch | None:
-        """Commit each partition on its own, halving a refused part until the refused records
-        stand alone; those follow the bad-record policy, the rest commits. Each part is a
-        complete commit (rows and checkpoint), so a crash at any point loses nothing."""
-        log.warning(
-            "rows_refused_isolating",
-            group=self.group,
-            error=str(refusal),
-            partitions=[str(w.partition) for w in works],
-        )
-        before = (self.records_committed, self.rows_committed)
-        for work in works:
-            position = self.positions.get(work.partition)
-            if position is None or position.stopped is not None:
-                continue
-            lettered = frozenset(letter.record.offset for letter in work.dead_letters)
-            self._settle(work.partition, taken[work.partition], position.state, lettered, work)
-        moved = {
-            w.partition: self.positions[w.partition].next_offset
-            for w in works
-            if w.partition in self.positions
-        }
-        return CommittedBatch(
-            next_offsets={tp: offset for tp, offset in moved.items() if offset is not None},
-            records=self.records_committed - before[0],
-            rows=self.rows_committed - before[1],
-        )
-
-    def _settle(
-        self,
-        tp: TopicPartition,
-        records: Sequence[RawRecord],
-        state: PartitionState | None,
-        lettered: frozenset[int],
-        work: PartitionWork | None = None,
-    ) -> bool:
-        """Commit `records` from `state`, halving on a refusal; False once the partition
-        stopped (a record under policy "stop") or was taken away."""
-        if work is None:
-            work = self._process(tp, records, state, lettered)
-            self._write_dead_letters([work])
-        try:
-            self._commit([work])
-            self.crash.at("after-split-part")
-        except RowsRefusedError as refusal:
-            if len(records) == 1:
-                return self._refused_record(tp, records[0], state, refusal)
-            half = len(records) // 2
-            if not self._settle(tp, records[:half], state, lettered):
-                return False
-            return self._settle(tp, records[half:], self.positions[tp].state, lettered)
-        position = self.positions.get(tp)
-        return position is not None and position.stopped is None
-
-    def _refused_record(
-        self,
-        tp: TopicPartition,
-        raw: RawRecord,
-        state: PartitionState | None,
-        refusal: RowsRefusedError,
-    ) -> bool:
-        """The sink refuses this record's rows: a bad record, handled by the policy."""
-        error = RecordError(
-            f"the sink refused the record's rows: {refusal.message}",
-            topic=raw.topic,
-            partition=raw.partition,
-            offset=raw.offset,
-            field=refusal.context.get("field"),
-            table=refusal.context.get("table"),
-        )
-        error.__cause__ = refusal
-        if self.bad_records.action == "stop":
-            self.stop(tp, error)
-            return False
-        skipped = PartitionWork(tp, first_offset=raw.offset, next_offset=raw.offset + 1, records=1)
-        if state is not None:  # the refused record's effect is not kept; a blob's entries are
-            skipped.state_changes = BatchState(state, self._state_schema()).changes()
-        skipped.leader_epoch = raw.leader_epoch
-        letter = DeadLetter(record=raw, error=error, attempts=1)
-        skipped.dead_letters.append(letter)
-        self._write_dead_letters([skipped])
-        self._commit([skipped])
-        position = self.positions.get(tp)
-        return position is not None and position.stopped is None
+        if self._on_committed is not None:
+            self._on_committed(committed)
 
     def stop(self, tp: TopicPartition, error: RecordError, *, pause: bool = True) -> None:
         """Halt a tracked partition at `error.offset`: nothing more of it is processed (the
@@ -415,6 +456,15 @@ class BatchLoop:
             error_type=type(error).__name__,
             error=str(error),
             committed_up_to=self.positions[tp].next_offset,
+        )
+
+
+def _check_state_store(app: App, sink: Sink) -> None:
+    if app.state is not None and not isinstance(sink, StateStore):
+        raise ConfigError(
+            f"the app {app.name!r} keeps state, and the sink {sink.description} cannot "
+            "store keyed state (it does not implement consumer.StateStore)",
+            sink=sink.description,
         )
 
 

@@ -18,7 +18,8 @@ from consumer.core.errors import KafkaError, RecordError
 from consumer.core.records import TopicPartition
 from consumer.engine.client import PartitionReader
 from consumer.engine.data_loss import DataLossPolicy, lost_records, skip_loss
-from consumer.engine.loop import BatchLoop, Position
+from consumer.engine.loop import BatchLoop
+from consumer.engine.positions import Position
 
 log = structlog.get_logger("offsetkeeper.engine")
 

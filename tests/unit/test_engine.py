@@ -554,6 +554,7 @@ def test_a_fenced_partition_is_dropped_while_the_others_commit(
         [
             Assign([P0, P1, P2]),
             Fetch(per_partition=2),
+            Idle(),  # the first batch settles before the rival comes
             Call(newer_owner_takes_p1),
             Fetch(per_partition=2),
         ]

@@ -139,6 +139,7 @@ def test_counters_offsets_and_lag_follow_the_commits(tmp_path: Path) -> None:
         Call(o.sample_lag),  # ends known: P0 has 10 records waiting, P1 has 5
         Call(lambda: lag_seen.append(o.value("offsetkeeper_consumer_lag", **_tp(P0)))),
         Fetch(),
+        Idle(),  # an empty poll settles the batch in flight
         Call(lambda: lag_seen.append(o.value("offsetkeeper_consumer_lag", **_tp(P0)))),
     )
     o.backend.append(P0, *(event(f"a{i}", i) for i in range(10)))
@@ -509,7 +510,7 @@ def test_records_lost_to_retention_show_in_the_metrics(
     tmp_path: Path, policy: DataLossPolicy
 ) -> None:
     o = _observed(tmp_path, [], on_data_loss=policy)
-    o.backend.then(Assign([P0]), Fetch(per_partition=2))
+    o.backend.then(Assign([P0]), Fetch(per_partition=2), Idle())
     o.backend.append(P0, *(event(f"a{i}", i) for i in range(10)))
     # The consumer read 2 records; retention then deleted 2..5 before it read them, and the
     # lag sampler saw the log start move past the checkpoint before the next fetch.
