@@ -14,6 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import msgspec
+
 from consumer.core.errors import ConfigError, DecodeError
 from consumer.decoding.avro import (
     LocalAvroDecoder,
@@ -41,12 +43,24 @@ class DecodeOptions:
     max_nesting_depth: int = DEFAULT_MAX_NESTING_DEPTH
 
 
+# msgspec decodes JSON about three times faster than json.loads, and gives the same value for
+# every document it accepts (integers of any size included). Whatever it refuses (NaN and
+# Infinity, lone surrogates, a BOM, UTF-16, invalid documents) goes to json.loads, which
+# decides exactly as it always did.
+_FAST_JSON = msgspec.json.Decoder()
+_FAST_JSON_REFUSED = (msgspec.DecodeError, msgspec.ValidationError, RecursionError)
+
+
 def _decode_json(value: bytes | None) -> Any:
     if value is None:
         return None
     try:
+        return _FAST_JSON.decode(value)
+    except _FAST_JSON_REFUSED:
+        pass
+    try:
         return json.loads(value)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except ValueError as exc:  # invalid JSON or UTF-8, or an integer past 4300 digits
         raise DecodeError(f"value is not valid JSON: {exc}") from exc
     except RecursionError:  # json's parser recurses once per level of nesting
         raise DecodeError(

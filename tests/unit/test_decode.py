@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from consumer import ConfigError, DecodeError
 from consumer.decoding.decoders import DECODER_NAMES, DecodeOptions, decoder_for
@@ -85,3 +89,69 @@ def test_json_nested_past_the_recursion_limit_is_a_decode_error_naming_the_depth
     with pytest.raises(DecodeError) as refused:
         decode(b"[" * 100_000 + b"]" * 100_000)
     assert refused.value.field == "nesting depth"
+
+
+_DIRTY_JSON = [
+    b'{"a":1,"a":2}',
+    b"123456789012345678901234567890",
+    b"-9223372036854775809",
+    b"18446744073709551616",
+    b"1e400",
+    b"-1e400",
+    b"1e-400",
+    b"NaN",
+    b"Infinity",
+    b'"\\ud800"',
+    b'"\\udc00\\ud800"',
+    b'"\xed\xa0\x80"',
+    b"\xef\xbb\xbf{}",
+    b'"a\x01b"',
+    b'"\xff"',
+    b"-0",
+    b"-0.0",
+    b'{"k":' + b"9" * 5000 + b"}",
+    b'"\\u0000 nul"',
+    b"[1,]",
+    b"{}garbage",
+    '{"é": "ü\U0001f600"}'.encode(),
+    '{"é": 1}'.encode("utf-16"),
+]
+
+
+@pytest.mark.parametrize("document", _DIRTY_JSON, ids=lambda d: repr(d[:24]))
+def test_the_fast_json_path_decodes_exactly_what_json_loads_does(document: bytes) -> None:
+    """msgspec decodes what it accepts, json.loads the rest: the value (or the refusal) is the
+    one json.loads gives, integers of any size and lone surrogates included."""
+    decode = decoder_for("json")
+    try:
+        expected = json.loads(document)
+    except (ValueError, RecursionError):
+        with pytest.raises(DecodeError):
+            decode(document)
+        return
+    got = decode(document)
+    assert repr(got) == repr(expected)
+    assert type(got) is type(expected)
+
+
+@given(
+    st.recursive(
+        st.none()
+        | st.booleans()
+        | st.integers(min_value=-(10**30), max_value=10**30)
+        | st.floats(allow_nan=False, allow_infinity=False)
+        | st.text(),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+        max_leaves=20,
+    )
+)
+def test_any_json_document_decodes_to_the_value_json_loads_gives(value: Any) -> None:
+    for document in (
+        json.dumps(value).encode(),
+        json.dumps(value, ensure_ascii=False).encode("utf-8", "surrogatepass"),
+    ):
+        try:
+            expected = json.loads(document)
+        except ValueError:
+            continue  # a lone surrogate written raw is not UTF-8: both refuse it
+        assert repr(decoder_for("json")(document)) == repr(expected)
