@@ -311,20 +311,22 @@ def _watermarks(consumer: Any, partition: TopicPartition, timeout_s: float) -> t
     return int(low), int(high)
 
 
+_NO_TIMESTAMP = confluent_kafka.TIMESTAMP_NOT_AVAILABLE
+
+
 def _raw_record(message: Any) -> RawRecord:
+    # Positional, straight from the message: this runs once per record fetched.
     timestamp_type, timestamp = message.timestamp()
-    headers = message.headers() or ()
+    headers = message.headers()
     return RawRecord(
-        topic=message.topic(),
-        partition=message.partition(),
-        offset=message.offset(),
-        timestamp_ms=None
-        if timestamp_type == confluent_kafka.TIMESTAMP_NOT_AVAILABLE
-        else timestamp,
-        key=message.key(),
-        value=message.value(),
-        headers=tuple(headers),
-        leader_epoch=message.leader_epoch(),
+        message.topic(),
+        message.partition(),
+        message.offset(),
+        None if timestamp_type == _NO_TIMESTAMP else timestamp,
+        message.key(),
+        message.value(),
+        () if headers is None else tuple(headers),
+        message.leader_epoch(),
     )
 
 

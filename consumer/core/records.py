@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 
 @dataclass(frozen=True, slots=True, order=True)
@@ -16,9 +16,9 @@ class TopicPartition:
         return f"{self.topic}[{self.partition}]"
 
 
-@dataclass(frozen=True, slots=True)
-class RawRecord:
-    """A record as fetched from Kafka, before decoding."""
+class RawRecord(NamedTuple):
+    """A record as fetched from Kafka, before decoding. Immutable; a named tuple because one is
+    built per record fetched (several times faster to build than a frozen dataclass)."""
 
     topic: str
     partition: int
@@ -34,9 +34,9 @@ class RawRecord:
         return TopicPartition(self.topic, self.partition)
 
 
-@dataclass(frozen=True, slots=True)
-class Record:
-    """A decoded record, as a processor sees it. `value` is whatever the app's decoder returns."""
+class Record(NamedTuple):
+    """A decoded record, as a processor sees it. `value` is whatever the app's decoder returns.
+    Immutable (a named tuple: fields by name, `_replace` for a changed copy)."""
 
     topic: str
     partition: int

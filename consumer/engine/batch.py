@@ -251,14 +251,15 @@ def _await(awaitable: Any, resolve: Callable[[Any], Any] | None) -> Any:
 
 
 def _decoded(decode: Decoder, raw: RawRecord) -> Record:
+    # Positional: keywords make building a record measurably slower at 100k records/s.
     return Record(
-        topic=raw.topic,
-        partition=raw.partition,
-        offset=raw.offset,
-        timestamp_ms=raw.timestamp_ms,
-        key=raw.key,
-        value=decode(raw.value),
-        headers=raw.headers,
+        raw.topic,
+        raw.partition,
+        raw.offset,
+        raw.timestamp_ms,
+        raw.key,
+        decode(raw.value),
+        raw.headers,
     )
 
 
