@@ -212,6 +212,11 @@ class App:
         self.processor = fn
         return fn
 
+    @property
+    def tables_by_name(self) -> Mapping[str, Table]:
+        """The app's tables by name (a row names its table)."""
+        return self._tables_by_name
+
     def table(self, name: str) -> Table:
         try:
             return self._tables_by_name[name]

@@ -284,45 +284,49 @@ def _keyed_rows(
 ) -> list[KeyedRow]:
     if produced is None:
         return []
+    if type(produced) is Row:  # the common case: one row, no list to build
+        return [_keyed_row(app, produced, raw, 0, checker)]
     rows = [produced] if isinstance(produced, Row) else list(produced)
-    keyed: list[KeyedRow] = []
-    for index, row in enumerate(rows):
+    return [_keyed_row(app, row, raw, index, checker) for index, row in enumerate(rows)]
+
+
+def _keyed_row(
+    app: App, row: Row, raw: RawRecord, index: int, checker: RowChecker | None
+) -> KeyedRow:
+    table = app.tables_by_name.get(row.table)
+    if table is None:  # the processor's bug, shown on the record that hit it
+        raise InvalidRecordError("row for an undeclared table", app=app.name, table=row.table)
+    values = row.values
+    if table.mode == "append":
+        values = {
+            **values,
+            "source_topic": raw.topic,
+            "source_partition": raw.partition,
+            "source_offset": raw.offset,
+            "source_row": index,
+        }
+    columns = table.columns.keys()
+    if not values.keys() <= columns:
+        raise InvalidRecordError(
+            "row has columns the table does not declare",
+            table=table.name,
+            field=sorted(values.keys() - columns)[0],
+        )
+    try:
+        key = tuple([values[column] for column in table.key])
+    except KeyError as exc:
+        raise InvalidRecordError(
+            "row lacks a key column", table=table.name, field=str(exc.args[0])
+        ) from None
+    if checker is not None:
+        checker.check(table, values)
         try:
-            table = app.table(row.table)
-        except ConfigError as exc:  # the processor's bug, shown on the record that hit it
-            raise InvalidRecordError(exc.message, **exc.context) from None
-        values = row.values
-        if table.mode == "append":
-            values = {
-                **values,
-                "source_topic": raw.topic,
-                "source_partition": raw.partition,
-                "source_offset": raw.offset,
-                "source_row": index,
-            }
-        unknown = values.keys() - table.columns.keys()
-        if unknown:
+            hash(key)
+        except TypeError:  # a json key column given a dict or a list
             raise InvalidRecordError(
-                "row has columns the table does not declare",
-                table=table.name,
-                field=sorted(unknown)[0],
-            )
-        try:
-            key = tuple(values[column] for column in table.key)
-        except KeyError as exc:
-            raise InvalidRecordError(
-                "row lacks a key column", table=table.name, field=str(exc.args[0])
+                "a key column's value cannot be a key (not hashable)", table=table.name
             ) from None
-        if checker is not None:
-            checker.check(table, values)
-            try:
-                hash(key)
-            except TypeError:  # a json key column given a dict or a list
-                raise InvalidRecordError(
-                    "a key column's value cannot be a key (not hashable)", table=table.name
-                ) from None
-        keyed.append((table, key, values))
-    return keyed
+    return (table, key, values)
 
 
 def merge_rows(works: Iterable[PartitionWork]) -> dict[str, tuple[Table, list[Mapping[str, Any]]]]:

@@ -75,6 +75,8 @@ def _child(records: int) -> None:
     began = time.process_time()
     for polled in batches:
         engine.step(polled)
+    getattr(engine, "settle", lambda: None)()  # pipelined engines: the batch in flight
+    getattr(engine, "abandon", lambda: None)()
     spent = time.process_time() - began
     if engine.records_committed != records:
         raise SystemExit(f"committed {engine.records_committed} of {records} records")
