@@ -52,6 +52,8 @@ OK_CLI = str(REPO / ".venv" / "bin" / "offsetkeeper")
 PG_KINDS = ("postgresql", "split", "kafka-offsets")
 # --quick follows the stream with these only (each latency run costs a group join and a stream)
 QUICK_LATENCY = frozenset({"limit", "ok-postgresql", "handwritten", "peer-quixstreams"})
+# The commit intervals (--commit-interval) the cadence phase follows the stream with.
+CADENCE_INTERVALS_S = (0.0, 0.1, 0.5, 1.0)
 
 
 @dataclass(frozen=True)
@@ -380,56 +382,81 @@ def throughput(ctx: Context, contenders: list[Contender]) -> dict[str, Any]:
 
 
 def latency(ctx: Context, contenders: list[Contender]) -> dict[str, Any]:
-    s = ctx.settings
-    total = s.latency_rate * s.latency_seconds
     results: dict[str, Any] = {}
     for contender in contenders:
-        topic = f"lat-{contender.name}"
-        group = f"okbench-lat-{contender.name}"
-        run_dir = ctx.work / "latency" / contender.name
-        run_dir.mkdir(parents=True)
-        produce.create_topic(ctx.bootstrap, topic)
-        if contender.uses_pg:
-            reset_pg(ctx.dsn)
-        sqlite_path = run_dir / "sink.db" if contender.sink == "sqlite" else None
-        argv, env = command(
-            ctx,
-            contender,
-            encoding="json",
-            topic=topic,
-            group=group,
-            result=run_dir / "result.json",
-            records=total,
-            sqlite_path=sqlite_path,
-            latency=True,
-        )
-        process = ctx.children.start(argv, run_dir / "log.txt", env)
-        try:
-            produce.wait_group_ready(ctx.bootstrap, group, timeout_s=90)
-            time.sleep(1.0)
-            producer = produce.RateProducer(ctx.bootstrap, topic, "json", s.latency_rate, total)
-            producer.start()
-            producer.join()
-            code = process.wait(timeout=120)
-        except (TimeoutError, subprocess.TimeoutExpired) as exc:
-            ctx.children.kill(process)
-            results[contender.name] = {"error": str(exc)}
-            log_line(f"  latency {contender.name}: {exc}")
-            continue
-        try:
-            result = json.loads((run_dir / "result.json").read_text())
-        except (OSError, ValueError):
-            result = {}
-        samples = sorted(result.get("latencies_ms") or [])
-        results[contender.name] = {
-            "exit_code": code,
-            "rate_per_s": s.latency_rate,
-            "records_sent": total,
-            "records_measured": len(samples),
-            **report.percentiles(samples),
-        }
+        results[contender.name] = _latency_run(ctx, contender, contender.name)
         log_line(f"  latency {contender.name:28} " + report.latency_text(results[contender.name]))
     return results
+
+
+def cadence(ctx: Context, contenders: list[Contender]) -> dict[str, Any]:
+    """offsetkeeper -> PostgreSQL following the same stream with each commit interval: how
+    latency and the number of commits trade against each other."""
+    pg = next((c for c in contenders if c.name == "ok-postgresql"), None)
+    results: dict[str, Any] = {}
+    if pg is None:
+        return results
+    for interval in CADENCE_INTERVALS_S:
+        name = f"interval-{interval:g}s"
+        extra = ("--commit-interval", str(interval))
+        results[name] = {"commit_interval_s": interval, **_latency_run(ctx, pg, name, extra)}
+        log_line(f"  cadence {name:28} " + report.cadence_text(results[name]))
+    return results
+
+
+def _latency_run(
+    ctx: Context, contender: Contender, name: str, extra: tuple[str, ...] = ()
+) -> dict[str, Any]:
+    """One contender following a fresh topic fed at the latency rate."""
+    s = ctx.settings
+    total = s.latency_rate * s.latency_seconds
+    topic = f"lat-{name}"
+    group = f"okbench-lat-{name}"
+    run_dir = ctx.work / "latency" / name
+    run_dir.mkdir(parents=True)
+    produce.create_topic(ctx.bootstrap, topic)
+    if contender.uses_pg:
+        reset_pg(ctx.dsn)
+    sqlite_path = run_dir / "sink.db" if contender.sink == "sqlite" else None
+    argv, env = command(
+        ctx,
+        contender,
+        encoding="json",
+        topic=topic,
+        group=group,
+        result=run_dir / "result.json",
+        records=total,
+        sqlite_path=sqlite_path,
+        latency=True,
+        extra=extra,
+    )
+    process = ctx.children.start(argv, run_dir / "log.txt", env)
+    try:
+        produce.wait_group_ready(ctx.bootstrap, group, timeout_s=90)
+        time.sleep(1.0)
+        producer = produce.RateProducer(ctx.bootstrap, topic, "json", s.latency_rate, total)
+        producer.start()
+        producer.join()
+        code = process.wait(timeout=120)
+    except (TimeoutError, subprocess.TimeoutExpired) as exc:
+        ctx.children.kill(process)
+        log_line(f"  latency {name}: {exc}")
+        return {"error": str(exc)}
+    try:
+        result = json.loads((run_dir / "result.json").read_text())
+    except (OSError, ValueError):
+        result = {}
+    samples = sorted(result.get("latencies_ms") or [])
+    batches = result.get("batches") or 0
+    return {
+        "exit_code": code,
+        "rate_per_s": s.latency_rate,
+        "records_sent": total,
+        "records_measured": len(samples),
+        "batches": batches,
+        "records_per_batch": round(result.get("records", 0) / batches, 1) if batches else None,
+        **report.percentiles(samples),
+    }
 
 
 # -- phase: recovery -----------------------------------------------------------------------------
@@ -721,7 +748,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--only", help="comma-separated contender names")
     parser.add_argument("--encodings", help="json,avro (default both)")
     parser.add_argument("--keep-work", action="store_true", help="keep every run's log")
-    parser.add_argument("--skip", default="", help="comma-separated phases: latency,recovery")
+    parser.add_argument(
+        "--skip", default="", help="comma-separated phases: latency,cadence,recovery"
+    )
     return parser.parse_args(argv)
 
 
@@ -751,6 +780,7 @@ def phases(ctx: Context, skip: set[str]) -> dict[str, Any]:
         "aiokafka": with_aiokafka,
         "runs": throughput(ctx, contenders),
         "latency": {},
+        "cadence": {},
         "recovery": {},
         "profiles": {},
     }
@@ -758,6 +788,9 @@ def phases(ctx: Context, skip: set[str]) -> dict[str, Any]:
         log_line(f"phase: latency ({s.latency_rate}/s for {s.latency_seconds}s, JSON)")
         wanted = QUICK_LATENCY if s.quick else {c.name for c in contenders if c.kind != "ok-cli"}
         found["latency"] = latency(ctx, [c for c in contenders if c.name in wanted])
+    if "cadence" not in skip and not s.quick:
+        log_line(f"phase: commit cadence ({s.latency_rate}/s, offsetkeeper -> PostgreSQL)")
+        found["cadence"] = cadence(ctx, contenders)
     if "recovery" not in skip:
         log_line("phase: recovery after kill -9 (offsetkeeper -> PostgreSQL)")
         found["recovery"] = recovery(ctx)
@@ -797,6 +830,7 @@ def main(argv: list[str] | None = None) -> int:
         contenders=found["contenders"],
         runs=found["runs"],
         latency=found["latency"],
+        cadence=found["cadence"],
         recovery=found["recovery"],
         profiles=found["profiles"],
         machine=found["machine"],

@@ -130,6 +130,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--result", required=True)
     parser.add_argument("--batch-max-records", type=int, default=2000)
     parser.add_argument("--poll-timeout", type=float, default=0.5)
+    parser.add_argument("--commit-interval", type=float, default=0.0)
     parser.add_argument("--stop-when-idle", type=float, default=2.0)
     parser.add_argument(
         "--stop-after-records",
@@ -158,6 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             topics=(args.topic,),
             batch_max_records=args.batch_max_records,
             poll_timeout_s=args.poll_timeout,
+            commit_interval_s=args.commit_interval,
             stop_when_idle_s=None if args.stop_after_records else args.stop_when_idle,
             state_cache_bytes=cache_bytes,
         ),
