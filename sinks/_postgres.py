@@ -8,7 +8,6 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.conninfo import make_conninfo
-from psycopg.types.json import Jsonb
 
 from consumer import (
     CURRENT_FORMAT_VERSION,
@@ -23,7 +22,7 @@ from consumer import (
     mask_url,
 )
 from sinks._postgres_refusals import constraint_column, refusal
-from sinks._postgres_staging import StagingTables, check_staging_names
+from sinks._postgres_staging import StagingTables, check_staging_names, copy_rows
 from sinks._sql import (
     CHECKPOINT_V2_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,
@@ -302,22 +301,14 @@ class PostgresSink(SqlStateMethods, SqlSink):
     ) -> None:
         if not rows:
             return
-        columns = list(table.columns)
-        json_columns = {c for c, t in table.columns.items() if t == "json"}
-        column_list = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+        column_list = sql.SQL(", ").join(sql.Identifier(c) for c in table.columns)
         written = Written(table, rows)
         with (
             self._mapped("cannot write rows", written=written, table=table.name),
             self._db.cursor() as cursor,
         ):
             staging = self._staging.staging_for(cursor, table)
-            with cursor.copy(
-                sql.SQL("COPY {} ({}) FROM STDIN").format(staging, column_list)
-            ) as copy:
-                for row in rows:
-                    copy.write_row(
-                        [Jsonb(row.get(c)) if c in json_columns else row.get(c) for c in columns]
-                    )
+            copy_rows(cursor, staging, table, rows, self._staging.binary_types(cursor, table))
             cursor.execute(
                 sql.SQL(
                     "INSERT INTO {target} ({columns}) SELECT {columns} FROM {staging}"

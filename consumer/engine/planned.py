@@ -17,6 +17,7 @@ from consumer.checkpoints.model import Checkpoint
 from consumer.core.errors import KafkaError, RecordError
 from consumer.core.records import TopicPartition
 from consumer.engine.client import PartitionReader
+from consumer.engine.commit import CommittedBatch
 from consumer.engine.data_loss import DataLossPolicy, lost_records, skip_loss
 from consumer.engine.loop import BatchLoop
 from consumer.engine.positions import Position
@@ -93,7 +94,11 @@ class PlannedRun:
         self._assign()
         self.on_started(sum(self.ranges[tp][1] - self._next(tp) for tp in self._remaining))
         records, rows = loop.records_committed, loop.rows_committed
-        self._consume()
+        try:
+            self._consume()
+            self._report(loop.settle())  # the batch in flight (pipelined loops)
+        finally:
+            loop.abandon()  # after a failure: wait for it, so the sink closes after it
         return PlannedSummary(
             records=loop.records_committed - records,
             rows=loop.rows_committed - rows,
@@ -108,21 +113,33 @@ class PlannedRun:
         idle_polls = 0
         progressed_at = loop.clock()
         while self._remaining and not self.should_stop():
-            polled = self.reader.poll_batch(self.batch_max_records, self.poll_timeout_s)
-            committed = loop.step(polled) if polled else None
-            if committed is not None:
+            # A commit in flight: take what is there, else settle it rather than wait.
+            in_flight = loop.in_flight
+            timeout = 0.0 if in_flight else self.poll_timeout_s
+            polled = self.reader.poll_batch(self.batch_max_records, timeout)
+            committed: CommittedBatch | None = None
+            if polled:
+                committed = loop.step(polled)
+            elif in_flight:
+                committed = loop.settle()
+            if committed is not None or (polled and loop.in_flight):
                 idle_polls = 0
                 progressed_at = loop.clock()
-                self.on_committed(committed.records)
+                self._report(committed)
             else:
                 idle_polls += 1
                 self._check_stall(progressed_at)
             lost = [tp for tp in self.reader.out_of_range() if tp in self._remaining]
             if lost:
+                self._report(loop.settle())  # positions are final before they are compared
                 for tp in lost:
                     self._check_log(tp)
                 self._assign()
             self._retire_finished(check_positions=idle_polls >= _IDLE_POLLS_BEFORE_POSITION_CHECK)
+
+    def _report(self, committed: CommittedBatch | None) -> None:
+        if committed is not None:
+            self.on_committed(committed.records)
 
     def _check_log(self, tp: TopicPartition) -> None:
         """Compare the partition's position with its log; records gone from it follow the

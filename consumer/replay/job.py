@@ -104,6 +104,7 @@ def run_replay(
         pause=reader.pause,
         on_fenced=functools.partial(_another_run_took_over, plan.job_id),
         state_cache_bytes=options.state_cache_bytes,
+        pipelined=True,
     )
     loop.resolve_awaitable = options.resolve_awaitable
     ranges = {TopicPartition(plan.topic, r.partition): (r.start, r.end) for r in plan.ranges}
