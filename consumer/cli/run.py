@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import signal
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
@@ -24,7 +26,9 @@ from consumer.cli.common import (
     decode_settings,
 )
 from consumer.cli.sinks import open_sink
+from consumer.cli.workers import supervise
 from consumer.core.app import load_app
+from consumer.core.errors import ConfigError
 from consumer.core.settings import RunSettings, load_settings
 from consumer.decoding.topics import TopicDecoders
 from consumer.engine.client import ClientBackend
@@ -32,6 +36,7 @@ from consumer.engine.group import Engine, EngineSettings
 from consumer.runtime.logs import configure_logging
 from consumer.runtime.operations import start_operations
 from consumer.runtime.shutdown import GracefulShutdown
+from consumer.runtime.supervisor import WORKER_ENV, watch_supervisor
 
 if TYPE_CHECKING:
     from consumer.backends.aiokafka import AiokafkaDriver
@@ -58,6 +63,7 @@ RUN_SETTINGS = (
     "lag_interval_s",
     "readiness_timeout_s",
     "liveness_timeout_s",
+    "workers",
     *BAD_RECORD_SETTINGS,
     *DECODING_SETTINGS,
 )
@@ -140,7 +146,7 @@ def _add_operations_arguments(run: argparse.ArgumentParser) -> None:
         metavar="PORT",
         help="serve /metrics, /healthz and /readyz on this port (0: any free port; default off)",
     )
-    ops.add_argument("--metrics-host", metavar="ADDRESS", help="bind address (default 0.0.0.0)")
+    ops.add_argument("--metrics-host", metavar="ADDRESS", help="bind address (default 127.0.0.1)")
     ops.add_argument(
         "--shutdown-deadline",
         dest="shutdown_deadline_s",
@@ -170,6 +176,14 @@ def _add_operations_arguments(run: argparse.ArgumentParser) -> None:
         metavar="SECONDS",
         help="not alive once the partition loop has not run this long (default 120)",
     )
+    ops.add_argument(
+        "--workers",
+        type=int,
+        metavar="N",
+        help="run N members of the group as child processes of one supervisor, which restarts "
+        "them, forwards SIGTERM and serves one endpoint for all (default 1: this process is "
+        "the member)",
+    )
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -177,7 +191,21 @@ def run_command(args: argparse.Namespace) -> int:
     shutdown = GracefulShutdown()
     settings = load_settings(RunSettings, cli_values(args, RUN_SETTINGS), args.config)
     shutdown.deadline_s = settings.shutdown_deadline_s
-    configure_logging(settings.log_level, settings.log_format)
+    worker = os.environ.get(WORKER_ENV)
+    context = None if worker is None else {"worker": int(worker) if worker.isdigit() else worker}
+    configure_logging(settings.log_level, settings.log_format, context=context)
+    if settings.workers > 1:
+        command_line = getattr(args, "command_line", None)
+        if command_line is None:
+            raise ConfigError("--workers needs the command line (run it through main())")
+        return supervise(settings, command_line, shutdown)
+    # A worker of a supervisor that died without stopping it stops as on SIGTERM.
+    watch_supervisor(lambda: os.kill(os.getpid(), signal.SIGTERM))
+    return _consume(settings, shutdown)
+
+
+def _consume(settings: RunSettings, shutdown: GracefulShutdown) -> int:
+    """Run this process as one member of the group until it stops; the exit code."""
     app = load_app(settings.app)
     sink = open_sink(settings.sink.get_secret_value())
     operations = start_operations(settings)

@@ -95,6 +95,9 @@ class RunSettings(ConsumingSettings):
     lag_interval_s: float = Field(default=10.0, gt=0)
     readiness_timeout_s: float = Field(default=30.0, gt=0)
     liveness_timeout_s: float = Field(default=120.0, gt=0)
+    # Members of the group this command runs (README "Deploying"): above 1, as child processes
+    # of a supervisor that restarts them, forwards signals and serves one endpoint for all.
+    workers: int = Field(default=1, ge=1, le=256)
 
     @field_validator("topics", mode="before")
     @classmethod

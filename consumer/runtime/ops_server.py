@@ -6,6 +6,10 @@
 
 Health answers are small JSON documents that say why. The server runs on daemon threads and
 only reads state; it never calls into the engine, the sink or Kafka.
+
+`HttpEndpoint` is the server itself, answering GET and HEAD from one function; `OpsServer`
+answers from a process's own registry and health, and the supervisor of `run --workers N`
+answers from its workers' endpoints (`consumer.runtime.worker_endpoint`).
 """
 
 from __future__ import annotations
@@ -13,6 +17,7 @@ from __future__ import annotations
 import json
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
@@ -28,14 +33,41 @@ log = structlog.get_logger("offsetkeeper.ops")
 ENDPOINTS = ("/metrics", "/healthz", "/readyz")
 
 
-class OpsServer:
-    """Serves `ENDPOINTS` on `host:port` (port 0: any free port; see `port` once started)."""
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """One HTTP answer: status, content type and body."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
+    status: int
+    content_type: str
+    body: bytes
+
+    @classmethod
+    def of_json(cls, status: int, document: Any) -> Answer:
+        return cls(
+            status, "application/json", json.dumps(document, sort_keys=True).encode() + b"\n"
+        )
+
+    @classmethod
+    def of_verdict(cls, verdict: Verdict) -> Answer:
+        return cls.of_json(200 if verdict.ok else 503, verdict.body)
+
+
+# (path without the query string, the request's Accept header) -> the answer.
+Responder = Callable[[str, str], Answer]
+
+
+def not_found() -> Answer:
+    return Answer.of_json(404, {"error": "not found", "paths": list(ENDPOINTS)})
+
+
+class HttpEndpoint:
+    """Serves GET and HEAD on `host:port` (port 0: any free port; see `port` once started),
+    each answered by `respond`, on daemon threads."""
+
+    def __init__(self, host: str, port: int, respond: Responder) -> None:
         self._host = host
         self._requested_port = port
-        self._registry = registry
-        self._health = health
+        self._respond = respond
         self._server: ThreadingHTTPServer | None = None
         self._thread: threading.Thread | None = None
 
@@ -53,7 +85,7 @@ class OpsServer:
         return int(self._server.server_address[1])
 
     def start(self) -> None:
-        handler = _handler_class(self._registry, self._health)
+        handler = _handler_class(self._respond)
         try:
             self._server = ThreadingHTTPServer((self._host, self._requested_port), handler)
         except OSError as exc:
@@ -82,12 +114,27 @@ class OpsServer:
             self._thread.join(5)
 
 
-def _handler_class(registry: CollectorRegistry, health: Health) -> type[BaseHTTPRequestHandler]:
-    checks: dict[str, Callable[[], Verdict]] = {
-        "/healthz": health.liveness,
-        "/readyz": health.readiness,
-    }
+class OpsServer(HttpEndpoint):
+    """Serves `ENDPOINTS` from this process's metrics registry and health."""
 
+    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
+        checks: dict[str, Callable[[], Verdict]] = {
+            "/healthz": health.liveness,
+            "/readyz": health.readiness,
+        }
+
+        def respond(path: str, accept: str) -> Answer:
+            if path == "/metrics":
+                encoder, content_type = choose_encoder(accept)
+                return Answer(200, content_type, encoder(registry))
+            if path in checks:
+                return Answer.of_verdict(checks[path]())
+            return not_found()
+
+        super().__init__(host, port, respond)
+
+
+def _handler_class(respond: Responder) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         server_version = "offsetkeeper"
 
@@ -99,26 +146,14 @@ def _handler_class(registry: CollectorRegistry, health: Health) -> type[BaseHTTP
 
         def _answer(self, *, with_body: bool) -> None:
             path = self.path.split("?", 1)[0]
-            if path == "/metrics":
-                encoder, content_type = choose_encoder(self.headers.get("Accept", ""))
-                self._send(200, content_type, encoder(registry), with_body=with_body)
-            elif path in checks:
-                verdict = checks[path]()
-                body = json.dumps(verdict.body, sort_keys=True).encode() + b"\n"
-                status = 200 if verdict.ok else 503
-                self._send(status, "application/json", body, with_body=with_body)
-            else:
-                body = json.dumps({"error": "not found", "paths": list(ENDPOINTS)}).encode()
-                self._send(404, "application/json", body + b"\n", with_body=with_body)
-
-        def _send(self, status: int, content_type: str, body: bytes, *, with_body: bool) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
+            answer = respond(path, self.headers.get("Accept", ""))
+            self.send_response(answer.status)
+            self.send_header("Content-Type", answer.content_type)
+            self.send_header("Content-Length", str(len(answer.body)))
             self.send_header("Cache-Control", "no-store")
             self.end_headers()
             if with_body:
-                self.wfile.write(body)
+                self.wfile.write(answer.body)
 
         def log_message(self, format: str, *args: Any) -> None:
             pass  # probes every few seconds would drown the structured log
