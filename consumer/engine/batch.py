@@ -76,15 +76,15 @@ class PartitionWork:
 
 def group_by_partition(records: Iterable[RawRecord]) -> dict[TopicPartition, list[RawRecord]]:
     """Records per partition, keeping each partition's fetch order (which is offset order)."""
-    grouped: dict[TopicPartition, list[RawRecord]] = {}
+    # Keyed by (topic, partition) tuples first: a TopicPartition per bucket, not per record.
+    grouped: dict[tuple[str, int], list[RawRecord]] = {}
     for record in records:
-        tp = TopicPartition(record.topic, record.partition)
-        bucket = grouped.get(tp)
+        bucket = grouped.get((record.topic, record.partition))
         if bucket is None:
-            grouped[tp] = [record]
+            grouped[record.topic, record.partition] = [record]
         else:
             bucket.append(record)
-    return grouped
+    return {TopicPartition(*key): bucket for key, bucket in grouped.items()}
 
 
 # For `dlq replay --to pipeline`: the record to process in place of the fetched one, with its
@@ -119,27 +119,36 @@ def process_partition(
     )
     if unwrap is None:
         runner.prefetch(records, decode)
-    for raw in records:
+    rows, run = work.rows, runner.run
+    for index, raw in enumerate(records):
         if unwrap is None:
-            outcome: list[KeyedRow] | _GaveUp | None = runner.run(raw, decode)
+            outcome: list[KeyedRow] | _GaveUp | None = run(raw, decode)
         else:
             target = unwrap(raw)
-            outcome = None if target is None else runner.run(*target)
-        if isinstance(outcome, _GaveUp):
-            if policy.action == "stop":
+            outcome = None if target is None else run(*target)
+        if type(outcome) is list:  # the common case first
+            rows.extend(outcome)
+        elif isinstance(outcome, _GaveUp):
+            if policy.action == "stop":  # rows end before it; the checkpoint points at it
+                _processed(work, records, index)
                 work.error = outcome.error
                 work.state_changes = runner.state_changes()
                 return work
             work.dead_letters.append(
                 DeadLetter(record=outcome.record, error=outcome.error, attempts=outcome.attempts)
             )
-        elif outcome:
-            work.rows.extend(outcome)
-        work.records += 1
-        work.next_offset = raw.offset + 1
-        work.leader_epoch = raw.leader_epoch
+    _processed(work, records, len(records))
     work.state_changes = runner.state_changes()
     return work
+
+
+def _processed(work: PartitionWork, records: Sequence[RawRecord], count: int) -> None:
+    """The work covers the first `count` records (all of them handled: rows or letters)."""
+    work.records = count
+    if count:
+        last = records[count - 1]
+        work.next_offset = last.offset + 1
+        work.leader_epoch = last.leader_epoch
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +220,9 @@ class _RecordRunner:
         while True:
             attempt += 1
             try:
-                record = self._decoded.pop(raw.offset, None) or _decoded(decode, raw)
+                decoded = self._decoded  # records decoded ahead by prefetch (usually none)
+                ahead = decoded.pop(raw.offset, None) if decoded else None
+                record = ahead or _decoded(decode, raw)
                 if self._state is not None:
                     view = self._state.record_view()
                     produced = self._processor(record, view)
