@@ -47,6 +47,7 @@ from consumer.engine.crash import CrashInjector
 from consumer.engine.sink import (
     CheckpointAdmin,
     GroupBoundSink,
+    InterruptibleSink,
     JobStore,
     RowsOrigin,
     Sink,
@@ -74,6 +75,7 @@ __all__ = [
     "DecodeError",
     "FencedError",
     "GroupBoundSink",
+    "InterruptibleSink",
     "InvalidRecordError",
     "JobStore",
     "KafkaError",

@@ -234,6 +234,12 @@ class PostgresSink(SqlStateMethods, SqlSink):
             self._connection.close()
             self._connection = None
 
+    def interrupt(self) -> None:
+        """Cancel the statement running on another thread (a shutdown aborting a batch)."""
+        connection = self._connection
+        if connection is not None and not connection.closed:
+            connection.cancel_safe(timeout=5.0)
+
     # -- assignment ------------------------------------------------------------------------------
 
     def acquire(
@@ -308,7 +314,7 @@ class PostgresSink(SqlStateMethods, SqlSink):
             self._db.cursor() as cursor,
         ):
             staging = self._staging.staging_for(cursor, table)
-            copy_rows(cursor, staging, table, rows, self._staging.binary_types(cursor, table))
+            copy_rows(cursor, staging, table, rows)
             cursor.execute(
                 sql.SQL(
                     "INSERT INTO {target} ({columns}) SELECT {columns} FROM {staging}"

@@ -417,6 +417,11 @@ class SqliteSink(SqlStateMethods, SqlSink):
             self._connection.close()
             self._connection = None
 
+    def interrupt(self) -> None:
+        """Abort the statement running on another thread (a shutdown aborting a batch)."""
+        if self._connection is not None:
+            self._connection.interrupt()
+
 
 def _now_ms() -> int:
     return int(datetime.now(tz=UTC).timestamp() * 1000)

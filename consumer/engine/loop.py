@@ -70,7 +70,7 @@ from consumer.engine.isolation import isolate
 from consumer.engine.observer import EngineObserver, NullObserver
 from consumer.engine.positions import Position
 from consumer.engine.retry import Retrier, RetryPolicy
-from consumer.engine.sink import Sink, StateStore
+from consumer.engine.sink import InterruptibleSink, Sink, StateStore
 from consumer.engine.state import (
     DEFAULT_CACHE_BYTES,
     PartitionState,
@@ -305,10 +305,16 @@ class BatchLoop:
 
     def abandon(self) -> None:
         """Wait for the batch in flight without applying it (the driver is failing: the sink
-        must not be used by two threads), and stop the committer thread."""
+        must not be used by two threads), and stop the committer thread. A batch still
+        running is cut short where the sink can (`InterruptibleSink`): its transaction rolls
+        back, and it is not retried."""
         in_flight, self._in_flight = self._in_flight, None
         if in_flight is not None:
             self._clear_ahead(in_flight.works)
+            if not in_flight.future.done():  # a failure (or an abort) left it running
+                self.retrier.cancel()
+                if isinstance(self.sink, InterruptibleSink):
+                    self.sink.interrupt()
             error = in_flight.future.exception()
             if error is not None:
                 log.warning("in_flight_batch_failed", group=self.group, error=str(error))

@@ -42,6 +42,11 @@ class Retrier:
         self._clock = clock
         self._sleep = sleep
         self._observer = observer
+        self._cancelled = False
+
+    def cancel(self) -> None:
+        """Retry nothing more: the next failure is final (the loop is being abandoned)."""
+        self._cancelled = True
 
     def sink(self, what: str, action: Callable[[], T]) -> T:
         """Run a sink call, retrying `SinkError`; reported to the observer as sink health."""
@@ -73,7 +78,7 @@ class Retrier:
             except retry_on as exc:
                 if isinstance(exc, SinkError):
                     self._observer.sink_failed(what, exc)
-                if self._clock() + backoff > deadline:
+                if self._cancelled or self._clock() + backoff > deadline:
                     log.error(  # noqa: TRY400 - the caller reports the error; no traceback twice
                         f"{kind}_gave_up", action=what, attempts=attempt, error=str(exc)
                     )

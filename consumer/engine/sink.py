@@ -187,6 +187,14 @@ class JobStore(Protocol):
 
 
 @runtime_checkable
+class InterruptibleSink(Protocol):
+    """A sink whose call in progress on another thread can be made to fail soon: a shutdown
+    aborting the batch in flight on the committer thread (its transaction rolls back)."""
+
+    def interrupt(self) -> None: ...
+
+
+@runtime_checkable
 class GroupBoundSink(Protocol):
     """A sink that commits the consumed offsets to Kafka inside its own transaction, fenced by
     the consumer group's generation (KIP-447) rather than by an epoch of its own: a zombie

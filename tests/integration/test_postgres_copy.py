@@ -1,6 +1,6 @@
-"""PostgresSink's COPY against a real PostgreSQL: binary where the table's columns have exactly
-the types offsetkeeper creates, text (PostgreSQL converts) where a table made by hand has
-others. Both must store every value the engine's checks let through, exactly."""
+"""PostgresSink's COPY against a real PostgreSQL, into a table it made and into one made by hand
+with other types (PostgreSQL converts): every value the engine's checks let through is stored
+exactly, absent columns as NULL."""
 
 from __future__ import annotations
 

@@ -14,7 +14,17 @@ from typing import Any
 
 import pytest
 
-from consumer import App, Record, Row, RowsOrigin, RowsRefusedError, Table, TopicPartition
+from consumer import (
+    App,
+    ConfigError,
+    Record,
+    Row,
+    RowsOrigin,
+    RowsRefusedError,
+    SinkError,
+    Table,
+    TopicPartition,
+)
 from consumer.engine.batch import BadRecordPolicy
 from consumer.engine.group import EXIT_OK, EXIT_PARTITIONS_STOPPED, Engine, EngineSettings
 from sinks import SqliteSink
@@ -43,9 +53,15 @@ class GatedSink(SqliteSink):
         self._released = threading.Event()
         self._in_transaction: int | None = None
         self.violations: list[str] = []
+        self.interrupted = False
         self.commit_threads: set[str] = set()
 
     def release(self) -> None:
+        self._released.set()
+
+    def interrupt(self) -> None:
+        """As a database cancels the statement: the held call fails."""
+        self.interrupted = True
         self._released.set()
 
     def _check(self, call: str) -> None:
@@ -68,6 +84,8 @@ class GatedSink(SqliteSink):
             self.holding.set()
             if not self._released.wait(HOLD_LIMIT_S):
                 raise AssertionError("the held commit was never released")
+            if self.interrupted:
+                raise SinkError("canceling statement due to user request (injected)")
         self._in_transaction = threading.get_ident()
         super().begin()
 
@@ -273,3 +291,23 @@ def test_a_stop_request_commits_the_batch_in_flight(make: Callable[..., Run]) ->
 
     assert run.rows() == [(0, i) for i in range(8)], "both processed batches committed"
     assert run.checkpoints() == {0: 8}
+
+
+def test_a_failing_driver_cuts_the_batch_in_flight_short_and_it_is_not_retried(
+    make: Callable[..., Run],
+) -> None:
+    def at_record(record: Record) -> None:
+        if record.offset == 4:  # batch 2 while batch 1 is held: a failure of the setup
+            assert run.sink.holding.wait(HOLD_LIMIT_S)
+            raise ConfigError("the app's configuration broke (injected)")
+
+    run = make([Assign([P0])], at_record)
+    run.sink.hold_next = True
+    _append(run, P0, 10)
+
+    with pytest.raises(ConfigError):
+        run.engine.run()
+
+    assert run.sink.interrupted, "the batch in flight was interrupted, not waited out"
+    assert run.checkpoints() == {}
+    assert run.rows() == []
