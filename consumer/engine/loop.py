@@ -281,27 +281,29 @@ class BatchLoop:
         """Wait for the batch in flight and apply its outcome (step 5): positions advance, or
         fenced partitions go to the driver and the rest commits again, or refused rows are
         isolated. Drivers settle before any change of assignment and before they stop."""
-        in_flight, self._in_flight = self._in_flight, None
+        in_flight = self._in_flight
         if in_flight is None:
             return None
+        # Waits. An abort raised here (a second signal) leaves it in flight for `abandon`.
+        error = in_flight.future.exception()
+        self._in_flight = None
         self._clear_ahead(in_flight.works)
-        try:
+        if error is None:
             committed = in_flight.future.result()
-        except FencedError as exc:
-            if self._on_fenced is None:
-                raise
-            self._on_fenced(exc)  # the driver forgets them, or raises
-            rest = [w for w in in_flight.works if w.partition in self.positions]
-            if not rest:
-                return None
-            try:
-                return self.commit_works(rest)
-            except RowsRefusedError as refusal:
-                return isolate(self, rest, in_flight.taken, refusal)
-        except RowsRefusedError as exc:
-            return isolate(self, in_flight.works, in_flight.taken, exc)
-        self._advance(in_flight.works, committed)
-        return committed
+            self._advance(in_flight.works, committed)
+            return committed
+        if isinstance(error, RowsRefusedError):
+            return isolate(self, in_flight.works, in_flight.taken, error)
+        if not isinstance(error, FencedError) or self._on_fenced is None:
+            raise error
+        self._on_fenced(error)  # the driver forgets them, or raises
+        rest = [w for w in in_flight.works if w.partition in self.positions]
+        if not rest:
+            return None
+        try:
+            return self.commit_works(rest)
+        except RowsRefusedError as refusal:
+            return isolate(self, rest, in_flight.taken, refusal)
 
     def abandon(self) -> None:
         """Wait for the batch in flight without applying it (the driver is failing: the sink

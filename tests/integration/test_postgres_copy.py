@@ -84,10 +84,7 @@ def test_every_checked_value_is_stored_exactly(postgres: Service, made_by: str) 
                 "CREATE TABLE all_types (id VARCHAR(40) PRIMARY KEY, big NUMERIC(20, 0),"
                 " small BIGINT, ratio NUMERIC, flag BOOLEAN, blob BYTEA, doc JSON)"
             )
-    sink = _write(dsn, ROWS)
-    binary = sink._staging.binary_types(sink._db.cursor(), ALL_TYPES)
-    sink.close()
-    assert (binary is not None) == (made_by == "offsetkeeper")
+    _write(dsn, ROWS).close()
 
     stored = _stored(dsn)
     assert stored["plain"][:5] == (2**63 - 1, -(2**31), 0.1, True, b"\x00\xff")

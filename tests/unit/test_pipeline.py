@@ -6,7 +6,9 @@ commits it, and the sink is never used by two threads at once."""
 
 from __future__ import annotations
 
+import signal
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -311,3 +313,37 @@ def test_a_failing_driver_cuts_the_batch_in_flight_short_and_it_is_not_retried(
     assert run.sink.interrupted, "the batch in flight was interrupted, not waited out"
     assert run.checkpoints() == {}
     assert run.rows() == []
+
+
+class _Aborted(BaseException):
+    """What the shutdown's abort is: raised in the main thread wherever it waits."""
+
+
+def test_an_abort_while_waiting_for_the_batch_in_flight_interrupts_it(
+    make: Callable[..., Run],
+) -> None:
+    main = threading.get_ident()
+
+    def abort(_signum: int, _frame: object) -> None:
+        raise _Aborted
+
+    def at_record(record: Record) -> None:
+        if record.offset == 4:  # batch 2; the engine will wait for the held batch 1 next
+            assert run.sink.holding.wait(HOLD_LIMIT_S)
+            threading.Timer(0.3, lambda: signal.pthread_kill(main, signal.SIGUSR1)).start()
+            run.engine.request_stop()
+
+    previous = signal.signal(signal.SIGUSR1, abort)
+    try:
+        run = make([Assign([P0])], at_record)
+        run.sink.hold_next = True
+        _append(run, P0, 10)
+        began = time.monotonic()
+        with pytest.raises(_Aborted):
+            run.engine.run()
+    finally:
+        signal.signal(signal.SIGUSR1, previous)
+
+    assert time.monotonic() - began < HOLD_LIMIT_S / 2, "the abort waited the batch out"
+    assert run.sink.interrupted
+    assert run.checkpoints() == {}
