@@ -386,14 +386,16 @@ def _out_of_range(exc: Any) -> list[TopicPartition]:
 
 
 def _raw_record(message: Any) -> RawRecord:
+    # Positional: built once per record fetched.
+    headers = message.headers
     return RawRecord(
-        topic=message.topic,
-        partition=message.partition,
-        offset=message.offset,
-        timestamp_ms=message.timestamp,
-        key=message.key,
-        value=message.value,
-        headers=tuple((name, value) for name, value in message.headers or ()),
+        message.topic,
+        message.partition,
+        message.offset,
+        message.timestamp,
+        message.key,
+        message.value,
+        tuple((name, value) for name, value in headers) if headers else (),
     )
 
 
