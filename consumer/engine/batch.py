@@ -193,6 +193,7 @@ class _RecordRunner:
             self._state = BatchState(state, app.state)
         # Records decoded ahead by `prefetch`, by offset (used by their first attempt).
         self._decoded: dict[int, Record] = {}
+        self._plain = self._state is None and not self._is_async
 
     def prefetch(self, records: Sequence[RawRecord], decode: Decoder) -> None:
         """Read the state entries the records will touch (`App.state_key`) in one call, when
@@ -215,43 +216,72 @@ class _RecordRunner:
 
     def run(self, raw: RawRecord, decode: Decoder) -> list[KeyedRow] | _GaveUp:
         """The record's keyed rows, or how it failed after the policy's last attempt."""
+        if self._plain:  # the first attempt of a stateless, synchronous app, inlined
+            try:
+                value = decode(raw.value)
+                record = Record(
+                    raw.topic,
+                    raw.partition,
+                    raw.offset,
+                    raw.timestamp_ms,
+                    raw.key,
+                    value,
+                    raw.headers,
+                )
+                return _keyed_rows(self._app, self._processor(record), raw, self._checker)
+            except Exception as exc:  # handled by the policy, as every attempt's failure
+                return self._attempts(raw, decode, exc)
+        return self._attempts(raw, decode, None)
+
+    def _attempts(
+        self, raw: RawRecord, decode: Decoder, failed: Exception | None
+    ) -> list[KeyedRow] | _GaveUp:
+        """Attempts per the policy; `failed`: how a first attempt made already failed."""
         attempt = 0
         backoff = self._policy.backoff_s
         while True:
             attempt += 1
-            try:
-                decoded = self._decoded  # records decoded ahead by prefetch (usually none)
-                ahead = decoded.pop(raw.offset, None) if decoded else None
-                record = ahead or _decoded(decode, raw)
-                if self._state is not None:
-                    view = self._state.record_view()
-                    produced = self._processor(record, view)
-                else:
-                    produced = self._processor(record)
-                if self._is_async:
-                    produced = _await(produced, self._resolve)
-                keyed = _keyed_rows(self._app, produced, raw, self._checker)
-                if self._state is not None:
-                    self._state.keep(view)
-            except Exception as exc:  # a processor bug must be handled by policy, never vanish
-                if isinstance(exc, OffsetkeeperError) and not isinstance(exc, RecordError):
-                    raise  # about the setup, not this record: the engine handles it
-                error = _located(exc, raw)
-                if attempt > self._policy.retries:
-                    return _GaveUp(raw, error, attempt)
-                log.warning(
-                    "record_retry",
-                    topic=raw.topic,
-                    partition=raw.partition,
-                    offset=raw.offset,
-                    attempt=attempt,
-                    backoff_s=backoff,
-                    error=str(error),
-                )
-                self._sleep(backoff)
-                backoff = min(backoff * 2, self._policy.max_backoff_s)
-                continue
-            return keyed
+            if failed is None:
+                try:
+                    return self._attempt(raw, decode)
+                except Exception as exc:  # a processor bug must be handled by policy
+                    failed = exc
+            if isinstance(failed, OffsetkeeperError) and not isinstance(failed, RecordError):
+                raise failed  # about the setup, not this record: the engine handles it
+            error = _located(failed, raw)
+            failed = None
+            if attempt > self._policy.retries:
+                return _GaveUp(raw, error, attempt)
+            log.warning(
+                "record_retry",
+                topic=raw.topic,
+                partition=raw.partition,
+                offset=raw.offset,
+                attempt=attempt,
+                backoff_s=backoff,
+                error=str(error),
+            )
+            self._sleep(backoff)
+            backoff = min(backoff * 2, self._policy.max_backoff_s)
+
+    def _attempt(self, raw: RawRecord, decode: Decoder) -> list[KeyedRow]:
+        """One attempt: decode (or take the record decoded ahead), process, key the rows,
+        and keep the record's state changes."""
+        decoded = self._decoded  # records decoded ahead by prefetch (usually none)
+        ahead = decoded.pop(raw.offset, None) if decoded else None
+        record = ahead or _decoded(decode, raw)
+        if self._state is None:
+            produced = self._processor(record)
+            view = None
+        else:
+            view = self._state.record_view()
+            produced = self._processor(record, view)
+        if self._is_async:
+            produced = _await(produced, self._resolve)
+        keyed = _keyed_rows(self._app, produced, raw, self._checker)
+        if self._state is not None and view is not None:
+            self._state.keep(view)
+        return keyed
 
 
 def _await(awaitable: Any, resolve: Callable[[Any], Any] | None) -> Any:
