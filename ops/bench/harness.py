@@ -69,6 +69,9 @@ class Contender:
     # Secondary contenders run once per encoding; primary ones (the targets' terms) run
     # Settings.repetitions times.
     primary: bool = False
+    # The encodings it runs (None: every one) and extra arguments of its command.
+    encodings: tuple[str, ...] | None = None
+    args: tuple[str, ...] = ()
 
     @property
     def uses_pg(self) -> bool:
@@ -207,7 +210,7 @@ def command(
     url = f"sqlite:///{sqlite_path}" if contender.sink == "sqlite" else ctx.dsn
     idle = ["--stop-when-idle", str(ctx.settings.idle_s)]
     if contender.kind == "limit":
-        return [PY, "limit.py", *common, *counted], {}
+        return [PY, "limit.py", *common, *counted, *contender.args], {}
     if contender.kind == "handwritten":
         return [PY, "handwritten.py", *common, "--dsn", ctx.dsn, *counted], {}
     if contender.kind == "peer":
@@ -363,7 +366,7 @@ def throughput(ctx: Context, contenders: list[Contender]) -> dict[str, Any]:
         for encoding in s.encodings:
             for contender in contenders:
                 reps = s.repetitions if contender.primary else 1
-                if round_no > reps:
+                if round_no > reps or encoding not in (contender.encodings or (encoding,)):
                     continue
                 check = s.quick or round_no == 1
                 run = throughput_run(ctx, contender, encoding, round_no, check)
@@ -610,6 +613,14 @@ def contenders_for(s: Settings, with_aiokafka: bool) -> list[Contender]:
     found = [
         c("limit", "limit: bare confluent-kafka consumer, decode only", "limit", primary=True),
         c(
+            "limit-msgspec",
+            "bare consumer decoding JSON with msgspec (offsetkeeper's JSON decoder)",
+            "limit",
+            primary=True,
+            encodings=("json",),
+            args=("--json-decoder", "msgspec"),
+        ),
+        c(
             "ok-postgresql",
             "offsetkeeper -> PostgreSQL (exactly-once)",
             "ok",
@@ -646,7 +657,7 @@ def contenders_for(s: Settings, with_aiokafka: bool) -> list[Contender]:
         ),
     ]
     if with_aiokafka:
-        found[6:6] = [
+        found[7:7] = [
             c(
                 "ok-aiokafka-postgresql",
                 "offsetkeeper (aiokafka backend, CLI) -> PostgreSQL",
@@ -786,7 +797,11 @@ def phases(ctx: Context, skip: set[str]) -> dict[str, Any]:
     }
     if "latency" not in skip:
         log_line(f"phase: latency ({s.latency_rate}/s for {s.latency_seconds}s, JSON)")
-        wanted = QUICK_LATENCY if s.quick else {c.name for c in contenders if c.kind != "ok-cli"}
+        wanted = (
+            QUICK_LATENCY
+            if s.quick
+            else {c.name for c in contenders if c.kind != "ok-cli" and c.name != "limit-msgspec"}
+        )
         found["latency"] = latency(ctx, [c for c in contenders if c.name in wanted])
     if "cadence" not in skip and not s.quick:
         log_line(f"phase: commit cadence ({s.latency_rate}/s, offsetkeeper -> PostgreSQL)")

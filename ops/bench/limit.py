@@ -10,6 +10,7 @@ import argparse
 import sys
 
 import kafka_consumer
+import msgspec
 import workload
 from timing import RunClock
 
@@ -23,10 +24,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--records", type=int, required=True)
     parser.add_argument("--result", required=True)
     parser.add_argument("--latency", action="store_true")
+    parser.add_argument(
+        "--json-decoder",
+        choices=["json", "msgspec"],
+        default="json",
+        help="json.loads (the limit as defined), or msgspec (offsetkeeper's JSON decoder)",
+    )
     args = parser.parse_args(argv)
 
     clock = RunClock(latency=args.latency)
-    decode = workload.json_loads if args.encoding == "json" else workload.decode_avro
+    json_loads = workload.json_loads
+    if args.json_decoder == "msgspec":
+        json_loads = msgspec.json.Decoder().decode
+    decode = json_loads if args.encoding == "json" else workload.decode_avro
     client = kafka_consumer.consumer(args.bootstrap, args.group)
     try:
         for messages in kafka_consumer.batches(

@@ -166,15 +166,24 @@ def _targets(
     pg = throughput.get("ok-postgresql", {})
     split = throughput.get("ok-split-postgresql", {})
     kafka_only = throughput.get("ok-kafka-offsets-postgresql", {})
+    same_decoder = throughput.get("limit-msgspec", {}).get("json", {}).get("records_per_s_median")
     for encoding in settings.encodings:
         for name, floor in TARGET_SHARE_OF_LIMIT.items():
-            share = throughput.get(name, {}).get(encoding, {}).get("vs_limit")
+            found = throughput.get(name, {}).get(encoding, {})
+            share = found.get("vs_limit")
             if share is not None:
                 add(
                     f"{name.removeprefix('ok-')} >= {floor:.2f}x limit ({encoding})",
                     share,
                     share >= floor,
                     "rate / limit rate",
+                )
+            if encoding == "json" and same_decoder and found.get("records_per_s_median"):
+                add(
+                    f"(info) {name.removeprefix('ok-')} x the limit decoding with msgspec (json)",
+                    _ratio(found["records_per_s_median"], same_decoder),
+                    None,
+                    "rate / rate of the bare consumer using offsetkeeper's JSON decoder",
                 )
         entry = pg.get(encoding)
         if not entry:
