@@ -69,7 +69,12 @@ _ASSIGNORS: dict[str, Any] = {
 
 def aiokafka_settings(client_config: Mapping[str, str]) -> dict[str, Any]:
     """Translate -X settings to AIOKafkaConsumer arguments; refuse ones it has no match for."""
-    settings: dict[str, Any] = {"partition_assignment_strategy": (StickyPartitionAssignor,)}
+    # fetch_max_wait_ms: as the confluent backend's fetch.wait.max.ms (latency of a slow
+    # stream; see consumer.backends.confluent).
+    settings: dict[str, Any] = {
+        "partition_assignment_strategy": (StickyPartitionAssignor,),
+        "fetch_max_wait_ms": 100,
+    }
     for key, value in client_config.items():
         if key in _INT_SETTINGS:
             try:

@@ -21,6 +21,7 @@ def consumer(bootstrap: str, group: str, extra: dict[str, str] | None = None) ->
             "partition.assignment.strategy": "cooperative-sticky",
             "auto.offset.reset": "earliest",
             "queued.max.messages.kbytes": 32768,
+            "fetch.wait.max.ms": 100,
             **(extra or {}),
         }
     )
