@@ -95,7 +95,7 @@ def _backend(
     backend = ConfluentBackend(bootstrap_servers="127.0.0.1:1", group="g")
     backend._consumer.close()
     consumer = _Consumer(steps)
-    backend._consumer = consumer
+    backend._consumer = consumer  # type: ignore[assignment]
     backend._listener = _Listener()
     return backend, consumer
 
