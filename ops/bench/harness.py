@@ -219,7 +219,7 @@ def command(
     if contender.kind == "ok-cli":
         argv = [OK_CLI, "run", "--app", f"ok_app:{encoding}_app", "--bootstrap-servers"]
         argv += [ctx.bootstrap, "--group", group, "--topic", topic, "--sink", url, *idle]
-        argv += ["--log-format", "json", "--backend", contender.backend]
+        argv += ["--log-format", "json", "--backend", contender.backend, *contender.args]
         if encoding == "avro":
             argv += ["--schema-dir", str(ok_app.write_schema_dir(result.parent / "schemas"))]
         return argv, {"PYTHONPATH": str(BENCH)}
@@ -231,18 +231,25 @@ def command(
 
 
 def cli_result(log_path: Path) -> dict[str, Any]:
-    """`offsetkeeper run` reports its own rate in the `consumer_stopped` JSON log event."""
-    for line in reversed(log_path.read_text().splitlines()):
+    """`offsetkeeper run` reports its own rate in the `consumer_stopped` JSON log event; with
+    `--workers N`, each worker does: their records over the longest busy window."""
+    stopped = []
+    for line in log_path.read_text().splitlines():
         with contextlib.suppress(ValueError):
             event = json.loads(line)
             if isinstance(event, dict) and event.get("event") == "consumer_stopped":
-                return {
-                    "records": event["records"],
-                    "busy_s": event["busy_s"],
-                    "records_per_s": event["records_per_s"],
-                    "batches": event["batches"],
-                }
-    return {"records": 0, "busy_s": None, "records_per_s": None}
+                stopped.append(event)
+    if not stopped:
+        return {"records": 0, "busy_s": None, "records_per_s": None}
+    records = sum(event["records"] for event in stopped)
+    busy = max(event["busy_s"] or 0 for event in stopped)
+    return {
+        "records": records,
+        "busy_s": busy,
+        "records_per_s": round(records / busy, 1) if busy else None,
+        "batches": sum(event["batches"] for event in stopped),
+        "workers": len(stopped),
+    }
 
 
 # -- phase: throughput -------------------------------------------------------------------------
@@ -656,6 +663,16 @@ def contenders_for(s: Settings, with_aiokafka: bool) -> list[Contender]:
             primary=True,
         ),
     ]
+    found.append(
+        c(
+            "ok-workers2-postgresql",
+            "offsetkeeper --workers 2 (CLI) -> PostgreSQL",
+            "ok-cli",
+            "postgresql",
+            encodings=("json",),
+            args=("--workers", "2"),
+        )
+    )
     if with_aiokafka:
         found[7:7] = [
             c(
