@@ -105,3 +105,28 @@ def test_a_worker_says_which_it_is_on_every_log_line(tmp_path: Path) -> None:
     )
     line = json.loads(done.stderr.strip())
     assert (line["event"], line["worker"], line["n"]) == ("hello", 3, 1)
+
+
+def test_log_lines_of_processes_sharing_one_file_never_interleave(tmp_path: Path) -> None:
+    """The workers share the supervisor's stderr: each line must be one write, or two
+    processes logging at once glue their lines together (as a test once saw)."""
+    log = tmp_path / "shared.log"
+    script = (
+        "import structlog, sys\n"
+        "from consumer.runtime.logs import configure_logging\n"
+        "configure_logging('info', 'json', context={'worker': int(sys.argv[1])})\n"
+        "for i in range(3000): structlog.get_logger('x').info('line', i=i, pad='x' * 200)\n"
+    )
+    with log.open("ab") as shared:
+        writers = [
+            subprocess.Popen([sys.executable, "-c", script, str(worker)], stderr=shared)
+            for worker in (0, 1, 2)
+        ]
+        for writer in writers:
+            assert writer.wait(timeout=120) == 0
+    lines = log.read_text().splitlines()
+    parsed = [json.loads(line) for line in lines]  # a glued line would not parse
+    assert len(parsed) == 9000
+    assert sorted({(e["worker"], e["i"]) for e in parsed}) == sorted(
+        (w, i) for w in (0, 1, 2) for i in range(3000)
+    )
