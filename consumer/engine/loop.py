@@ -70,7 +70,7 @@ from consumer.engine.isolation import isolate
 from consumer.engine.observer import EngineObserver, NullObserver
 from consumer.engine.positions import Position
 from consumer.engine.retry import Retrier, RetryPolicy
-from consumer.engine.sink import InterruptibleSink, Sink, StateStore
+from consumer.engine.sink import GroupBoundSink, InterruptibleSink, Sink, StateStore
 from consumer.engine.state import (
     DEFAULT_CACHE_BYTES,
     PartitionState,
@@ -149,8 +149,7 @@ class BatchLoop:
         # Awaits an async processor's result (set by an asyncio driver); None: sync only.
         self.resolve_awaitable: Callable[[Any], Any] | None = None
         # Pipelined: a batch commits on the committer thread while the next one is processed.
-        # A stateful app commits in line: its state reads share the sink's connection.
-        self.pipelined = pipelined and app.state is None
+        self.pipelined = pipelined and _can_pipeline(app, sink)
         self._in_flight: _InFlight | None = None
         self._committer: ThreadPoolExecutor | None = None
 
@@ -465,6 +464,14 @@ class BatchLoop:
             error=str(error),
             committed_up_to=self.positions[tp].next_offset,
         )
+
+
+def _can_pipeline(app: App, sink: Sink) -> bool:
+    """A stateful app commits in line: its state reads share the sink's connection. So does a
+    sink that commits the offsets to Kafka itself (GroupBoundSink): its transaction takes the
+    consumer's group metadata, and a kill -9 test of the Kafka sink once lost outputs under
+    pipelining (the cause is not found yet)."""
+    return app.state is None and not isinstance(sink, GroupBoundSink)
 
 
 def _check_state_store(app: App, sink: Sink) -> None:
