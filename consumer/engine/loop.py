@@ -264,6 +264,12 @@ class BatchLoop:
         """On the committer thread: steps 3 and 4. The main thread touches neither the sink
         nor the positions of these partitions until it settles the result."""
         self.write_dead_letters(works)
+        return self._commit_once(works, epochs)
+
+    def _commit_once(
+        self, works: list[PartitionWork], epochs: Mapping[TopicPartition, int]
+    ) -> CommittedBatch:
+        """Steps 4 (one sink transaction), sink failures retried to the deadline."""
         return self.retrier.sink(
             "commit",
             functools.partial(
@@ -394,17 +400,7 @@ class BatchLoop:
         while True:
             epochs = {work.partition: self.positions[work.partition].epoch for work in works}
             try:
-                committed = self.retrier.sink(
-                    "commit",
-                    functools.partial(
-                        commit_batch,
-                        self.sink,
-                        group=self.group,
-                        works=works,
-                        epochs=epochs,
-                        crash=self.crash,
-                    ),
-                )
+                committed = self._commit_once(works, epochs)
             except FencedError as exc:
                 if self._on_fenced is None:
                     raise
