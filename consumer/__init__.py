@@ -5,6 +5,7 @@ this package may import is in `__all__`; the subpackages are private. Public nam
 `consumer` as their module, so a traceback reads `consumer.FencedError`.
 """
 
+from consumer._version import __version__
 from consumer.checkpoints.model import (
     CURRENT_FORMAT_VERSION,
     Checkpoint,
@@ -40,8 +41,10 @@ from consumer.core.errors import (
     SinkError,
 )
 from consumer.core.records import RawRecord, Record, Row, TopicPartition
+from consumer.core.settings import RunSettings
 from consumer.core.urls import mask_url
 from consumer.decoding.avro import encode_confluent, encode_single_object
+from consumer.engine.batch import DeadLetter
 from consumer.engine.client import ClientBackend, RebalanceListener, StartPosition
 from consumer.engine.crash import CrashInjector
 from consumer.engine.sink import (
@@ -58,6 +61,8 @@ from consumer.engine.sink import (
 )
 from consumer.engine.state import KeyedState
 from consumer.engine.values import LimitedSink, ValueLimits
+from consumer.runner.result import RunResult, StopReason
+from consumer.runner.run import Runner, run
 
 __all__ = [
     "CURRENT_FORMAT_VERSION",
@@ -72,6 +77,7 @@ __all__ = [
     "ColumnType",
     "ConfigError",
     "CrashInjector",
+    "DeadLetter",
     "DecodeError",
     "FencedError",
     "GroupBoundSink",
@@ -90,6 +96,9 @@ __all__ = [
     "Row",
     "RowsOrigin",
     "RowsRefusedError",
+    "RunResult",
+    "RunSettings",
+    "Runner",
     "SchemaRegistryError",
     "Sink",
     "SinkError",
@@ -98,10 +107,12 @@ __all__ = [
     "StateEntry",
     "StateSchema",
     "StateStore",
+    "StopReason",
     "Table",
     "TableMode",
     "TopicPartition",
     "ValueLimits",
+    "__version__",
     "check_epochs",
     "check_identifier",
     "decode_checkpoint",
@@ -112,6 +123,7 @@ __all__ = [
     "load_app",
     "mask_url",
     "open_sink",
+    "run",
     "to_avro",
 ]
 

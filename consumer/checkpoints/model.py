@@ -14,7 +14,6 @@ v3-state-entry.avsc`; `state`/`state_version` only carry a v2 blob not yet split
 
 from __future__ import annotations
 
-import importlib.metadata
 import io
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -25,6 +24,7 @@ from typing import Any
 import avro.io
 import avro.schema
 
+from consumer._version import __version__
 from consumer.checkpoints.versioning import upgrade_chain
 from consumer.core.errors import CheckpointError, CheckpointFormatError
 from consumer.core.records import TopicPartition
@@ -66,13 +66,10 @@ def _v2_to_v3(record: CheckpointRecord) -> CheckpointRecord:
 _UPGRADES: dict[int, _Upgrade] = {1: _v1_to_v2, 2: _v2_to_v3}
 
 
-@cache
 def writer_version() -> str:
-    """This offsetkeeper's version, recorded in every checkpoint it writes."""
-    try:
-        return importlib.metadata.version("offsetkeeper")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    """This offsetkeeper's version, recorded in every checkpoint it writes (from the code
+    itself: an editable install's metadata keeps the version it was installed with)."""
+    return __version__
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import structlog
 
+from consumer._version import __version__
 from consumer.cli.checkpoint import add_checkpoint_parser
 from consumer.cli.dlq import add_dlq_parser
 from consumer.cli.replay import add_replay_parser
@@ -23,6 +24,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="offsetkeeper",
         description="Consume Kafka topics into sinks exactly once in effect.",
     )
+    parser.add_argument("--version", action="version", version=f"offsetkeeper {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
     add_run_parser(commands)
     add_checkpoint_parser(commands)

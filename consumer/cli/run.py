@@ -3,45 +3,27 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import signal
-from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-import structlog
-
-from consumer.backends.confluent import ConfluentBackend
 from consumer.cli.common import (
     BAD_RECORD_SETTINGS,
     COMMON_SETTINGS,
     DECODING_SETTINGS,
-    MIB,
     add_bad_record_arguments,
     add_common_arguments,
     add_decoding_arguments,
-    bad_record_policy,
     cli_values,
-    dead_letter_writer,
-    decode_settings,
 )
-from consumer.cli.sinks import open_sink
 from consumer.cli.workers import supervise
 from consumer.core.app import load_app
 from consumer.core.errors import ConfigError
 from consumer.core.settings import RunSettings, load_settings
-from consumer.decoding.topics import TopicDecoders
-from consumer.engine.client import ClientBackend
-from consumer.engine.group import Engine, EngineSettings
+from consumer.runner.run import consume
 from consumer.runtime.logs import configure_logging
-from consumer.runtime.operations import start_operations
 from consumer.runtime.shutdown import GracefulShutdown
 from consumer.runtime.supervisor import WORKER_ENV, watch_supervisor
-
-if TYPE_CHECKING:
-    from consumer.backends.aiokafka import AiokafkaDriver
-
-log = structlog.get_logger("offsetkeeper.cli")
 
 # The settings `run` takes from its flags (each flag's dest is the setting's name).
 RUN_SETTINGS = (
@@ -205,76 +187,10 @@ def run_command(args: argparse.Namespace) -> int:
 
 
 def _consume(settings: RunSettings, shutdown: GracefulShutdown) -> int:
-    """Run this process as one member of the group until it stops; the exit code."""
-    app = load_app(settings.app)
-    sink = open_sink(settings.sink.get_secret_value())
-    operations = start_operations(settings)
-    engine_settings = EngineSettings(
-        group=settings.group,
-        topics=tuple(settings.topics),
-        reset_policy=settings.reset_policy,
-        batch_max_records=settings.batch_max_records,
-        poll_timeout_s=settings.poll_timeout_s,
-        commit_interval_s=settings.commit_interval_s,
-        stop_when_idle_s=settings.stop_when_idle_s,
-        sink_retry_deadline_s=settings.sink_retry_deadline_s,
-        bad_records=bad_record_policy(settings),
-        on_data_loss=settings.on_data_loss,
-        state_cache_bytes=settings.state_cache_mb * MIB,
-    )
-    decoders = TopicDecoders(app, decode_settings(settings))
-    dead_letters = dead_letter_writer(settings, group=settings.group, topics=settings.topics)
-
-    def make_engine(backend: ClientBackend) -> Engine:
-        engine = Engine(
-            app,
-            engine_settings,
-            backend,
-            sink,
-            observer=None if operations is None else operations.telemetry,
-            decoders=decoders,
-            dead_letters=dead_letters,
-        )
-        shutdown.on_request(engine.request_stop)  # at once, if a signal came before the engine
-        return engine
-
-    try:
-        if settings.backend == "aiokafka":
-            return asyncio.run(_aiokafka_driver(settings, make_engine).run())
-        return make_engine(
-            ConfluentBackend(
-                bootstrap_servers=settings.bootstrap_servers,
-                group=settings.group,
-                client_config=settings.kafka_config,
-                unreachable_deadline_s=settings.broker_retry_deadline_s,
-            )
-        ).run()
-    finally:
-        if dead_letters is not None:
-            dead_letters.close()
-        shutdown.disarm()
-        if operations is not None:
-            operations.stop()
-
-
-def _aiokafka_driver(
-    settings: RunSettings, make_engine: Callable[[ClientBackend], Engine]
-) -> AiokafkaDriver:
-    # Imported here: the confluent path never loads aiokafka.
-    from consumer.backends.aiokafka import AiokafkaBridge, AiokafkaDriver  # noqa: PLC0415
-
-    def engine_for(bridge: AiokafkaBridge) -> Engine:
-        engine = make_engine(bridge)
-        engine.resolve_awaitable = bridge.resolve  # async processors are awaited on the loop
-        return engine
-
-    return AiokafkaDriver(
-        engine_for,
-        bootstrap_servers=settings.bootstrap_servers,
-        group=settings.group,
-        topics=settings.topics,
-        client_config=settings.kafka_config,
-        batch_max_records=settings.batch_max_records,
-        poll_timeout_s=settings.poll_timeout_s,
-        commit_interval_s=settings.commit_interval_s,
-    )
+    """Run this process as one member of the group until it stops; the exit code. The Python
+    API's composition root does the work (`consumer.runner.run.consume`); an error that ended
+    the run is raised again, for `main` to report."""
+    result = consume(load_app(settings.app), settings, shutdown=shutdown)
+    if result.error is not None:
+        raise result.error
+    return result.exit_code

@@ -138,6 +138,15 @@ class Engine:
     def batches_committed(self) -> int:
         return self._loop.batches_committed
 
+    @property
+    def rows_committed(self) -> int:
+        return self._loop.rows_committed
+
+    @property
+    def dead_lettered(self) -> int:
+        """Records written to the dead-letter topic (each acknowledged before its commit)."""
+        return self._loop.dead_lettered
+
     def request_stop(self) -> None:
         """Finish and commit the batch in hand, then leave the group. Safe from a signal handler."""
         self._stop_requested = True
