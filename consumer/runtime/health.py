@@ -24,8 +24,9 @@ from __future__ import annotations
 import re
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from consumer.core.errors import OffsetkeeperError
@@ -93,18 +94,111 @@ class Verdict:
     body: dict[str, Any]
 
 
+# What the status page may show of the error that stopped a partition: a field name or an
+# error class, never a value. Wider than `_TOKEN` (a field can be "nesting depth").
+_NAME = re.compile(r"[^\x00-\x1f\x7f]{1,64}")
+# The commit rates on the status page are taken over this window.
+RATE_WINDOW_S = 60.0
+
+
+def _name(value: str | None) -> str | None:
+    return value if value is not None and _NAME.fullmatch(value) else None
+
+
+@dataclass(frozen=True, slots=True)
+class StopCause:
+    """Where and why a partition stopped: safe to serve (no message, no row values)."""
+
+    offset: int | None  # the bad record's offset (None: not known)
+    error: str  # the error's class name, e.g. InvalidRecordError
+    field: str | None = None  # the field or column, where the error named one
+
+    @classmethod
+    def of(cls, offset: int | None, error: str, field: str | None = None) -> StopCause:
+        return cls(offset, _token(error) or "error", _name(field))
+
+
+@dataclass(frozen=True, slots=True)
+class PartitionState:
+    """A snapshot of one owned partition, for the status page."""
+
+    topic: str
+    partition: int
+    next_offset: int | None
+    end_offset: int | None
+    lag: int | None
+    last_commit_age_s: float | None  # None: nothing committed since the assignment
+    records_per_s: float  # records committed per second over `RATE_WINDOW_S`
+    commits_per_min: float  # commits per minute over `RATE_WINDOW_S`
+    stopped: StopCause | None
+
+
 @dataclass(slots=True)
 class _Partition:
     position: int | None  # the next offset stored in the sink (None: not known yet)
     progress_at: float  # last commit, the assignment, or when lag appeared after none
     end: int | None = None  # the log end offset, as last sampled
-    stopped_at: int | None = None  # the offset of the bad record that halted the partition
+    stopped: StopCause | None = None  # why the partition halted, if it did
+    committed_at: float | None = None  # the last commit's time
+    commits: int = 0
+    # (time, position, commits): one entry a second at most, for the rates.
+    history: deque[tuple[float, int | None, int]] = field(default_factory=deque)
 
     @property
     def lag(self) -> int | None:
         if self.end is None or self.position is None:
             return None
         return max(self.end - self.position, 0)
+
+    def note_commit(self, now: float, position: int) -> None:
+        self.position, self.progress_at, self.committed_at = position, now, now
+        self.commits += 1
+        history = self.history
+        if history and now - history[-1][0] < 1.0 and len(history) > 1:
+            history[-1] = (now, position, self.commits)  # coalesce: one entry a second
+        else:
+            history.append((now, position, self.commits))
+        while len(history) > 1 and history[1][0] <= now - RATE_WINDOW_S:
+            history.popleft()  # keep one entry at or before the window's start
+
+    def rates(self, now: float) -> tuple[float, float]:
+        """(records per second, commits per minute) since the newest entry at or before the
+        window's start (or the oldest, for a partition held for less than the window)."""
+        if not self.history:
+            return 0.0, 0.0
+        baseline = self.history[0]
+        for entry in self.history:
+            if entry[0] > now - RATE_WINDOW_S:
+                break
+            baseline = entry
+        since, position, commits = baseline
+        elapsed = now - since
+        if elapsed <= 0 or position is None or self.position is None:
+            return 0.0, 0.0
+        return (self.position - position) / elapsed, (self.commits - commits) * 60.0 / elapsed
+
+    def state(self, tp: TopicPartition, now: float) -> PartitionState:
+        records_per_s, commits_per_min = self.rates(now)
+        return PartitionState(
+            topic=tp.topic,
+            partition=tp.partition,
+            next_offset=self.position,
+            end_offset=self.end,
+            lag=self.lag,
+            last_commit_age_s=None if self.committed_at is None else now - self.committed_at,
+            records_per_s=records_per_s,
+            commits_per_min=commits_per_min,
+            stopped=self.stopped,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SinkState:
+    """The sink as the status page shows it: failing since when, how often retried."""
+
+    failing_for_s: float  # 0.0: the last call succeeded
+    retries: int  # failed calls since the last success (each rolled back and retried)
+    failure: SinkFailure | None
 
 
 class Health:
@@ -126,6 +220,7 @@ class Health:
         self._stopping = False
         self._sink_failing_since: float | None = None
         self._sink_failure: SinkFailure | None = None
+        self._sink_retries = 0
         self._ends_unknown_since: float | None = None
         self._partitions: dict[TopicPartition, _Partition] = {}
 
@@ -148,6 +243,7 @@ class Health:
             if self._sink_failing_since is None:
                 self._sink_failing_since = now
             self._sink_failure = failure
+            self._sink_retries += 1
 
     def sink_ok(self) -> None:
         self._last_beat = self._clock()
@@ -155,6 +251,7 @@ class Health:
             with self._lock:
                 self._sink_failing_since = None
                 self._sink_failure = None
+                self._sink_retries = 0
 
     def sink_failing_for(self) -> float:
         """Seconds the sink has been failing without a success in between (0.0: it is fine)."""
@@ -166,7 +263,9 @@ class Health:
         with self._lock:
             self._joined = True
             for tp, start in starts.items():
-                self._partitions[tp] = _Partition(position=start, progress_at=now)
+                partition = _Partition(position=start, progress_at=now)
+                partition.history.append((now, start, 0))
+                self._partitions[tp] = partition
 
     def released(self, partitions: Iterable[TopicPartition]) -> None:
         with self._lock:
@@ -182,18 +281,19 @@ class Health:
                 partition = self._partitions.get(tp)
                 if partition is None:
                     continue
-                partition.position = next_offset
-                partition.progress_at = now
+                if partition.history and partition.history[0][1] is None:
+                    partition.history[0] = (now, next_offset, 0)  # its start was not known
+                partition.note_commit(now, next_offset)
                 lag = partition.lag
                 if lag is not None:
                     lags[tp] = lag
         return lags
 
-    def stopped(self, tp: TopicPartition, offset: int | None) -> None:
+    def stopped(self, tp: TopicPartition, cause: StopCause) -> None:
         with self._lock:
             partition = self._partitions.get(tp)
             if partition is not None:
-                partition.stopped_at = -1 if offset is None else offset
+                partition.stopped = cause
 
     # -- what the lag sampler reports ------------------------------------------------------------
 
@@ -225,6 +325,24 @@ class Health:
         with self._lock:
             if self._ends_unknown_since is None:
                 self._ends_unknown_since = now
+
+    # -- what the status page shows -----------------------------------------------------------
+
+    def partition_states(self) -> tuple[PartitionState, ...]:
+        """Every owned partition, in (topic, partition) order."""
+        now = self._clock()
+        with self._lock:
+            return tuple(p.state(tp, now) for tp, p in sorted(self._partitions.items()))
+
+    def sink_state(self) -> SinkState:
+        now = self._clock()
+        with self._lock:
+            since = self._sink_failing_since
+            return SinkState(
+                failing_for_s=0.0 if since is None else now - since,
+                retries=self._sink_retries,
+                failure=self._sink_failure,
+            )
 
     # -- the checks ------------------------------------------------------------------------------
 
@@ -270,9 +388,11 @@ class Health:
                     unknown += 1
                 else:
                     total_lag += lag
-                if partition.stopped_at is not None:
+                if partition.stopped is not None:
+                    offset = partition.stopped.offset
                     reasons.append(
-                        f"{tp} is stopped on a bad record at offset {partition.stopped_at}"
+                        f"{tp} is stopped on a bad record at offset "
+                        f"{-1 if offset is None else offset}"
                     )
                 elif lag and now - partition.progress_at >= limit:
                     reasons.append(

@@ -12,6 +12,7 @@ from consumer.runtime.health import Health
 from consumer.runtime.lag import LagSampler, WatermarkSource
 from consumer.runtime.metrics import Metrics
 from consumer.runtime.ops_server import OpsServer
+from consumer.runtime.status import ConsumerInfo, StatusSource, offsetkeeper_version
 from consumer.runtime.telemetry import Telemetry
 
 # The lag sampler's client never joins the group: settings that would make it a member (or
@@ -33,7 +34,8 @@ class Operations:
 
 
 def start_operations(settings: RunSettings) -> Operations | None:
-    """Serve /metrics, /healthz and /readyz and start sampling lag; None when no port is set.
+    """Serve the status page, /metrics, /healthz and /readyz and start sampling lag; None when
+    no port is set.
     A port that cannot be bound is a `ConfigError`."""
     if settings.metrics_port is None:
         return None
@@ -43,7 +45,16 @@ def start_operations(settings: RunSettings) -> Operations | None:
     )
     metrics = Metrics(app=settings.app, group=settings.group)
     telemetry = Telemetry(metrics, health)
-    server = OpsServer(settings.metrics_host, settings.metrics_port, metrics.registry, health)
+    info = ConsumerInfo(
+        app=settings.app,
+        group=settings.group,
+        topics=tuple(settings.topics),
+        version=offsetkeeper_version(),
+    )
+    status = StatusSource(info, health, metrics)
+    server = OpsServer(
+        settings.metrics_host, settings.metrics_port, metrics.registry, health, status
+    )
     server.start()
 
     def open_reader() -> WatermarkSource:

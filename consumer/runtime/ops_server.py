@@ -1,8 +1,10 @@
 """The operations HTTP endpoint of `offsetkeeper run`: one port (`--metrics-port`) serving
 
-    GET /metrics   Prometheus text format (OpenMetrics when the scraper asks for it)
-    GET /healthz   liveness:  200 while the partition loop is alive, else 503
-    GET /readyz    readiness: 200 while ready (see `consumer.runtime.health`), else 503
+    GET /             the status page (`consumer.runtime.status_page`), HTML
+    GET /status.json  what the page shows, as JSON (`consumer.runtime.status`)
+    GET /metrics      Prometheus text format (OpenMetrics when the scraper asks for it)
+    GET /healthz      liveness:  200 while the partition loop is alive, else 503
+    GET /readyz       readiness: 200 while ready (see `consumer.runtime.health`), else 503
 
 Health answers are small JSON documents that say why. The server runs on daemon threads and
 only reads state; it never calls into the engine, the sink or Kafka.
@@ -26,11 +28,18 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.exposition import choose_encoder
 
 from consumer.core.errors import ConfigError
+from consumer.runtime import status_page
 from consumer.runtime.health import Health, Verdict
+from consumer.runtime.status import StatusSource
 
 log = structlog.get_logger("offsetkeeper.ops")
 
-ENDPOINTS = ("/metrics", "/healthz", "/readyz")
+ENDPOINTS = ("/", "/status.json", "/metrics", "/healthz", "/readyz")
+# Every answer: the page loads nothing from anywhere (its style is inline, it has no script).
+SECURITY_HEADERS = (
+    ("Content-Security-Policy", "default-src 'none'; style-src 'unsafe-inline'"),
+    ("X-Content-Type-Options", "nosniff"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -50,6 +59,10 @@ class Answer:
     @classmethod
     def of_verdict(cls, verdict: Verdict) -> Answer:
         return cls.of_json(200 if verdict.ok else 503, verdict.body)
+
+    @classmethod
+    def of_html(cls, page: str) -> Answer:
+        return cls(200, status_page.CONTENT_TYPE, page.encode())
 
 
 # (path without the query string, the request's Accept header) -> the answer.
@@ -115,9 +128,17 @@ class HttpEndpoint:
 
 
 class OpsServer(HttpEndpoint):
-    """Serves `ENDPOINTS` from this process's metrics registry and health."""
+    """Serves `ENDPOINTS` from this process's metrics registry and health (`/` and
+    `/status.json` only when given a `status` source)."""
 
-    def __init__(self, host: str, port: int, registry: CollectorRegistry, health: Health) -> None:
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        registry: CollectorRegistry,
+        health: Health,
+        status: StatusSource | None = None,
+    ) -> None:
         checks: dict[str, Callable[[], Verdict]] = {
             "/healthz": health.liveness,
             "/readyz": health.readiness,
@@ -129,6 +150,10 @@ class OpsServer(HttpEndpoint):
                 return Answer(200, content_type, encoder(registry))
             if path in checks:
                 return Answer.of_verdict(checks[path]())
+            if status is not None and path == "/":
+                return Answer.of_html(status_page.render_process(status.report()))
+            if status is not None and path == "/status.json":
+                return Answer.of_json(200, status.report().to_json())
             return not_found()
 
         super().__init__(host, port, respond)
@@ -151,6 +176,8 @@ def _handler_class(respond: Responder) -> type[BaseHTTPRequestHandler]:
             self.send_header("Content-Type", answer.content_type)
             self.send_header("Content-Length", str(len(answer.body)))
             self.send_header("Cache-Control", "no-store")
+            for name, value in SECURITY_HEADERS:
+                self.send_header(name, value)
             self.end_headers()
             if with_body:
                 self.wfile.write(answer.body)

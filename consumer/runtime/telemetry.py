@@ -15,7 +15,7 @@ from consumer.core.errors import RecordError, SinkError
 from consumer.core.records import TopicPartition
 from consumer.engine.batch import PartitionWork
 from consumer.engine.commit import CommittedBatch
-from consumer.runtime.health import Health, SinkFailure
+from consumer.runtime.health import Health, SinkFailure, StopCause
 from consumer.runtime.metrics import Metrics
 
 
@@ -111,7 +111,9 @@ class Telemetry:
         ).inc()
         self._stopped.add(partition)
         self.metrics.partitions_stopped.set(len(self._stopped))
-        self.health.stopped(partition, error.offset)
+        # The class and field only: the message can quote the record's values.
+        cause = StopCause.of(error.offset, type(error).__name__, error.field)
+        self.health.stopped(partition, cause)
 
     def records_lost(self, partition: TopicPartition, records: int) -> None:
         self.metrics.records_lost.labels(partition.topic, str(partition.partition)).inc(records)

@@ -10,6 +10,9 @@
                    restart, is being looked after); 503 otherwise.
     GET /readyz    200 only when every worker's own /readyz answers 200 (a worker that has
                    finished under --stop-when-idle is not waited for); 503 with the reasons.
+    GET /          the status page: the members (state, pid, restarts, last exit), then every
+                   worker's partitions, stopped partitions and counts, from its /status.json.
+    GET /status.json  the same as JSON: each member with the report its worker gave (or null).
 
 Each worker serves its own endpoint on 127.0.0.1, on a port the supervisor chose for it (in the
 `worker_started` event); they are asked in parallel, `FETCH_TIMEOUT_S` each, with the standard
@@ -21,9 +24,10 @@ from __future__ import annotations
 
 import http.client
 import json
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from http import HTTPStatus
@@ -31,8 +35,11 @@ from typing import Any, Protocol
 
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from consumer.runtime import status_page
 from consumer.runtime.health import Verdict
 from consumer.runtime.ops_server import Answer, HttpEndpoint, not_found
+from consumer.runtime.status import StatusReport
+from consumer.runtime.status_page import Member
 from consumer.runtime.supervisor import WorkerView
 
 WORKER_LABEL = "worker"
@@ -222,6 +229,51 @@ def readiness(views: Iterable[WorkerView], stopping: bool, answers: Answers) -> 
     )
 
 
+# -- the status page -------------------------------------------------------------------------
+
+
+def _report_of(answer: Fetched | None) -> StatusReport | None:
+    if answer is None or answer.status != HTTPStatus.OK:
+        return None
+    document = answer.document()
+    try:
+        return StatusReport.from_json(document)
+    except (KeyError, TypeError, ValueError, AttributeError):
+        return None  # not a report this version reads: the member is listed without one
+
+
+def members(views: Iterable[WorkerView], answers: Answers) -> list[Member]:
+    """Each worker with the report it gave (`/status.json`), if it gave one."""
+    return [
+        Member(
+            index=view.index,
+            state=view.state,
+            pid=view.pid,
+            restarts=view.restarts,
+            last_exit=view.last_returncode,
+            report=_report_of(answers.get(view.index)),
+        )
+        for view in views
+    ]
+
+
+def status_document(listed: Sequence[Member], verdict: Verdict) -> dict[str, Any]:
+    return {
+        "ready": verdict.ok,
+        "reasons": verdict.body["reasons"],
+        "workers": {
+            str(m.index): {
+                "state": m.state,
+                "pid": m.pid,
+                "restarts": m.restarts,
+                "last_exit": m.last_exit,
+                "status": None if m.report is None else m.report.to_json(),
+            }
+            for m in listed
+        },
+    }
+
+
 # -- asking the workers ------------------------------------------------------------------------
 
 
@@ -283,6 +335,8 @@ class WorkerEndpoint(HttpEndpoint):
         if path == "/readyz":
             answers = self._ask(views, path)
             return Answer.of_verdict(readiness(views, supervisor.stopping, answers))
+        if path in ("/", "/status.json"):
+            return self._status(views, as_page=path == "/")
         if path != "/metrics":
             return not_found()
         texts = {
@@ -292,3 +346,14 @@ class WorkerEndpoint(HttpEndpoint):
         }
         body = merge_metrics(texts) + supervisor_metrics(views, texts, supervisor.count)
         return Answer(200, CONTENT_TYPE_PLAIN_0_0_4, body.encode())
+
+    def _status(self, views: tuple[WorkerView, ...], *, as_page: bool) -> Answer:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            ready_answers = pool.submit(self._ask, views, "/readyz")
+            listed = members(views, self._ask(views, "/status.json"))
+            verdict = readiness(views, self._supervisor.stopping, ready_answers.result())
+        if not as_page:
+            return Answer.of_json(200, status_document(listed, verdict))
+        reasons = [str(r) for r in verdict.body["reasons"]]
+        page = status_page.render_supervisor(listed, verdict.ok, reasons, time.time())
+        return Answer.of_html(page)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from consumer import KafkaError, SinkError, TopicPartition
-from consumer.runtime.health import Health, SinkFailure
+from consumer.runtime.health import Health, SinkFailure, StopCause
 from tests.fixtures.fake_backend import FakeClock
 
 P0 = TopicPartition("orders", 0)
@@ -199,7 +199,7 @@ def test_lag_that_just_appeared_on_an_idle_partition_starts_its_own_clock(
 
 def test_a_stopped_partition_makes_it_unready_until_released(health: Health) -> None:
     health.assigned({P0: 0, P1: 0})
-    health.stopped(P1, 12)
+    health.stopped(P1, StopCause.of(12, "InvalidRecordError", "amount"))
 
     assert _ready(health) == (False, ["orders[1] is stopped on a bad record at offset 12"])
     health.released([P1])
