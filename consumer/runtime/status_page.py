@@ -67,18 +67,21 @@ def age_text(seconds: float | None) -> str:
     return f"{whole // 3600} h {whole % 3600 // 60} min ago"
 
 
-def _table(headers: Sequence[str], rows: Sequence[str], *, text_columns: int) -> str:
+# `align` has a letter per column: "t" text (left), "n" number (right).
+
+
+def _table(headers: Sequence[str], rows: Sequence[str], align: str) -> str:
     cells = "".join(
-        f'<th class="t">{_e(h)}</th>' if i < text_columns else f"<th>{_e(h)}</th>"
-        for i, h in enumerate(headers)
+        f'<th class="t">{_e(h)}</th>' if a == "t" else f"<th>{_e(h)}</th>"
+        for h, a in zip(headers, align, strict=True)
     )
     return f"<table><thead><tr>{cells}</tr></thead><tbody>{''.join(rows)}</tbody></table>"
 
 
-def _row(cells: Sequence[object], *, text_columns: int, css: str = "") -> str:
+def _row(cells: Sequence[object], align: str, css: str = "") -> str:
     tds = "".join(
-        f'<td class="t">{_e(c)}</td>' if i < text_columns else f"<td>{_e(c)}</td>"
-        for i, c in enumerate(cells)
+        f'<td class="t">{_e(c)}</td>' if a == "t" else f"<td>{_e(c)}</td>"
+        for c, a in zip(cells, align, strict=True)
     )
     return f'<tr class="{css}">{tds}</tr>' if css else f"<tr>{tds}</tr>"
 
@@ -90,6 +93,7 @@ Owned = tuple[str | None, PartitionState]
 def _partitions_section(owned: Sequence[Owned], with_worker: bool) -> str:
     headers = ["Topic", "Partition", "Next offset", "End offset", "Lag", "Last commit"]
     headers += ["Committed/s (1 min)", "Commits/min", "State"]
+    align = ("t" if with_worker else "") + "tnnnnnnnt"
     rows = []
     for worker, p in owned:
         cells: list[object] = [p.topic, p.partition, _number(p.next_offset)]
@@ -97,17 +101,16 @@ def _partitions_section(owned: Sequence[Owned], with_worker: bool) -> str:
         cells += [f"{p.records_per_s:,.1f}", f"{p.commits_per_min:,.1f}"]
         cells.append("stopped" if p.stopped else "consuming")
         lead = [worker] if with_worker else []
-        rows.append(
-            _row(lead + cells, text_columns=len(lead) + 1, css="stopped" if p.stopped else "")
-        )
+        rows.append(_row(lead + cells, align, css="stopped" if p.stopped else ""))
     if not rows:
         return '<h2>Partitions</h2><p class="muted">No partition is assigned to this member.</p>'
     lead_headers = ["Worker"] if with_worker else []
-    table = _table(lead_headers + headers, rows, text_columns=len(lead_headers) + 1)
+    table = _table(lead_headers + headers, rows, align)
     return f'<h2>Partitions</h2><div id="partitions">{table}</div>'
 
 
 def _stopped_section(owned: Sequence[Owned], with_worker: bool) -> str:
+    align = ("t" if with_worker else "") + "tnntt"
     rows = []
     for worker, p in owned:
         cause = p.stopped
@@ -115,7 +118,7 @@ def _stopped_section(owned: Sequence[Owned], with_worker: bool) -> str:
             continue
         lead = [worker] if with_worker else []
         cells = [p.topic, p.partition, _number(cause.offset), cause.field or "-", cause.error]
-        rows.append(_row(lead + cells, text_columns=len(lead) + 1, css="stopped"))
+        rows.append(_row(lead + cells, align, css="stopped"))
     if not rows:
         return '<h2>Stopped partitions</h2><p class="muted">None.</p>'
     lead_headers = ["Worker"] if with_worker else []
@@ -124,7 +127,7 @@ def _stopped_section(owned: Sequence[Owned], with_worker: bool) -> str:
         "<p>A stopped partition waits at its bad record until someone acts: fix the app or "
         "the data, or run with <code>--on-bad-record dead-letter</code>, then restart.</p>"
     )
-    table = _table(headers, rows, text_columns=len(lead_headers) + 1)
+    table = _table(headers, rows, align)
     return f'<h2 class="bad">Stopped partitions</h2><div id="stopped">{table}</div>{note}'
 
 
@@ -165,9 +168,9 @@ def _members_section(members: Sequence[Member]) -> str:
         exit_code = "-" if m.last_exit is None else str(m.last_exit)
         pid = "-" if m.pid is None else str(m.pid)
         cells = [m.index, m.state, ready, pid, m.restarts, exit_code, partitions]
-        rows.append(_row(cells, text_columns=3))
+        rows.append(_row(cells, "ttnnnnn"))
     headers = ["Worker", "State", "Readiness", "PID", "Restarts", "Last exit", "Partitions"]
-    return f'<h2>Members</h2><div id="members">{_table(headers, rows, text_columns=3)}</div>'
+    return f'<h2>Members</h2><div id="members">{_table(headers, rows, "ttnnnnn")}</div>'
 
 
 def _header(report: StatusReport | None, ready: bool, reasons: Sequence[str], now: float) -> str:
