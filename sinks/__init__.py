@@ -8,6 +8,7 @@ package imports only consumer's public API.
 from sinks._file import FileSink
 from sinks._file_layout import DataFile
 from sinks._file_reader import committed_files, read_committed_rows
+from sinks._file_verify import CorruptDataFileError, DataFileCheck
 from sinks._kafka import KafkaSink
 from sinks._kafka_messages import decode_row, encode_row
 from sinks._sql import DEFAULT_CHECKPOINT_TABLE, DEFAULT_LEASE_TABLE
@@ -17,7 +18,9 @@ from sinks._url import open_file_sink, open_kafka_sink, open_postgres_sink, open
 __all__ = [
     "DEFAULT_CHECKPOINT_TABLE",
     "DEFAULT_LEASE_TABLE",
+    "CorruptDataFileError",
     "DataFile",
+    "DataFileCheck",
     "FileSink",
     "KafkaSink",
     "SqliteSink",

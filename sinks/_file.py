@@ -2,17 +2,19 @@
 
 The directory's layout is in `_file_layout`; its documents in `_file_documents`; durable file
 operations in `_file_io`; the lock in `_file_lock`; the reader protocol in `_file_reader`; keyed
-state (delta files listed by the checkpoint document) in `_file_state`; replay jobs in
-`_file_jobs`.
+state (delta files listed by the checkpoint document) in `_file_state`; the data files'
+checksums (recorded by the checkpoint document) in `_file_digests`, checked by `_file_verify`;
+replay jobs in `_file_jobs`.
 
 One batch, per the `Sink` contract:
 
     write_rows       one hidden temp file per (table, partition) in the data file's directory,
-                     written, flushed and fsynced (outside the lock: the slow part)
+                     written, flushed and fsynced (outside the lock: the slow part); its
+                     SHA-256 and size are taken from the bytes as they are written
     write_state      one hidden temp state file per partition, the same way (`_file_state`)
     save_checkpoints take the lock; refuse stale epochs (FencedError) and batches that start
                      below the stored checkpoint (they would duplicate committed output); merge
-                     the new checkpoints (and state manifests) into the group's document
+                     the new checkpoints (state manifests, checksums) into the group's document
     commit           rename every temp file into place, fsync the directories, then replace
                      the checkpoint document (temp, fsync, rename, fsync); release the lock
 
@@ -26,9 +28,10 @@ unless an operator moves a checkpoint backwards (`offsetkeeper checkpoint reset`
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 from collections.abc import Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,7 @@ from consumer import (
     ValueLimits,
     check_epochs,
 )
+from sinks._file_digests import FileDigest, remove_unreachable_segments, stage_chains
 from sinks._file_documents import (
     GroupDocument,
     checkpoint_document,
@@ -76,6 +80,7 @@ from sinks._file_state import (
     FileStateStore,
     state_errors,
 )
+from sinks._file_verify import DataFileCheck, verify_group
 from sinks._json_rows import JSON_VALUE_LIMITS
 
 log = structlog.get_logger("offsetkeeper.sink.file")
@@ -90,6 +95,12 @@ class _PendingFile:
     temp: Path
     final: Path
     origin: RowsOrigin
+    table: str
+    sha256: Any = field(default_factory=hashlib.sha256)  # of the bytes written so far
+    size: int = 0
+
+    def digest(self) -> FileDigest:
+        return FileDigest(self.table, self.final.name, self.sha256.hexdigest(), self.size)
 
 
 class FileSink:
@@ -98,7 +109,7 @@ class FileSink:
 
     Capabilities: `consumer.Sink` (with `writes_per_partition`: files are named by partition
     and offsets), `consumer.LimitedSink`, `consumer.CheckpointAdmin`, `consumer.JobStore`,
-    `consumer.StateStore`.
+    `consumer.StateStore`; `verify_data_files` checks the committed files' checksums.
     Fencing: an epoch per (group, partition) in the group's lease document; `save_checkpoints`
     takes the directory lock (held until `commit` or `rollback`) and checks the epochs with
     `consumer.check_epochs`, so no newer owner's `acquire` (which takes the lock too) can
@@ -216,6 +227,7 @@ class FileSink:
                 _remove_uncommitted(
                     self._layout, group, wanted, {} if stored is None else stored.checkpoints
                 )
+                remove_unreachable_segments(self._layout, group, wanted, stored)
                 self._states.acquired(group, wanted, stored)
             finally:
                 self._lock.release()
@@ -279,12 +291,14 @@ class FileSink:
                 final = directory / data_file_name(
                     tp.topic, tp.partition, origin.first_offset, origin.next_offset - 1
                 )
-                pending = _PendingFile(temp_path(final), final, origin)
+                pending = _PendingFile(temp_path(final), final, origin, table.name)
                 self._pending[key] = pending
             with pending.temp.open("ab") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
+            pending.sha256.update(data)
+            pending.size += len(data)
         except OSError as exc:
             raise SinkError(
                 "cannot write rows",
@@ -325,33 +339,18 @@ class FileSink:
             stored = read_group_document(self._layout.checkpoint_path(group))
             merged = {} if stored is None else dict(stored.checkpoints)
             for pending in self._pending.values():
-                self._refuse_overlap(group, pending, merged.get(pending.origin.partition))
+                _refuse_overlap(group, pending, merged.get(pending.origin.partition))
             merged.update({cp.topic_partition: cp for cp in checkpoints})
             manifests = self._states.stage(group, stored, saved)
-            self._next_checkpoints = (group, checkpoint_document(group, merged.values(), manifests))
+            digests = [pending.digest() for pending in self._pending.values()]
+            next_offsets = {cp.topic_partition: cp.next_offset for cp in checkpoints}
+            chains = stage_chains(self._layout, group, stored, digests, next_offsets)
+            document = checkpoint_document(group, merged.values(), manifests, chains)
+            self._next_checkpoints = (group, document)
         except OSError as exc:
             raise SinkError(
                 "cannot save checkpoints", sink=self.description, reason=str(exc)
             ) from exc
-
-    def _refuse_overlap(self, group: str, pending: _PendingFile, stored: Checkpoint | None) -> None:
-        # Output of offsets below the checkpoint is already committed: writing it again would
-        # make a second copy that readers see (a writer that did not resume at its checkpoint).
-        if pending.final.parent.name != safe_name(group):
-            raise SinkError(
-                "rows were written for another group than the checkpoints",
-                rows_group_dir=pending.final.parent.name,
-                group=group,
-            )
-        if stored is not None and pending.origin.first_offset < stored.next_offset:
-            raise SinkError(
-                "batch starts below the stored checkpoint; it would duplicate committed output",
-                topic=pending.origin.partition.topic,
-                partition=pending.origin.partition.partition,
-                offset=pending.origin.first_offset,
-                checkpoint=stored.next_offset,
-                group=group,
-            )
 
     def commit(self) -> None:
         self._require(write=True)
@@ -442,7 +441,10 @@ class FileSink:
                 ]
                 if stale and not dry_run:  # the state manifests (and any v2 blob) are kept
                     document = checkpoint_document(
-                        doc.group, doc.checkpoints.values(), doc.state.values()
+                        doc.group,
+                        doc.checkpoints.values(),
+                        doc.state.values(),
+                        doc.digests.values(),
                     )
                     write_durably(path, document)
                 older.extend(stale)
@@ -454,6 +456,13 @@ class FileSink:
             if not dry_run:
                 self._lock.release()
         return older
+
+    def verify_data_files(self, group: str) -> list[DataFileCheck]:
+        """Check every data file `group` committed against the checksum its checkpoint
+        document recorded (see `sinks._file_verify.verify_group`); read-only, lock-free."""
+        self._require(write=False)
+        with state_errors(self.description, "cannot verify data files"):  # OSError: SinkError
+            return verify_group(self._layout, group)
 
     # -- keyed state (consumer.StateStore; see sinks._file_state) -----------------------------
 
@@ -490,6 +499,26 @@ class FileSink:
     def load_job(self, job_id: str) -> str | None:
         self._require(write=False)
         return load_job(self._layout, job_id, sink=self.description)
+
+
+def _refuse_overlap(group: str, pending: _PendingFile, stored: Checkpoint | None) -> None:
+    # Output of offsets below the checkpoint is already committed: writing it again would
+    # make a second copy that readers see (a writer that did not resume at its checkpoint).
+    if pending.final.parent.name != safe_name(group):
+        raise SinkError(
+            "rows were written for another group than the checkpoints",
+            rows_group_dir=pending.final.parent.name,
+            group=group,
+        )
+    if stored is not None and pending.origin.first_offset < stored.next_offset:
+        raise SinkError(
+            "batch starts below the stored checkpoint; it would duplicate committed output",
+            topic=pending.origin.partition.topic,
+            partition=pending.origin.partition.partition,
+            offset=pending.origin.first_offset,
+            checkpoint=stored.next_offset,
+            group=group,
+        )
 
 
 def _remove_uncommitted(

@@ -1,7 +1,10 @@
 """The file sink's documents: rows as JSON Lines, checkpoints and epochs as JSON documents.
 
 A group's checkpoint document also carries the manifest of each partition's keyed state
-(`_file_state_files.StateManifest`), so replacing the document commits both together.
+(`_file_state_files.StateManifest`) and the checksums of its data files
+(`_file_digests.DigestChain`), so replacing the document commits them all together. Both are
+optional keys of document version 1: a document without them (written before they existed)
+reads as having no state files and no checksums.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from consumer import (
     decode_checkpoint,
     encode_checkpoint,
 )
+from sinks._file_digests import DigestChain, chain_from_json, chain_to_json
 from sinks._file_io import read_json
 from sinks._file_state_files import StateManifest, manifest_from_json, manifest_to_json
 from sinks._json_rows import row_json
@@ -94,10 +98,14 @@ def _shown(value: Any) -> Any:
 
 
 def checkpoint_document(
-    group: str, checkpoints: Iterable[Checkpoint], state: Iterable[StateManifest] = ()
+    group: str,
+    checkpoints: Iterable[Checkpoint],
+    state: Iterable[StateManifest] = (),
+    digests: Iterable[DigestChain] = (),
 ) -> bytes:
-    """The group's document; `state` holds the manifests of the partitions with state files
-    (a writer passes on the stored ones it does not change)."""
+    """The group's document; `state` holds the manifests of the partitions with state files,
+    `digests` the checksums of the data files (a writer passes on the stored ones it does not
+    change)."""
     ordered = sorted(checkpoints, key=lambda cp: cp.topic_partition)
     document: dict[str, Any] = {
         "kind": CHECKPOINT_KIND,
@@ -108,16 +116,21 @@ def checkpoint_document(
     manifests = sorted((m for m in state if m.files or m.seq), key=lambda m: m.topic_partition)
     if manifests:
         document["state"] = [manifest_to_json(m) for m in manifests]
+    chains = sorted((c for c in digests if c.recent or c.sealed), key=lambda c: c.topic_partition)
+    if chains:
+        document["digests"] = [chain_to_json(c) for c in chains]
     return (json.dumps(document, indent=1) + "\n").encode()
 
 
 @dataclass(frozen=True, slots=True)
 class GroupDocument:
-    """A group's checkpoint document as read: its checkpoints and state manifests."""
+    """A group's checkpoint document as read: its checkpoints, state manifests and the
+    checksums of its data files."""
 
     group: str
     checkpoints: dict[TopicPartition, Checkpoint]
     state: dict[TopicPartition, StateManifest] = field(default_factory=dict)
+    digests: dict[TopicPartition, DigestChain] = field(default_factory=dict)
 
     def manifest(self, tp: TopicPartition) -> StateManifest:
         return self.state.get(tp) or StateManifest(tp)
@@ -139,19 +152,21 @@ def read_group_document(path: Path) -> GroupDocument | None:
             supported_version=DOCUMENT_VERSION,
         )
     group, records = document.get("group"), document.get("checkpoints", [])
-    manifests = document.get("state", [])
+    manifests, digests = document.get("state", []), document.get("digests", [])
     if not isinstance(group, str) or not isinstance(records, list):
         raise SinkError(
             "checkpoint document has no group or no list of checkpoints", path=str(path)
         )
-    if not isinstance(manifests, list):
-        raise SinkError("checkpoint document's state is not a list", path=str(path))
+    if not isinstance(manifests, list) or not isinstance(digests, list):
+        raise SinkError("checkpoint document's state or digests is not a list", path=str(path))
     checkpoints = [_checkpoint_from_json(record, path=path) for record in records]
     state = [manifest_from_json(record, path=path) for record in manifests]
+    chains = [chain_from_json(record, path=path) for record in digests]
     return GroupDocument(
         group,
         {cp.topic_partition: cp for cp in checkpoints},
         {m.topic_partition: m for m in state},
+        {c.topic_partition: c for c in chains},
     )
 
 

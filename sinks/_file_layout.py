@@ -7,6 +7,8 @@
     DIR/_offsetkeeper/jobs/<job>.json             replay job documents
     DIR/_offsetkeeper/state/<group>/<topic>+<partition>+<seq:020d>.<base|delta>.jsonl
                                                   keyed state files (`_file_state_files`)
+    DIR/_offsetkeeper/digests/<group>/<topic>+<partition>+<20 hex>.jsonl
+                                                  sealed checksum segments (`_file_digests`)
 
 Group and job names are percent-encoded to be file-system safe (`safe_name`). A file being
 written is a hidden temp file next to its final name (`temp_path`).
@@ -58,6 +60,10 @@ class DataFile:
     partition: int
     first_offset: int
     last_offset: int
+    # What the checkpoint document recorded when the file was committed (None: committed by a
+    # version before checksums, or not committed yet).
+    sha256: str | None = None
+    size: int | None = None
 
     @property
     def topic_partition(self) -> TopicPartition:
@@ -106,6 +112,9 @@ class FileLayout:
 
     def state_dir(self, group: str) -> Path:
         return self.own / "state" / safe_name(group)
+
+    def digest_dir(self, group: str) -> Path:
+        return self.own / "digests" / safe_name(group)
 
     def data_dir(self, table: str, group: str) -> Path:
         return self.root / table / safe_name(group)

@@ -623,14 +623,22 @@ def test_the_crash_tests_reader_reports_duplicates_and_changed_files(root: Path)
     assert watcher.violations == []
     assert set(watcher.seen_records) == {(0, 0), (0, 1)}
     commit(2, 4, [1, 3])  # offset 1 again, and outside this file's range
+    watcher.poll()
+    assert len(watcher.violations) == 2, watcher.violations
+    assert "outside the range" in watcher.violations[0]
+    assert "in both" in watcher.violations[1]
     (first_file,) = [f for f in committed_files(root, EVENTS, GROUP) if f.first_offset == 0]
     first_file.path.write_text(first_file.path.read_text()[:-5])  # a torn, shorter file
+    watcher.poll()  # the reader refuses it (its recorded size) before the watcher compares
+    assert len(watcher.violations) == 3, watcher.violations
+    assert "refused by the reader: a committed data file is truncated" in watcher.violations[2]
+    # A file of a version before checksums: only the watcher's own size check sees it.
+    document = root / "_offsetkeeper" / "checkpoints" / f"{GROUP}.json"
+    document.write_text(json.dumps({**json.loads(document.read_text()), "digests": []}))
     watcher.poll()
     sink.close()
-    assert len(watcher.violations) == 3, watcher.violations
-    assert "changed size" in watcher.violations[0]
-    assert "outside the range" in watcher.violations[1]
-    assert "in both" in watcher.violations[2]
+    assert len(watcher.violations) == 4, watcher.violations
+    assert "changed size" in watcher.violations[3]
 
 
 # -- keyed state (consumer.StateStore) ---------------------------------------------------------
