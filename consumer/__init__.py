@@ -16,6 +16,7 @@ from consumer.checkpoints.model import (
 )
 from consumer.cli.sinks import SINK_ENTRY_POINT_GROUP, open_sink
 from consumer.core.app import (
+    POSITION_COLUMNS,
     SOURCE_COLUMNS,
     App,
     ColumnType,
@@ -40,7 +41,17 @@ from consumer.core.errors import (
     SchemaRegistryError,
     SinkError,
 )
-from consumer.core.records import RawRecord, Record, Row, TopicPartition
+from consumer.core.records import (
+    RawRecord,
+    Record,
+    Row,
+    SourcePosition,
+    StoredPosition,
+    TopicPartition,
+    position_order,
+    position_values,
+    replaces,
+)
 from consumer.core.settings import RunSettings
 from consumer.core.urls import mask_url
 from consumer.decoding.avro import encode_confluent, encode_single_object
@@ -52,11 +63,13 @@ from consumer.engine.sink import (
     GroupBoundSink,
     InterruptibleSink,
     JobStore,
+    PositionGuardedSink,
     RowsOrigin,
     Sink,
     StateChange,
     StateEntry,
     StateStore,
+    StoredRowsReader,
     check_epochs,
 )
 from consumer.engine.state import KeyedState
@@ -66,6 +79,7 @@ from consumer.runner.run import Runner, run
 
 __all__ = [
     "CURRENT_FORMAT_VERSION",
+    "POSITION_COLUMNS",
     "SINK_ENTRY_POINT_GROUP",
     "SOURCE_COLUMNS",
     "App",
@@ -88,6 +102,7 @@ __all__ = [
     "KeyedState",
     "LimitedSink",
     "OffsetkeeperError",
+    "PositionGuardedSink",
     "RawRecord",
     "RebalanceListener",
     "Record",
@@ -102,12 +117,15 @@ __all__ = [
     "SchemaRegistryError",
     "Sink",
     "SinkError",
+    "SourcePosition",
     "StartPosition",
     "StateChange",
     "StateEntry",
     "StateSchema",
     "StateStore",
     "StopReason",
+    "StoredPosition",
+    "StoredRowsReader",
     "Table",
     "TableMode",
     "TopicPartition",
@@ -123,6 +141,9 @@ __all__ = [
     "load_app",
     "mask_url",
     "open_sink",
+    "position_order",
+    "position_values",
+    "replaces",
     "run",
     "to_avro",
 ]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import psycopg
@@ -14,6 +14,8 @@ from consumer import (
     Checkpoint,
     RowsOrigin,
     SinkError,
+    SourcePosition,
+    StoredPosition,
     Table,
     TopicPartition,
     ValueLimits,
@@ -22,7 +24,14 @@ from consumer import (
     mask_url,
 )
 from sinks._postgres_refusals import constraint_column, refusal
-from sinks._postgres_staging import StagingTables, check_staging_names, copy_rows
+from sinks._postgres_rows import (
+    create_app_table,
+    existing_columns,
+    merge_rows,
+    on_conflict,
+    read_stored_rows,
+)
+from sinks._postgres_staging import StagingTables, check_staging_names
 from sinks._sql import (
     CHECKPOINT_V2_COLUMNS,
     DEFAULT_CHECKPOINT_TABLE,
@@ -44,15 +53,6 @@ _V2_TYPES = {
     "state_version": "INTEGER",
 }
 
-_PG_TYPES = {
-    "text": "TEXT",
-    "bigint": "BIGINT",
-    "integer": "INTEGER",
-    "double": "DOUBLE PRECISION",
-    "boolean": "BOOLEAN",
-    "bytes": "BYTEA",
-    "json": "JSONB",
-}
 
 # The update time is stored as a TIMESTAMPTZ: psycopg adapts the datetime as it is.
 _CHECKPOINT_ROWS = CheckpointRows(
@@ -160,7 +160,7 @@ class PostgresSink(SqlStateMethods, SqlSink):
                 cursor.execute("SELECT pg_advisory_xact_lock(%s)", (_DDL_LOCK_KEY,))
                 self._create_own_tables(cursor)
                 for table in tables:
-                    self._create_table(cursor, table)
+                    create_app_table(cursor, table)
             db.commit()
 
     def _create_own_tables(self, cursor: psycopg.Cursor[Any]) -> None:
@@ -175,7 +175,7 @@ class PostgresSink(SqlStateMethods, SqlSink):
         )
         # Format v2 columns; a table created by v1 code gets them here (its rows keep
         # format_version 1 and are upgraded when read).
-        present = _existing_columns(cursor, self._checkpoint_name)
+        present = existing_columns(cursor, self._checkpoint_name)
         for column in CHECKPOINT_V2_COLUMNS:
             if column in present:
                 continue  # ALTER takes an exclusive lock even when it changes nothing
@@ -202,31 +202,6 @@ class PostgresSink(SqlStateMethods, SqlSink):
 
     def open_existing(self) -> None:
         self._connect()
-
-    def _create_table(self, cursor: psycopg.Cursor[Any], table: Table) -> None:
-        columns = sql.SQL(", ").join(
-            sql.SQL("{} {}").format(sql.Identifier(c), sql.SQL(_PG_TYPES[t]))
-            for c, t in table.columns.items()
-        )
-        key = sql.SQL(", ").join(sql.Identifier(c) for c in table.key)
-        cursor.execute(
-            sql.SQL("CREATE TABLE IF NOT EXISTS {} ({}, PRIMARY KEY ({}))").format(
-                sql.Identifier(table.name), columns, key
-            )
-        )
-        present = _existing_columns(cursor, table.name)
-        for column, column_type in table.columns.items():
-            if column in present:
-                # ALTER would take an ACCESS EXCLUSIVE lock even with IF NOT EXISTS, and
-                # deadlock with running members' batches; only migrate what is missing.
-                continue
-            cursor.execute(
-                sql.SQL("ALTER TABLE {} ADD COLUMN IF NOT EXISTS {} {}").format(
-                    sql.Identifier(table.name),
-                    sql.Identifier(column),
-                    sql.SQL(_PG_TYPES[column_type]),
-                )
-            )
 
     def close(self) -> None:
         if self._connection is not None:
@@ -285,7 +260,7 @@ class PostgresSink(SqlStateMethods, SqlSink):
     def _read_checkpoints(
         self, cursor: psycopg.Cursor[Any], group: str
     ) -> dict[TopicPartition, Checkpoint]:
-        present = _existing_columns(cursor, self._checkpoint_name)
+        present = existing_columns(cursor, self._checkpoint_name)
         cursor.execute(
             sql.SQL("SELECT {} FROM {} WHERE group_id = %s").format(
                 sql.SQL(_CHECKPOINT_ROWS.select_list(present)), self._checkpoints
@@ -305,31 +280,38 @@ class PostgresSink(SqlStateMethods, SqlSink):
     def write_rows(
         self, table: Table, rows: Sequence[Mapping[str, Any]], origin: RowsOrigin | None = None
     ) -> None:
-        if not rows:
-            return
-        column_list = sql.SQL(", ").join(sql.Identifier(c) for c in table.columns)
-        written = Written(table, rows)
-        with (
-            self._mapped("cannot write rows", written=written, table=table.name),
-            self._db.cursor() as cursor,
-        ):
-            staging = self._staging.staging_for(cursor, table)
-            copy_rows(cursor, staging, table, rows)
-            cursor.execute(
-                sql.SQL(
-                    "INSERT INTO {target} ({columns}) SELECT {columns} FROM {staging}"
-                    " ON CONFLICT ({key}) {conflict}"
-                ).format(
-                    target=sql.Identifier(table.name),
-                    columns=column_list,
-                    staging=staging,
-                    key=sql.SQL(", ").join(sql.Identifier(c) for c in table.key),
-                    conflict=_on_conflict(table),
+        if rows:
+            with self._mapped("cannot write rows", written=Written(table, rows), table=table.name):
+                merge_rows(
+                    self._db,
+                    self._staging,
+                    table,
+                    rows,
+                    positions=None,
+                    conflict=on_conflict(table),
                 )
-            )
-            # ON COMMIT DELETE ROWS empties it at commit; a retry in the same
-            # transaction must not see these rows twice.
-            cursor.execute(sql.SQL("TRUNCATE {}").format(staging))
+
+    def write_guarded_rows(
+        self,
+        table: Table,
+        rows: Sequence[Mapping[str, Any]],
+        positions: Sequence[SourcePosition],
+        *,
+        overwrite_newer: bool = False,
+    ) -> None:
+        if rows:
+            conflict = on_conflict(table, positions=True, guarded=not overwrite_newer)
+            with self._mapped("cannot write rows", written=Written(table, rows), table=table.name):
+                merge_rows(
+                    self._db, self._staging, table, rows, positions=positions, conflict=conflict
+                )
+
+    def read_stored_rows(
+        self, table: Table
+    ) -> Iterator[tuple[dict[str, Any], StoredPosition | None]]:
+        conninfo = make_conninfo(self._dsn, **self._options)
+        with self._mapped("cannot read rows", table=table.name):
+            yield from read_stored_rows(conninfo, table)
 
     def save_checkpoints(
         self,
@@ -463,22 +445,3 @@ class PostgresSink(SqlStateMethods, SqlSink):
                 row = cursor.fetchone()
             db.commit()
         return None if row is None else str(row[0])
-
-
-def _on_conflict(table: Table) -> sql.Composable:
-    """What an upsert does with a row whose key exists: replace its other columns."""
-    updates = [c for c in table.columns if c not in table.key]
-    if not updates:
-        return sql.SQL("DO NOTHING")
-    return sql.SQL("DO UPDATE SET ") + sql.SQL(", ").join(
-        sql.SQL("{0} = EXCLUDED.{0}").format(sql.Identifier(c)) for c in updates
-    )
-
-
-def _existing_columns(cursor: psycopg.Cursor[Any], table: str) -> set[str]:
-    cursor.execute(
-        "SELECT column_name FROM information_schema.columns"
-        " WHERE table_schema = current_schema() AND table_name = %s",
-        (table,),
-    )
-    return {str(row[0]) for row in cursor.fetchall()}

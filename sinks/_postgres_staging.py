@@ -26,7 +26,7 @@ import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from consumer import ConfigError, Table
+from consumer import POSITION_COLUMNS, ConfigError, SourcePosition, Table, position_values
 
 STAGING_PREFIX = "offsetkeeper_stage_"
 _KEPT_CHARS = 27
@@ -87,17 +87,28 @@ def copy_rows(
     staging: sql.Identifier,
     table: Table,
     rows: Sequence[Mapping[str, Any]],
+    positions: Sequence[SourcePosition] | None = None,
 ) -> None:
     """COPY `rows` into the staging table, a row's absent columns as NULL (a json column's
-    value, None included, as JSON)."""
+    value, None included, as JSON); with `positions`, each row's source position into the
+    position columns."""
     columns = list(table.columns)
     json_at = [i for i, kind in enumerate(table.columns.values()) if kind == "json"]
     statement = sql.SQL("COPY {} ({}) FROM STDIN")
-    column_list = sql.SQL(", ").join(sql.Identifier(c) for c in columns)
+    copied = columns if positions is None else [*columns, *POSITION_COLUMNS]
+    column_list = sql.SQL(", ").join(sql.Identifier(c) for c in copied)
     with cursor.copy(statement.format(staging, column_list)) as copy:
         write = copy.write_row
-        for row in rows:
+        if positions is None:
+            for row in rows:
+                values = list(map(row.get, columns))
+                for i in json_at:
+                    values[i] = Jsonb(values[i])
+                write(values)
+            return
+        for row, position in zip(rows, positions, strict=True):
             values = list(map(row.get, columns))
             for i in json_at:
                 values[i] = Jsonb(values[i])
+            values.extend(position_values(position))
             write(values)

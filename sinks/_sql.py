@@ -14,10 +14,12 @@ from typing import Any, ClassVar
 
 from consumer import (
     CURRENT_FORMAT_VERSION,
+    POSITION_COLUMNS,
     Checkpoint,
     ConfigError,
     RowsRefusedError,
     SinkError,
+    StoredPosition,
     Table,
     decode_checkpoint,
     encode_checkpoint,
@@ -108,6 +110,14 @@ class CheckpointRows:
                 **dict(zip(CHECKPOINT_V2_COLUMNS, v2, strict=True)),
             }
         )
+
+
+def stored_position(stored: Sequence[Any]) -> StoredPosition | None:
+    """The position columns of a row (topic, partition, offset, timestamp), None if unset."""
+    if len(stored) < len(POSITION_COLUMNS) or stored[2] is None:
+        return None
+    topic, partition, offset, timestamp = stored
+    return StoredPosition(str(topic), int(partition), int(offset), int(timestamp))
 
 
 def own_table_names(checkpoint_table: str, lease_table: str) -> dict[str, str]:

@@ -6,21 +6,25 @@ import contextlib
 import json
 import re
 import sqlite3
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from consumer import (
     CURRENT_FORMAT_VERSION,
+    POSITION_COLUMNS,
     Checkpoint,
     RowsOrigin,
     SinkError,
+    SourcePosition,
+    StoredPosition,
     Table,
     TopicPartition,
     ValueLimits,
     check_epochs,
     check_identifier,
+    position_values,
 )
 from sinks._sql import (
     CHECKPOINT_V2_COLUMNS,
@@ -32,6 +36,7 @@ from sinks._sql import (
     SqlSink,
     Written,
     own_table_names,
+    stored_position,
     unbindable_column,
 )
 from sinks._sql_state import SqliteStateTable, SqlStateMethods
@@ -132,6 +137,8 @@ class SqliteSink(SqlStateMethods, SqlSink):
         self._busy_timeout_s = busy_timeout_s
         self._connection: sqlite3.Connection | None = None
         self._upsert_sql: dict[str, str] = {}
+        # Per upsert table: the position-guarded upsert, and the one that overwrites newer rows.
+        self._guarded_sql: dict[str, tuple[str, str]] = {}
         self._encoders: dict[str, tuple[Callable[[Any], Any] | None, ...]] = {}
         self._state = SqliteStateTable(lambda: self._db, self._mapped)
 
@@ -242,7 +249,10 @@ class SqliteSink(SqlStateMethods, SqlSink):
         key = ", ".join(_quote(column) for column in table.key)
         self._db.execute(f"CREATE TABLE IF NOT EXISTS {name} ({columns}, PRIMARY KEY ({key}))")
         existing = {row[1] for row in self._db.execute(f"PRAGMA table_info({name})")}
-        for column, column_type in table.columns.items():
+        # Upsert tables keep each row's source position; rows of an older table have none
+        # (NULL), which counts as oldest.
+        wanted = {**table.columns, **(POSITION_COLUMNS if table.mode == "upsert" else {})}
+        for column, column_type in wanted.items():
             if column not in existing:
                 self._db.execute(
                     f"ALTER TABLE {name} ADD COLUMN {_quote(column)} {_SQLITE_TYPES[column_type]}"
@@ -258,6 +268,8 @@ class SqliteSink(SqlStateMethods, SqlSink):
             f"INSERT INTO {name} ({', '.join(_quote(c) for c in column_list)}) "
             f"VALUES ({', '.join('?' for _ in column_list)}) ON CONFLICT ({key}) {conflict}"
         )
+        if table.mode == "upsert":
+            self._guarded_sql[table.name] = _guarded_upserts(table)
         self._encoders[table.name] = tuple(
             _json_text if t == "json" else _double if t == "double" else None
             for t in table.columns.values()
@@ -322,6 +334,49 @@ class SqliteSink(SqlStateMethods, SqlSink):
                 for row in rows
             ]
             self._db.executemany(sql, params)
+
+    def write_guarded_rows(
+        self,
+        table: Table,
+        rows: Sequence[Mapping[str, Any]],
+        positions: Sequence[SourcePosition],
+        *,
+        overwrite_newer: bool = False,
+    ) -> None:
+        if not rows:
+            return
+        guarded, overwriting = self._guarded_sql[table.name]
+        columns = tuple(zip(table.columns, self._encoders[table.name], strict=True))
+        written = Written(table, rows)
+        with self._mapped("cannot write rows", rollback=False, written=written, table=table.name):
+            params = [
+                (
+                    *(
+                        row.get(c) if encode is None else encode(row.get(c))
+                        for c, encode in columns
+                    ),
+                    *position_values(position),
+                )
+                for row, position in zip(rows, positions, strict=True)
+            ]
+            self._db.executemany(overwriting if overwrite_newer else guarded, params)
+
+    def read_stored_rows(
+        self, table: Table
+    ) -> Iterator[tuple[dict[str, Any], StoredPosition | None]]:
+        names = list(table.columns)
+        selected = [*names, *(POSITION_COLUMNS if table.mode == "upsert" else ())]
+        decoders = [_json_loads if t == "json" else None for t in table.columns.values()]
+        with self._mapped("cannot read rows", rollback=False, table=table.name):
+            cursor = self._db.execute(
+                f"SELECT {', '.join(_quote(c) for c in selected)} FROM {_quote(table.name)}"
+            )
+            for stored in cursor:
+                values = {
+                    name: value if decode is None or value is None else decode(value)
+                    for name, value, decode in zip(names, stored, decoders, strict=False)
+                }
+                yield values, stored_position(stored[len(names) :])
 
     def save_checkpoints(
         self,
@@ -421,6 +476,49 @@ class SqliteSink(SqlStateMethods, SqlSink):
         """Abort the statement running on another thread (a shutdown aborting a batch)."""
         if self._connection is not None:
             self._connection.interrupt()
+
+
+def _json_loads(text: Any) -> Any:
+    return json.loads(text)
+
+
+def _guarded_upserts(table: Table) -> tuple[str, str]:
+    """The upsert of an upsert table with its source position (the position columns bound
+    last): guarded (a stored row from a newer position stays, see
+    `consumer.core.records.replaces`), and overwriting (`replay --overwrite-newer`)."""
+    name = _quote(table.name)
+    columns = [*table.columns, *POSITION_COLUMNS]
+    key = ", ".join(_quote(column) for column in table.key)
+    updates = ", ".join(
+        f"{_quote(c)} = excluded.{_quote(c)}" for c in columns if c not in table.key
+    )
+    insert = (
+        f"INSERT INTO {name} ({', '.join(_quote(c) for c in columns)}) "
+        f"VALUES ({', '.join('?' for _ in columns)}) ON CONFLICT ({key}) DO UPDATE SET {updates}"
+    )
+    return f"{insert} WHERE {_position_guard(name)}", insert
+
+
+def _position_guard(stored: str) -> str:
+    """SQL: the incoming row (`excluded`) may replace the `stored` row."""
+    new = [f"excluded.{c}" for c in _POSITION_ORDER]
+    old = [f"{stored}.{c}" for c in _POSITION_ORDER]
+    return (
+        f"{stored}.offsetkeeper_offset IS NULL OR CASE"
+        f" WHEN {stored}.offsetkeeper_topic = excluded.offsetkeeper_topic"
+        f" AND {stored}.offsetkeeper_partition = excluded.offsetkeeper_partition"
+        f" THEN excluded.offsetkeeper_offset >= {stored}.offsetkeeper_offset"
+        f" ELSE ({', '.join(new)}) >= ({', '.join(old)}) END"
+    )
+
+
+# The position columns in the order positions compare across partitions.
+_POSITION_ORDER = (
+    "offsetkeeper_timestamp",
+    "offsetkeeper_topic",
+    "offsetkeeper_partition",
+    "offsetkeeper_offset",
+)
 
 
 def _now_ms() -> int:

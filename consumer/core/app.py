@@ -59,6 +59,17 @@ SOURCE_COLUMNS: Mapping[str, ColumnType] = {
 }
 
 
+# Upsert tables of the SQL sinks keep, per row, the source position that wrote it (see
+# `consumer.core.records.replaces`): a write never replaces a row from a newer position.
+POSITION_COLUMNS: Mapping[str, ColumnType] = {
+    "offsetkeeper_topic": "text",
+    "offsetkeeper_partition": "integer",
+    "offsetkeeper_offset": "bigint",
+    "offsetkeeper_timestamp": "bigint",
+}
+RESERVED_COLUMN_PREFIX = "offsetkeeper_"
+
+
 @dataclass(frozen=True, slots=True)
 class Table:
     """An output table: columns with types, and the key that makes a write idempotent.
@@ -106,6 +117,13 @@ class Table:
     def _check_columns(self) -> None:
         for column, column_type in self.columns.items():
             check_identifier(column, what="column name")
+            if column.casefold().startswith(RESERVED_COLUMN_PREFIX):
+                raise ConfigError(
+                    f"column names starting with {RESERVED_COLUMN_PREFIX!r} are reserved for "
+                    "the source position offsetkeeper keeps beside each row",
+                    table=self.name,
+                    column=column,
+                )
             if column_type not in COLUMN_TYPES:
                 raise ConfigError(
                     "unknown column type",

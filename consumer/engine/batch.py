@@ -17,13 +17,13 @@ import inspect
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import structlog
 
 from consumer.core.app import App, Table
 from consumer.core.errors import ConfigError, InvalidRecordError, OffsetkeeperError, RecordError
-from consumer.core.records import RawRecord, Record, Row, TopicPartition
+from consumer.core.records import RawRecord, Record, Row, SourcePosition, TopicPartition, replaces
 from consumer.decoding.decoders import Decoder
 from consumer.engine.sink import StateChange
 from consumer.engine.state import BatchState, PartitionState, keys_of
@@ -31,7 +31,8 @@ from consumer.engine.values import RowChecker
 
 log = structlog.get_logger("offsetkeeper.batch")
 
-KeyedRow = tuple[Table, tuple[Any, ...], Mapping[str, Any]]
+# A row with its table, its key, and the record that produced it (its source position).
+KeyedRow = tuple[Table, tuple[Any, ...], Mapping[str, Any], RawRecord]
 BadRecordAction = Literal["stop", "dead-letter"]
 
 
@@ -367,20 +368,42 @@ def _keyed_row(
             raise InvalidRecordError(
                 "a key column's value cannot be a key (not hashable)", table=table.name
             ) from None
-    return (table, key, values)
+    return (table, key, values, raw)
 
 
-def merge_rows(works: Iterable[PartitionWork]) -> dict[str, tuple[Table, list[Mapping[str, Any]]]]:
-    """Rows per table with one row per key: the last one written in offset order wins."""
-    merged: dict[str, tuple[Table, dict[tuple[Any, ...], Mapping[str, Any]]]] = {}
+class MergedTable(NamedTuple):
+    """A table's rows of a batch, one per key, each with the source position that wrote it."""
+
+    table: Table
+    rows: list[Mapping[str, Any]]
+    positions: list[SourcePosition]
+
+
+def merge_rows(works: Iterable[PartitionWork]) -> dict[str, MergedTable]:
+    """Rows per table with one row per key: the row from the newest source position wins
+    (`consumer.core.records.replaces`: within a partition the last in offset order; across
+    partitions by record timestamp, then topic, partition and offset), the same rule the SQL
+    sinks apply against the rows already stored."""
+    merged: dict[str, tuple[Table, dict[tuple[Any, ...], tuple[Mapping[str, Any], RawRecord]]]]
+    merged = {}
     for work in works:
-        for table, key, values in work.rows:
+        for table, key, values, raw in work.rows:
             entry = merged.get(table.name)
             if entry is None:
                 entry = (table, {})
                 merged[table.name] = entry
             by_key = entry[1]
             # Re-insert so the dict order follows the last write (stable for the sink).
-            by_key.pop(key, None)
-            by_key[key] = values
-    return {name: (table, list(by_key.values())) for name, (table, by_key) in merged.items()}
+            earlier = by_key.pop(key, None)
+            if earlier is not None and not replaces(raw, earlier[1]):
+                by_key[key] = earlier
+            else:
+                by_key[key] = (values, raw)
+    return {
+        name: MergedTable(
+            table,
+            [values for values, _raw in by_key.values()],
+            [raw for _values, raw in by_key.values()],
+        )
+        for name, (table, by_key) in merged.items()
+    }

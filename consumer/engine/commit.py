@@ -2,9 +2,10 @@
 
     0. (Caller, before) write the batch's dead letters and wait for the broker's
        acknowledgement of each, so no offset past a dead letter commits without it.
-    1. Merge the batch's rows per table, one row per key (the last in offset order wins).
+    1. Merge the batch's rows per table, one row per key (the newest source position wins).
     2. BEGIN a sink transaction.
-    3. Write the rows (upsert by key: writing the same batch twice changes nothing), then the
+    3. Write the rows (upsert by key: writing the same batch twice changes nothing; a sink
+       that guards positions never lets an older record replace a newer row), then the
        changes of the partitions' keyed state (stateful apps).
     4. Save each partition's checkpoint (its next offset), conditional on the fencing epoch
        taken at assignment; a stale epoch raises FencedError.
@@ -20,15 +21,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
 
 from consumer.checkpoints.model import Checkpoint, writer_version
-from consumer.core.app import Table
 from consumer.core.errors import ConfigError
 from consumer.core.records import TopicPartition
-from consumer.engine.batch import PartitionWork, merge_rows
+from consumer.engine.batch import MergedTable, PartitionWork, merge_rows
 from consumer.engine.crash import CrashInjector
-from consumer.engine.sink import RowsOrigin, Sink, StateStore
+from consumer.engine.sink import PositionGuardedSink, RowsOrigin, Sink, StateStore
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,8 +44,11 @@ def commit_batch(
     works: Sequence[PartitionWork],
     epochs: Mapping[TopicPartition, int],
     crash: CrashInjector,
+    overwrite_newer: bool = False,
 ) -> CommittedBatch:
-    """Steps 1-5 above. Raises SinkError/FencedError after rolling back."""
+    """Steps 1-5 above. Raises SinkError/FencedError after rolling back. `overwrite_newer`:
+    a position-guarded sink replaces rows regardless of their position (`replay
+    --overwrite-newer`)."""
     writes = _merged_writes(sink, group, works)  # 1
     checkpoints = _checkpoints(group, works, epochs)
     # A partition that did not move (stopped at its first record) writes no state either.
@@ -58,11 +60,17 @@ def commit_batch(
     ]
     state_store = _state_store(sink) if state_changes else None
     rows = 0
+    guarded = sink if isinstance(sink, PositionGuardedSink) else None
     sink.begin()  # 2
     try:
         for origin, merged in writes:  # 3
-            for table, table_rows in merged.values():
-                sink.write_rows(table, table_rows, origin)
+            for table, table_rows, positions in merged.values():
+                if guarded is not None and table.mode == "upsert":
+                    guarded.write_guarded_rows(
+                        table, table_rows, positions, overwrite_newer=overwrite_newer
+                    )
+                else:
+                    sink.write_rows(table, table_rows, origin)
                 rows += len(table_rows)
         if state_store is not None:
             state_store.write_state(group, state_changes)
@@ -90,7 +98,7 @@ def _state_store(sink: Sink) -> StateStore:
     return sink
 
 
-_Writes = list[tuple[RowsOrigin | None, Mapping[str, tuple[Table, list[Mapping[str, Any]]]]]]
+_Writes = list[tuple[RowsOrigin | None, Mapping[str, MergedTable]]]
 
 
 def _merged_writes(sink: Sink, group: str, works: Sequence[PartitionWork]) -> _Writes:

@@ -113,6 +113,7 @@ class BatchLoop:
         unwrap: Unwrap | None = None,
         state_cache_bytes: int = DEFAULT_CACHE_BYTES,
         pipelined: bool = False,
+        overwrite_newer: bool = False,
     ) -> None:
         _check_state_store(app, sink)
         self.app = app
@@ -138,6 +139,7 @@ class BatchLoop:
         self.checker = RowChecker(sink.value_limits if isinstance(sink, LimitedSink) else None)
         self.positions: dict[TopicPartition, Position] = {}
         self.state_cache = StateCache(state_cache_bytes)
+        self.overwrite_newer = overwrite_newer  # replay --overwrite-newer (guarded sinks)
         # Partitions halted on a bad record. Kept when they are forgotten (leaving the group
         # revokes everything before the driver reports); dropped when tracked again.
         self.halted: dict[TopicPartition, RecordError] = {}
@@ -279,6 +281,7 @@ class BatchLoop:
                 works=works,
                 epochs=epochs,
                 crash=self.crash,
+                overwrite_newer=self.overwrite_newer,
             ),
         )
 

@@ -38,7 +38,7 @@ from typing import Any, NamedTuple, Protocol, runtime_checkable
 from consumer.checkpoints.model import Checkpoint
 from consumer.core.app import Table
 from consumer.core.errors import FencedError
-from consumer.core.records import TopicPartition
+from consumer.core.records import SourcePosition, StoredPosition, TopicPartition
 
 
 @dataclass(frozen=True, slots=True)
@@ -192,6 +192,43 @@ class InterruptibleSink(Protocol):
     aborting the batch in flight on the committer thread (its transaction rolls back)."""
 
     def interrupt(self) -> None: ...
+
+
+@runtime_checkable
+class PositionGuardedSink(Protocol):
+    """A sink that keeps, beside each row of an upsert table, the source position that wrote
+    it, and never lets an older position replace a newer one (`consumer.core.records.replaces`),
+    inside the same upsert statement. Live consumption, replay and dead-letter re-drive all
+    write through it, so a backfill beside the live group cannot regress a row."""
+
+    def write_guarded_rows(
+        self,
+        table: Table,
+        rows: Sequence[Mapping[str, Any]],
+        positions: Sequence[SourcePosition],
+        *,
+        overwrite_newer: bool = False,
+    ) -> None:
+        """Upsert `rows` of the upsert `table` (`positions[i]` wrote `rows[i]`) inside the open
+        transaction: a stored row of the same key is replaced only if its position is not
+        newer, or regardless with `overwrite_newer` (a deliberate recompute). Keys are
+        unique within a call."""
+        ...
+
+
+@runtime_checkable
+class StoredRowsReader(Protocol):
+    """A sink whose tables can be read back row by row, for `offsetkeeper checkpoint audit`
+    and the overwrite count of `replay --overwrite-newer --dry-run`. Read-only and safe beside
+    running members (one consistent snapshot, no locks that block their commits)."""
+
+    def read_stored_rows(
+        self, table: Table
+    ) -> Iterator[tuple[dict[str, Any], StoredPosition | None]]:
+        """Every row of `table` (its declared columns, values as the database driver returns
+        them) with the source position stored beside it (None: none stored, or an append
+        table, whose position is in its columns)."""
+        ...
 
 
 @runtime_checkable

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
@@ -18,6 +19,7 @@ from consumer import (
     StateSchema,
     Table,
     TopicPartition,
+    replaces,
 )
 from consumer.core.errors import SchemaRegistryError
 from consumer.decoding.decoders import decoder_for
@@ -43,7 +45,7 @@ def _records(tp: TopicPartition, values: list[Any], first_offset: int = 0) -> li
 
 
 def _rows(work: PartitionWork) -> list[tuple[str, tuple[Any, ...], dict[str, Any]]]:
-    return [(table.name, key, dict(values)) for table, key, values in work.rows]
+    return [(table.name, key, dict(values)) for table, key, values, _raw in work.rows]
 
 
 def _event_row(event_id: str, amount: int, partition: int, offset: int) -> dict[str, Any]:
@@ -303,7 +305,7 @@ def test_merge_rows_keeps_the_last_row_per_key_in_offset_order() -> None:
     merged = merge_rows([work])
 
     assert list(merged) == ["events"]
-    table, rows = merged["events"]
+    table, rows, _positions = merged["events"]
     assert table is EVENTS
     assert [dict(r) for r in rows] == [
         _event_row("a", 3, 0, 2),
@@ -336,6 +338,41 @@ def test_merge_rows_across_partitions_and_tables() -> None:
         {"id": "a", "amount": 7},
     ]
     assert [dict(r) for r in merged["counts"][1]] == [{"name": "total", "n": 11}]
+
+
+def test_merge_rows_of_an_upsert_table_follow_the_position_rule() -> None:
+    totals = Table("totals", columns={"id": "text", "amount": "bigint"}, key=("id",))
+    app = App(name="totals", tables=(totals,))
+    app.process(lambda record: Row("totals", record.value))
+
+    def at(partition: int, offset: int, timestamp_ms: int, amount: int) -> RawRecord:
+        value = json.dumps({"id": "k", "amount": amount}).encode()
+        return RawRecord("totals", partition, offset, timestamp_ms, None, value)
+
+    tp0, tp1 = TopicPartition("totals", 0), TopicPartition("totals", 1)
+    # Within a partition the later offset wins even with an earlier timestamp.
+    within = process_partition(app, JSON, tp0, [at(0, 1, 5_000, 1), at(0, 2, 4_000, 2)])
+    assert merge_rows([within])["totals"].rows == [{"id": "k", "amount": 2}]
+    # Across partitions the later timestamp wins, in either order of the works.
+    later = process_partition(app, JSON, tp0, [at(0, 7, 2_000, 10)])
+    earlier = process_partition(app, JSON, tp1, [at(1, 99, 1_000, 20)])
+    for works in ([later, earlier], [earlier, later]):
+        merged = merge_rows(works)["totals"]
+        assert merged.rows == [{"id": "k", "amount": 10}]
+        assert [(p.partition, p.offset) for p in merged.positions] == [(0, 7)]
+
+
+def test_the_replace_rule() -> None:
+    def at(topic: str, partition: int, offset: int, timestamp_ms: int | None) -> RawRecord:
+        return RawRecord(topic, partition, offset, timestamp_ms, None, None)
+
+    assert replaces(at("t", 0, 1, 0), None), "a row without a position counts as oldest"
+    assert replaces(at("t", 0, 5, 0), at("t", 0, 5, 9)), "the same record again"
+    assert not replaces(at("t", 0, 4, 9), at("t", 0, 5, 0)), "same partition: by offset"
+    assert not replaces(at("t", 1, 9, 0), at("t", 0, 5, 1)), "across partitions: by time"
+    assert replaces(at("t", 1, 0, 1), at("t", 0, 5, 1)), "same time: by partition"
+    assert not replaces(at("t", 1, 0, None), at("t", 0, 5, 0)), "no timestamp is oldest"
+    assert not replaces(at("Z", 0, 9, 1), at("a", 0, 0, 1)), "same time: topics by code point"
 
 
 def test_merge_rows_with_composite_keys() -> None:
@@ -400,7 +437,7 @@ def test_a_dead_lettered_record_lets_the_partition_go_on_and_keeps_its_original_
 
     assert work.error is None
     assert (work.first_offset, work.next_offset, work.records) == (10, 13, 3)
-    assert [key for _t, key, _v in work.rows] == [("a",), ("b",)]
+    assert [key for _t, key, _v, _raw in work.rows] == [("a",), ("b",)]
     assert [letter.record for letter in work.dead_letters] == [records[1]]
     letter = work.dead_letters[0]
     assert isinstance(letter.error, DecodeError)
@@ -447,7 +484,7 @@ def test_a_dead_lettered_record_leaves_no_trace_in_the_state() -> None:
     )
 
     assert work.state_changes == [StateChange(TP0, "a", b"13", 1)], "the failed +100 is gone"
-    assert [values["total"] for _t, _k, values in work.rows] == [11, 13]
+    assert [values["total"] for _t, _k, values, _raw in work.rows] == [11, 13]
     assert len(work.dead_letters) == 1
 
 

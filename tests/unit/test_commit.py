@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from consumer import FencedError, RowsOrigin, SinkError, Table, TopicPartition
+from consumer import FencedError, RowsOrigin, SinkError, SourcePosition, Table, TopicPartition
 from consumer.decoding.decoders import decoder_for
 from consumer.engine.batch import PartitionWork, process_partition
 from consumer.engine.commit import CommittedBatch, commit_batch
@@ -84,6 +84,17 @@ class _FailingWrites(SqliteSink):
         self, table: Table, rows: Sequence[Mapping[str, Any]], origin: RowsOrigin | None = None
     ) -> None:
         super().write_rows(table, rows, origin)
+        raise SinkError("write failed after the rows went in (injected)")
+
+    def write_guarded_rows(
+        self,
+        table: Table,
+        rows: Sequence[Mapping[str, Any]],
+        positions: Sequence[SourcePosition],
+        *,
+        overwrite_newer: bool = False,
+    ) -> None:
+        super().write_guarded_rows(table, rows, positions, overwrite_newer=overwrite_newer)
         raise SinkError("write failed after the rows went in (injected)")
 
 

@@ -27,6 +27,7 @@ from consumer import (
     RowsOrigin,
     RowsRefusedError,
     SinkError,
+    SourcePosition,
     StateSchema,
     Table,
     TopicPartition,
@@ -936,6 +937,18 @@ class RefusingSink(SqliteSink):
         self, table: Table, rows: Sequence[Mapping[str, Any]], origin: RowsOrigin | None = None
     ) -> None:
         super().write_rows(table, rows, origin)
+        if any(row.get("amount") == 666 for row in rows):
+            raise RowsRefusedError("check constraint violated (injected)", field="amount")
+
+    def write_guarded_rows(
+        self,
+        table: Table,
+        rows: Sequence[Mapping[str, Any]],
+        positions: Sequence[SourcePosition],
+        *,
+        overwrite_newer: bool = False,
+    ) -> None:
+        super().write_guarded_rows(table, rows, positions, overwrite_newer=overwrite_newer)
         if any(row.get("amount") == 666 for row in rows):
             raise RowsRefusedError("check constraint violated (injected)", field="amount")
 

@@ -81,7 +81,7 @@ def test_a_batch_writes_only_the_keys_it_changed_with_in_place_changes_kept() ->
     work = process_partition(_counting(), _decode, TP, _records("old", "new", "new"), state)
 
     assert _changes(work) == {"old": {"count": 6}, "new": {"count": 2}}
-    assert [values["count"] for _t, _k, values in work.rows] == [6, 1, 2]
+    assert [values["count"] for _t, _k, values, _raw in work.rows] == [6, 1, 2]
 
 
 def test_reading_a_key_without_changing_it_writes_nothing() -> None:

@@ -102,7 +102,7 @@ def test_through_the_batch_path_the_error_is_located() -> None:
 
     work = process_partition(app, decoder_for(app.decode), records[0].topic_partition, records)
 
-    assert [(key, dict(values)) for _table, key, values in work.rows] == [(("o-1",), VALID)]
+    assert [(key, dict(values)) for _table, key, values, _raw in work.rows] == [(("o-1",), VALID)]
     assert work.next_offset == 41
     error = work.error
     assert isinstance(error, InvalidRecordError)

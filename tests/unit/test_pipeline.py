@@ -24,6 +24,7 @@ from consumer import (
     RowsOrigin,
     RowsRefusedError,
     SinkError,
+    SourcePosition,
     Table,
     TopicPartition,
 )
@@ -95,6 +96,18 @@ class GatedSink(SqliteSink):
         self, table: Table, rows: Sequence[Mapping[str, Any]], origin: RowsOrigin | None = None
     ) -> None:
         super().write_rows(table, rows, origin)
+        if any(row.get("amount") == 666 for row in rows):
+            raise RowsRefusedError("check constraint violated (injected)", field="amount")
+
+    def write_guarded_rows(
+        self,
+        table: Table,
+        rows: Sequence[Mapping[str, Any]],
+        positions: Sequence[SourcePosition],
+        *,
+        overwrite_newer: bool = False,
+    ) -> None:
+        super().write_guarded_rows(table, rows, positions, overwrite_newer=overwrite_newer)
         if any(row.get("amount") == 666 for row in rows):
             raise RowsRefusedError("check constraint violated (injected)", field="amount")
 

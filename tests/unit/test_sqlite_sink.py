@@ -108,6 +108,11 @@ def test_open_creates_the_declared_and_own_tables_in_wal_mode(sink: SqliteSink, 
         ("active", "INTEGER"),
         ("avatar", "BLOB"),
         ("attrs", "TEXT"),
+        # The source position of each row (an upsert table).
+        ("offsetkeeper_topic", "TEXT"),
+        ("offsetkeeper_partition", "INTEGER"),
+        ("offsetkeeper_offset", "INTEGER"),
+        ("offsetkeeper_timestamp", "INTEGER"),
     ]
     assert query(db, "PRAGMA journal_mode") == [("wal",)]
     assert sink.description == f"sqlite:///{db}"
@@ -584,7 +589,16 @@ def test_new_columns_of_a_declared_table_are_added_on_open(db: Path) -> None:
     new.close()
 
     columns = [(name, kind) for _cid, name, kind, *_ in query(db, "PRAGMA table_info(people)")]
-    assert columns == [("id", "TEXT"), ("name", "TEXT"), ("email", "TEXT"), ("tags", "TEXT")]
+    assert columns == [
+        ("id", "TEXT"),
+        ("name", "TEXT"),
+        ("offsetkeeper_topic", "TEXT"),
+        ("offsetkeeper_partition", "INTEGER"),
+        ("offsetkeeper_offset", "INTEGER"),
+        ("offsetkeeper_timestamp", "INTEGER"),
+        ("email", "TEXT"),
+        ("tags", "TEXT"),
+    ]
     assert table_rows(db, "people", order_by="id") == [
         {"id": "a", "name": "Ann", "email": None, "tags": None},
         {"id": "b", "name": "Bob", "email": "bob@example.org", "tags": '["x"]'},
