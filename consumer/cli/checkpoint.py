@@ -28,6 +28,7 @@ from consumer.cli.checkpoint_tools import (
     store_checkpoints,
 )
 from consumer.cli.common import COMMON_SETTINGS, add_common_arguments, cli_values
+from consumer.cli.data_checks import DataFileVerifier, report_data_files
 from consumer.cli.sinks import checkpoint_admin, open_sink
 from consumer.cli.state_tools import (
     StateUpgrade,
@@ -111,8 +112,17 @@ def add_checkpoint_parser(commands: Any) -> None:
     )
     adopt.add_argument("--dry-run", action="store_true", help="print the change, write nothing")
 
-    command(
-        "verify", "report checkpoints that no longer fit their partition's log", checkpoint_verify
+    verify = command(
+        "verify",
+        "report checkpoints that no longer fit their partition's log, and (file sink) data "
+        "files that do not match their recorded checksums",
+        checkpoint_verify,
+    )
+    verify.add_argument(
+        "--require-checksums",
+        action="store_true",
+        help="file sink: count data files with no checksum recorded (committed by a version "
+        "before checksums) as problems",
     )
 
     reset = command("reset", "move a group's checkpoints (not for a live group)", checkpoint_reset)
@@ -491,6 +501,7 @@ def checkpoint_verify(args: argparse.Namespace, out: TextIO) -> int:
     sink = _open(settings, write=False)
     try:
         checkpoints = sink.load_checkpoints(group)
+        file_problems = _verify_data_files(sink, group, out, args.require_checksums)
     finally:
         sink.close()
     reader = _reader(settings, f"verify-{group}")
@@ -500,7 +511,7 @@ def checkpoint_verify(args: argparse.Namespace, out: TextIO) -> int:
         reader.close()
     if not problems:
         out.write(f"group {group}: {len(checkpoints)} checkpoint(s), all within their logs\n")
-        return EXIT_OK
+        return EXIT_PROBLEMS_FOUND if file_problems else EXIT_OK
     out.write(
         f"group {group}: {len(problems)} of {len(checkpoints)} checkpoint(s) "
         "do not fit their logs\n"
@@ -521,6 +532,16 @@ def checkpoint_verify(args: argparse.Namespace, out: TextIO) -> int:
             problem=problem.problem,
         )
     return EXIT_PROBLEMS_FOUND
+
+
+def _verify_data_files(sink: Sink, group: str, out: TextIO, require_checksums: bool) -> int:
+    """The file sink's data files against their recorded checksums; the problems found."""
+    if not isinstance(sink, DataFileVerifier):
+        if require_checksums:
+            raise ConfigError("--require-checksums: this sink keeps no checksums of data files")
+        return 0
+    reports = sink.verify_data_files(group)
+    return report_data_files(out, group, reports, require_checksums=require_checksums)
 
 
 def checkpoint_reset(args: argparse.Namespace, out: TextIO) -> int:

@@ -6,6 +6,7 @@ the files it uncommits; a directory written before checksums reads as before."""
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import shutil
 from collections.abc import Iterator
@@ -16,6 +17,7 @@ from typing import Any
 import pytest
 
 from consumer import Checkpoint, RowsOrigin, SinkError, Table, TopicPartition
+from consumer.cli.data_checks import DataFileReport, DataFileVerifier, report_data_files
 from sinks import (
     CorruptDataFileError,
     DataFileCheck,
@@ -362,3 +364,41 @@ def test_a_hostile_digests_entry_is_a_sink_error(tmp_path: Path, digests: Any) -
     path.write_text(json.dumps({**json.loads(path.read_text()), "digests": digests}))
     with pytest.raises(SinkError, match=r"digests|checksum"):
         committed_files(root, ORDERS, "golden")
+
+
+# -- what `checkpoint verify` prints ---------------------------------------------------------------
+
+
+def test_the_file_sink_is_what_checkpoint_verify_checks(writer: Writer, root: Path) -> None:
+    writer.batches(2)
+    assert isinstance(writer.sink, DataFileVerifier)
+    check = _verify(root)[0]
+    for name in dir(DataFileReport):  # every attribute the CLI reads is there
+        if not name.startswith("_"):
+            getattr(check, name)
+
+
+def test_checkpoint_verify_reports_each_problem_and_counts_unrecorded_only_if_required(
+    writer: Writer, root: Path
+) -> None:
+    writer.batches(3)
+    altered = _orders_file(root, TP1, 3)
+    expected = hashlib.sha256(altered.read_bytes()).hexdigest()
+    altered.write_bytes(altered.read_bytes().replace(b"o-1-3", b"o-1-X"))
+    out = io.StringIO()
+    assert report_data_files(out, GROUP, _verify(root), require_checksums=False) == 1
+    text = out.getvalue()
+    assert "6 committed data file(s): 5 match their checksums, 0 with no checksum recorded" in text
+    (line,) = [line for line in text.splitlines() if line.startswith("  altered: ")]
+    assert f"{altered} (table orders, orders[1] offsets 3..5)" in line
+    assert f"expected sha256 {expected} ({altered.stat().st_size} bytes)" in line
+    assert f"actual {hashlib.sha256(altered.read_bytes()).hexdigest()}" in line
+
+    document = root / "_offsetkeeper" / "checkpoints" / f"{GROUP}.json"
+    document.write_text(json.dumps({**json.loads(document.read_text()), "digests": []}))
+    out = io.StringIO()
+    assert report_data_files(out, GROUP, _verify(root), require_checksums=False) == 0
+    assert "6 with no checksum recorded, 0 problem(s)" in out.getvalue()
+    out = io.StringIO()
+    assert report_data_files(out, GROUP, _verify(root), require_checksums=True) == 6
+    assert out.getvalue().count("  no checksum recorded: ") == 6
