@@ -4,7 +4,6 @@ the Secret for the DSN, and the settings and commands the containers are given."
 
 from __future__ import annotations
 
-import tomllib
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -12,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from consumer import __version__
 from consumer.cli.main import build_parser
 from consumer.cli.replay import EXIT_PARTITIONS_STOPPED as REPLAY_EXIT_PARTITIONS_STOPPED
 from consumer.core.settings import ReplaySettings, RunSettings
@@ -20,7 +20,6 @@ from consumer.runtime.metrics import Metrics
 from consumer.runtime.ops_server import ENDPOINTS, OpsServer
 from consumer.runtime.shutdown import ABORT_GRACE_S
 from tests.fixtures.deploy import (
-    REPO,
     dockerfile,
     k8s_object,
     k8s_objects,
@@ -37,7 +36,7 @@ API_VERSIONS = {
     "Job": "batch/v1",
     "PodDisruptionBudget": "policy/v1",
 }
-VERSION = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))["project"]["version"]
+VERSION = __version__  # written once, in consumer/_version.py
 
 
 def _deployment() -> dict[str, Any]:
