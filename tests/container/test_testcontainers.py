@@ -6,7 +6,6 @@ kill points, and across a broker and a database restart (the containers stopped 
 
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 import sys
