@@ -1,11 +1,20 @@
-"""Figures, ratios and targets from the raw runs; the JSON document and its Markdown table."""
+"""Figures, ratios and targets from the raw runs; the JSON document, its Markdown table and
+its PNG charts (charts.py).
+
+`python ops/bench/report.py DIR [DIR ...]` draws bench.md and the charts again from each
+DIR/bench.json, without running anything."""
 
 from __future__ import annotations
 
+import json
 import statistics
+import sys
 from collections.abc import Sequence
 from datetime import datetime
+from pathlib import Path
 from typing import Any
+
+import charts
 
 # Share of the limit (the bare consumer's rate) each sink is to reach.
 TARGET_SHARE_OF_LIMIT = {"ok-postgresql": 0.75, "ok-sqlite": 0.8, "ok-null": 0.9}
@@ -258,8 +267,21 @@ def _x(value: float | None) -> str:
     return f"{value:.2f}x" if value is not None else "n/a"
 
 
+def write_results(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+    """bench.json, bench.md and the charts into `out_dir`; the paths written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
+    return [out_dir / "bench.json", *redraw(doc, out_dir)]
+
+
+def redraw(doc: dict[str, Any], out_dir: Path) -> list[Path]:
+    """bench.md and the charts from the document (bench.json is left as it is)."""
+    (out_dir / "bench.md").write_text(markdown(doc))
+    return [out_dir / "bench.md", *charts.write_charts(doc, TARGET_SHARE_OF_LIMIT, out_dir)]
+
+
 def markdown(doc: dict[str, Any]) -> str:
-    lines = _header(doc) + _throughput(doc) + _latency(doc) + _cadence(doc)
+    lines = _header(doc) + _charts(doc) + _throughput(doc) + _latency(doc) + _cadence(doc)
     lines += _recovery(doc) + _targets_md(doc)
     lines += _profiles(doc)
     return "\n".join(lines) + "\n"
@@ -289,6 +311,17 @@ def _header(doc: dict[str, Any]) -> list[str]:
         "",
         "How each figure is taken, and what each contender is: ops/bench/README.md.",
     ]
+
+
+def _charts(doc: dict[str, Any]) -> list[str]:
+    titles = {
+        charts.THROUGHPUT_PNG: "Throughput as a ratio of the limit",
+        charts.LATENCY_PNG: "Latency percentiles",
+    }
+    names = charts.chart_names(doc)
+    if not names:
+        return []
+    return ["", "Charts: " + ", ".join(f"[{titles[name]}]({name})" for name in names) + "."]
 
 
 def _throughput_cells(entry: dict[str, Any], enc: str, total: int) -> tuple[str, str | None]:
@@ -435,3 +468,18 @@ def _profiles(doc: dict[str, Any]) -> list[str]:
         lines += [f"| {p['part']} | {p['seconds']} | {p['share']:.0%} |" for p in prof["parts"]]
         lines.append("")
     return lines
+
+
+def main(argv: Sequence[str]) -> int:
+    if not argv:
+        print("usage: python ops/bench/report.py DIR [DIR ...] (each holding bench.json)")
+        return 2
+    for directory in map(Path, argv):
+        doc = json.loads((directory / "bench.json").read_text())
+        for path in redraw(doc, directory):
+            print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
