@@ -9,6 +9,7 @@ from collections.abc import Sequence
 import structlog
 
 from consumer._version import __version__
+from consumer.cli.audit import add_audit_parser
 from consumer.cli.checkpoint import add_checkpoint_parser
 from consumer.cli.dlq import add_dlq_parser
 from consumer.cli.replay import add_replay_parser
@@ -30,6 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_checkpoint_parser(commands)
     add_replay_parser(commands)
     add_dlq_parser(commands)
+    add_audit_parser(commands)
     return parser
 
 

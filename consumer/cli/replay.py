@@ -11,6 +11,7 @@ from typing import Any, TextIO
 
 import structlog
 
+from consumer.audit.run import count_newer_rows, recompute
 from consumer.backends.confluent import ConfluentReader
 from consumer.cli.common import (
     BAD_RECORD_SETTINGS,
@@ -26,7 +27,7 @@ from consumer.cli.common import (
     decode_settings,
 )
 from consumer.cli.sinks import checkpoint_admin, job_store, open_sink
-from consumer.core.app import load_app
+from consumer.core.app import App, load_app
 from consumer.core.errors import ConfigError
 from consumer.core.exit_codes import EXIT_INTERRUPTED, EXIT_OK, EXIT_PARTITIONS_STOPPED
 from consumer.core.records import TopicPartition
@@ -96,7 +97,18 @@ def add_replay_parser(commands: Any) -> None:
         metavar="GROUP",
         help="show the overlap of the range with this group's checkpoints (with --dry-run)",
     )
-    replay.add_argument("--dry-run", action="store_true", help="print the plan, write nothing")
+    replay.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="print the plan, write nothing (with --overwrite-newer: also count the rows it "
+        "would overwrite)",
+    )
+    replay.add_argument(
+        "--overwrite-newer",
+        action="store_true",
+        help="upsert tables: replace rows even where the sink holds a newer write of the key "
+        "(a deliberate recompute; by default a row is never replaced by an older record)",
+    )
     replay.add_argument(
         "--state-from-empty",
         action="store_true",
@@ -132,10 +144,12 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
     decoders = TopicDecoders(app, decode_settings(settings))
     decoders.check([settings.topic])  # a bad decoder setting fails before anything is read
     fingerprint = request_fingerprint(settings.topic, settings.partitions, settings.app, request)
+    if args.overwrite_newer:  # another job than the guarded replay of the same range
+        fingerprint["overwrite_newer"] = True
     job_id = settings.job_id or default_job_id(fingerprint)
     dead_letters = dead_letter_writer(settings, group=f"replay-{job_id}", topics=[settings.topic])
     sink = open_sink(settings.sink.get_secret_value())
-    reader, resolve = _reader(settings, job_id)
+    reader, resolve = range_reader(settings, job_id)
     try:
         if args.dry_run:
             checkpoint_admin(sink).open_existing()
@@ -146,6 +160,8 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
         if args.dry_run:
             live_group = args.live_group or args.from_checkpoint
             _print_plan(out, plan, sink, live_group, stored is not None)
+            if args.overwrite_newer:
+                _print_overwrites(out, app, reader, sink, plan, decoders, resolve)
             return EXIT_OK
         if app.state is not None and stored is None and not args.state_from_empty:
             _refuse_partial_state(reader, plan)  # (a resumed job was allowed when it began)
@@ -162,7 +178,7 @@ def replay_command(args: argparse.Namespace, out: TextIO) -> int:
             reader,
             sink,
             plan,
-            options=_options(settings, resolve),
+            options=_options(settings, resolve, overwrite_newer=args.overwrite_newer),
             should_stop=lambda: bool(interrupted),
             decoders=decoders,
             dead_letters=dead_letters,
@@ -194,7 +210,30 @@ def _refuse_partial_state(reader: PartitionReader, plan: ReplayPlan) -> None:
             )
 
 
-def _options(settings: ReplaySettings, resolve: Callable[[Any], Any] | None) -> ReplayOptions:
+def _print_overwrites(  # noqa: PLR0917 - the dry run's whole context
+    out: TextIO,
+    app: App,
+    reader: PartitionReader,
+    sink: Sink,
+    plan: ReplayPlan,
+    decoders: TopicDecoders,
+    resolve: Callable[[Any], Any] | None,
+) -> None:
+    """Recompute the range in memory and count the stored rows that are newer than the
+    replay's write of their key: what --overwrite-newer replaces (and the guard would keep)."""
+    memory, _letters, _records = recompute(
+        app, reader, sink, plan, decoders=decoders, resolve=resolve
+    )
+    counts = count_newer_rows(memory, sink)
+    total = sum(counts.values())
+    out.write(f"would overwrite {total} row(s) holding a newer write than the replay's:\n")
+    for table, count in sorted(counts.items()):
+        out.write(f"  {table}: {count}\n")
+
+
+def _options(
+    settings: ReplaySettings, resolve: Callable[[Any], Any] | None, *, overwrite_newer: bool
+) -> ReplayOptions:
     return ReplayOptions(
         batch_max_records=settings.batch_max_records,
         poll_timeout_s=settings.poll_timeout_s,
@@ -203,6 +242,7 @@ def _options(settings: ReplaySettings, resolve: Callable[[Any], Any] | None) -> 
         on_data_loss=settings.on_data_loss,
         resolve_awaitable=resolve,
         state_cache_bytes=settings.state_cache_mb * MIB,
+        overwrite_newer=overwrite_newer,
     )
 
 
@@ -272,7 +312,7 @@ def _plan(
     )
 
 
-def _reader(
+def range_reader(
     settings: ReplaySettings, job_id: str
 ) -> tuple[PartitionReader, Callable[[Any], Any] | None]:
     """The reader, and how an async processor's result is awaited with it (None: it cannot)."""

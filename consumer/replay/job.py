@@ -73,6 +73,8 @@ class ReplayOptions:
     resolve_awaitable: Callable[[Any], Any] | None = None
     # Stateful apps: the byte budget of cached state entries.
     state_cache_bytes: int = DEFAULT_CACHE_BYTES
+    # Rows replace newer rows of the same key (position-guarded sinks): a deliberate recompute.
+    overwrite_newer: bool = False
 
 
 def run_replay(
@@ -105,6 +107,7 @@ def run_replay(
         on_fenced=functools.partial(_another_run_took_over, plan.job_id),
         state_cache_bytes=options.state_cache_bytes,
         pipelined=True,
+        overwrite_newer=options.overwrite_newer,
     )
     loop.resolve_awaitable = options.resolve_awaitable
     ranges = {TopicPartition(plan.topic, r.partition): (r.start, r.end) for r in plan.ranges}
