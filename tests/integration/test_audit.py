@@ -22,7 +22,10 @@ APP = "tests.apps.ledger:app"
 EXIT_PROBLEMS_FOUND = 4
 
 
-def offsetkeeper(kafka: Service, *args: str) -> subprocess.CompletedProcess[str]:
+def offsetkeeper(
+    kafka: Service, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`offsetkeeper COMMAND [SUBCOMMAND] --bootstrap-servers ... ARGS`, its output captured."""
     command, rest = args[0], args[1:]
     subcommand = (rest[0],) if command == "checkpoint" else ()
     return subprocess.run(
@@ -40,7 +43,7 @@ def offsetkeeper(kafka: Service, *args: str) -> subprocess.CompletedProcess[str]
         text=True,
         timeout=180,
         check=False,
-        env={"PATH": str(Path(OFFSETKEEPER).parent), "PYTHONPATH": str(REPO)},
+        env={"PATH": str(Path(OFFSETKEEPER).parent), "PYTHONPATH": str(REPO), **(env or {})},
     )
 
 
