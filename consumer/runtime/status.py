@@ -11,7 +11,6 @@ workers' reports on its own page.
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -19,15 +18,14 @@ from typing import Any
 
 from prometheus_client.metrics import MetricWrapperBase
 
+from consumer._version import __version__
 from consumer.runtime.health import Health, PartitionState, SinkFailure, SinkState, StopCause
 from consumer.runtime.metrics import Metrics
 
 
 def offsetkeeper_version() -> str:
-    try:
-        return importlib.metadata.version("offsetkeeper")
-    except importlib.metadata.PackageNotFoundError:
-        return "unknown"
+    """The one version of consumer/_version.py (what `offsetkeeper --version` prints)."""
+    return __version__
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,13 +6,13 @@ caught up; it loads nothing but itself, and reloads itself. The screenshot is ke
 
 from __future__ import annotations
 
-import importlib.metadata
 import shutil
 import time
 from pathlib import Path
 
 import pytest
 
+from consumer._version import __version__ as consumer_version_string
 from tests.fixtures.browser import chromium, png_size, wait_for_text
 from tests.fixtures.processes import ConsumerProcess, wait_until
 from tests.fixtures.services import Service
@@ -56,7 +56,7 @@ def test_the_page_shows_a_partition_stopped_by_a_bad_record(
     print(text)
 
     lines = text.splitlines()
-    version = importlib.metadata.version("offsetkeeper")
+    version = consumer_version_string
     for label, value in (("App", APP), ("Group", group), ("Topics", topic)):
         assert lines[lines.index(label) + 1] == value, text
     assert lines[lines.index("Version") + 1] == version
