@@ -391,3 +391,48 @@ def test_avro_with_evolution_bad_frames_and_a_registry_outage(
     assert "999" in messages_by_key[b"unknown-id"]
     assert by_key[POISON].headers[HEADER_ERROR_CLASS] == b"ValueError"
     assert by_key[b"truncated"].headers[HEADER_ERROR_CLASS] == b"DecodeError"
+
+
+def test_a_re_driven_letter_never_replaces_a_newer_write_of_its_key(
+    kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]
+) -> None:
+    from tests.fixtures.kafka_tools import produce  # noqa: PLC0415
+
+    topic, group = unique_name("redrive-latest"), unique_name("redrive-latest")
+    create_topic(kafka.address, topic, 1)
+    orders = [
+        ("a", 1, False),
+        ("a", 2, True),  # dead-lettered; "a" is written again after it
+        ("a", 3, False),
+        ("b", 1, False),
+        ("b", 2, True),  # dead-lettered; the last write of "b"
+    ]
+    produce(
+        kafka.address,
+        topic,
+        (
+            (key.encode(), json.dumps({"order_id": key, "version": v, "poison": bad}).encode())
+            for key, v, bad in orders
+        ),
+    )
+    db = tmp_path / "latest.db"
+    sink = f"sqlite:///{db}"
+    live = ConsumerProcess(
+        run_args("tests.apps.poison_latest:app", kafka.address, group, topic, sink)
+        + list(DEAD_LETTER_FLAGS),
+        tmp_path / "run.log",
+    )
+    consumers.append(live)
+    assert live.wait(timeout=120) == 0
+    latest = "SELECT order_id, version, offsetkeeper_offset FROM latest_orders ORDER BY order_id"
+    assert sqlite_rows(db, latest) == [("a", 3, 2), ("b", 1, 3)]
+
+    common = ("--bootstrap-servers", kafka.address, "--dead-letter-topic", f"{group}.dlq")
+    done = offsetkeeper(
+        "dlq", "replay", *common, "--to", "pipeline", "--sink", sink,
+        "--app", "tests.apps.poison_latest:fixed_app",
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "re-drove 2 dead letter(s) to pipeline" in done.stdout
+    # "a" keeps its newer write (offset 2); "b" takes the re-driven letter, its newest record.
+    assert sqlite_rows(db, latest) == [("a", 3, 2), ("b", 2, 4)]
