@@ -871,10 +871,11 @@ def main(argv: list[str] | None = None) -> int:
         load=(load_before, machine.load_average()),
         aiokafka=found["aiokafka"],
     )
-    s.out_dir.mkdir(parents=True, exist_ok=True)
-    (s.out_dir / "bench.json").write_text(json.dumps(doc, indent=2) + "\n")
-    (s.out_dir / "bench.md").write_text(report.markdown(doc))
-    log_line(f"wrote {s.out_dir / 'bench.md'} and bench.json in {time.monotonic() - started:.0f}s")
+    written = report.write_results(doc, s.out_dir)  # bench.json, bench.md and the charts
+    log_line(
+        f"wrote {', '.join(p.name for p in written)} into {s.out_dir} "
+        f"in {time.monotonic() - started:.0f}s"
+    )
     print(report.markdown(doc))
     if not doc["correct"]:
         log_line(f"CORRECTNESS CHECKS FAILED (see 'checks' in bench.json; logs kept in {work})")
