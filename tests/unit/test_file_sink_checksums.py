@@ -167,7 +167,9 @@ def test_the_document_stays_bounded_as_files_accumulate(writer: Writer, root: Pa
     for tp in (TP0, TP1):
         chain = _chain(root, tp)
         assert len(chain["recent"]) < INLINE_DIGESTS
-        assert chain["sealed"]["count"] == len([p for p in _segments(root) if "+0+" in p.name])
+        assert chain["sealed"]["count"] == len(
+            [p for p in _segments(root) if f"+{tp.partition}+" in p.name]
+        )
         assert chain["sealed"]["through"] == files * 3 - 1
     assert len(_segments(root)) == 2 * 6  # one segment per INLINE_DIGESTS files a partition
     assert max(sizes) - min(sizes) < 2 * INLINE_DIGESTS * 250, sizes  # does not grow with files
