@@ -66,7 +66,7 @@ class BenchObserver:
     def batch_committed(self, works: Sequence[PartitionWork], committed: CommittedBatch) -> None:
         ts = None
         if self.clock.latency:
-            ts = [values["ts_ms"] for work in works for _t, _k, values in work.rows]
+            ts = [values["ts_ms"] for work in works for _t, _k, values, _raw in work.rows]
         self.clock.committed(committed.records, ts)
         if self.stop_after is not None and self.clock.records >= self.stop_after:
             self.on_enough()
