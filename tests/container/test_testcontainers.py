@@ -2,7 +2,8 @@
 Docker-compatible API (`podman system service`), testcontainers-python starts the local Kafka and
 PostgreSQL images (ops/image kafka postgres) through it, and a real part of the integration
 suite runs against them in a child pytest: PostgreSQL exactly once across kill -9 at the two
-kill points, and across a broker and a database restart (the containers stopped and started)."""
+kill points, and across a broker and a database restart (the containers stopped and started).
+Afterwards no container and no `conmon` of theirs is left."""
 
 from __future__ import annotations
 
@@ -53,6 +54,27 @@ def docker_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             service.wait(timeout=30)
 
 
+def _orphaned_conmons() -> set[int]:
+    """PIDs of `conmon` processes whose container no longer exists. An exec through podman's
+    Docker-compatible API leaves one behind per exec (podman 4.3), so the services' readiness
+    checks run from the host and must leave none."""
+    existing = set(podman("ps", "--all", "--no-trunc", "--format", "{{.ID}}").stdout.split())
+    orphans = set()
+    for process in Path("/proc").iterdir():
+        try:
+            if not process.name.isdigit() or (process / "comm").read_text().strip() != "conmon":
+                continue
+            argv = (process / "cmdline").read_bytes().split(b"\0")
+        except OSError:
+            continue  # it ended meanwhile
+        container = next(
+            (argv[i + 1].decode() for i, arg in enumerate(argv[:-1]) if arg == b"-c"), None
+        )
+        if container not in existing:
+            orphans.add(int(process.name))
+    return orphans
+
+
 def _ours() -> set[str]:
     listed = podman("ps", "--all", "--format", "{{.ID}} {{.Image}}").stdout.splitlines()
     images = (local_kafka_image(), LOCAL_POSTGRES_IMAGE)
@@ -63,6 +85,7 @@ def test_the_postgres_exactly_once_suite_runs_on_testcontainers_through_podman(
     docker_host: str, tmp_path: Path
 ) -> None:
     before = _ours()
+    orphans_before = _orphaned_conmons()
     environment = {
         key: value
         for key, value in PODMAN_ENV.items()
@@ -106,5 +129,6 @@ def test_the_postgres_exactly_once_suite_runs_on_testcontainers_through_podman(
     assert int(summary.group(1)) == 6  # 2 backends x 2 kill points, and 2 outages
     assert " skipped" not in output.splitlines()[-1]
     assert " failed" not in output.splitlines()[-1]
-    # testcontainers removed what it started.
+    # testcontainers removed what it started, and nothing of theirs is left running.
     assert _ours() <= before
+    assert _orphaned_conmons() <= orphans_before
