@@ -384,26 +384,28 @@ def merge_rows(works: Iterable[PartitionWork]) -> dict[str, MergedTable]:
     (`consumer.core.records.replaces`: within a partition the last in offset order; across
     partitions by record timestamp, then topic, partition and offset), the same rule the SQL
     sinks apply against the rows already stored."""
-    merged: dict[str, tuple[Table, dict[tuple[Any, ...], tuple[Mapping[str, Any], RawRecord]]]]
-    merged = {}
+    # Per table, the winning KeyedRow of each key (kept whole: no tuple built per row).
+    merged: dict[str, tuple[Table, dict[tuple[Any, ...], KeyedRow]]] = {}
     for work in works:
-        for table, key, values, raw in work.rows:
+        for keyed in work.rows:
+            table = keyed[0]
             entry = merged.get(table.name)
             if entry is None:
                 entry = (table, {})
                 merged[table.name] = entry
             by_key = entry[1]
+            key = keyed[1]
             # Re-insert so the dict order follows the last write (stable for the sink).
             earlier = by_key.pop(key, None)
-            if earlier is not None and not replaces(raw, earlier[1]):
+            if earlier is not None and not replaces(keyed[3], earlier[3]):
                 by_key[key] = earlier
             else:
-                by_key[key] = (values, raw)
+                by_key[key] = keyed
     return {
         name: MergedTable(
             table,
-            [values for values, _raw in by_key.values()],
-            [raw for _values, raw in by_key.values()],
+            [keyed[2] for keyed in by_key.values()],
+            [keyed[3] for keyed in by_key.values()],
         )
         for name, (table, by_key) in merged.items()
     }
