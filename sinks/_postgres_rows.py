@@ -17,7 +17,7 @@ from psycopg import sql
 
 from consumer import POSITION_COLUMNS, SourcePosition, StoredPosition, Table
 from sinks._postgres_staging import StagingTables, copy_rows
-from sinks._sql import stored_position
+from sinks._sql import position_guard, stored_columns, stored_position
 
 PG_TYPES = {
     "text": "TEXT",
@@ -29,19 +29,9 @@ PG_TYPES = {
     "json": "JSONB",
 }
 
-# The incoming row (EXCLUDED) may replace the stored one: same partition, by offset; else by
-# (timestamp, topic, partition, offset). COLLATE "C" compares topics by code point, as Python
-# does (the database's collation could order them otherwise).
-_POSITION_GUARD = (
-    "stored.offsetkeeper_offset IS NULL OR CASE"
-    " WHEN stored.offsetkeeper_topic = EXCLUDED.offsetkeeper_topic"
-    " AND stored.offsetkeeper_partition = EXCLUDED.offsetkeeper_partition"
-    " THEN EXCLUDED.offsetkeeper_offset >= stored.offsetkeeper_offset"
-    ' ELSE (EXCLUDED.offsetkeeper_timestamp, EXCLUDED.offsetkeeper_topic COLLATE "C",'
-    " EXCLUDED.offsetkeeper_partition, EXCLUDED.offsetkeeper_offset)"
-    ' >= (stored.offsetkeeper_timestamp, stored.offsetkeeper_topic COLLATE "C",'
-    " stored.offsetkeeper_partition, stored.offsetkeeper_offset) END"
-)
+# The stored row is aliased "stored" in the merge; COLLATE "C" orders topics by code point, as
+# Python does (the database's collation could order them otherwise).
+_POSITION_GUARD = position_guard("stored", topic_collation='COLLATE "C"')
 
 
 def on_conflict(table: Table, *, positions: bool = False, guarded: bool = False) -> sql.Composable:
@@ -98,7 +88,7 @@ def read_stored_rows(
     """Every row of `table` with its stored source position, streamed in one snapshot over a
     read-only connection of its own: a long read never holds up the batch transactions."""
     names = list(table.columns)
-    selected = [*names, *(POSITION_COLUMNS if table.mode == "upsert" else ())]
+    selected = list(stored_columns(table))
     with psycopg.connect(conninfo) as reader:
         reader.read_only = True
         with reader.cursor(name="offsetkeeper_read_rows") as cursor:
@@ -128,8 +118,7 @@ def create_app_table(cursor: psycopg.Cursor[Any], table: Table) -> None:
     present = existing_columns(cursor, table.name)
     # Upsert tables keep each row's source position; rows of an older table have none
     # (NULL), which counts as oldest.
-    wanted = {**table.columns, **(POSITION_COLUMNS if table.mode == "upsert" else {})}
-    for column, column_type in wanted.items():
+    for column, column_type in stored_columns(table).items():
         if column in present:
             # ALTER would take an ACCESS EXCLUSIVE lock even with IF NOT EXISTS, and
             # deadlock with running members' batches; only migrate what is missing.

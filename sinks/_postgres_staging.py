@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Mapping, Sequence
+from itertools import repeat
 from typing import Any
 
 import psycopg
@@ -97,18 +98,13 @@ def copy_rows(
     statement = sql.SQL("COPY {} ({}) FROM STDIN")
     copied = columns if positions is None else [*columns, *POSITION_COLUMNS]
     column_list = sql.SQL(", ").join(sql.Identifier(c) for c in copied)
+    # Each row's values, then its position (nothing for a table without position columns).
+    tails = repeat((), len(rows)) if positions is None else map(position_values, positions)
     with cursor.copy(statement.format(staging, column_list)) as copy:
         write = copy.write_row
-        if positions is None:
-            for row in rows:
-                values = list(map(row.get, columns))
-                for i in json_at:
-                    values[i] = Jsonb(values[i])
-                write(values)
-            return
-        for row, position in zip(rows, positions, strict=True):
+        for row, tail in zip(rows, tails, strict=True):
             values = list(map(row.get, columns))
             for i in json_at:
                 values[i] = Jsonb(values[i])
-            values.extend(position_values(position))
+            values.extend(tail)
             write(values)

@@ -112,6 +112,34 @@ class CheckpointRows:
         )
 
 
+def stored_columns(table: Table) -> dict[str, str]:
+    """The columns a SQL sink stores for `table`: its own, and for an upsert table the source
+    position of each row (`consumer.POSITION_COLUMNS`)."""
+    return {**table.columns, **(POSITION_COLUMNS if table.mode == "upsert" else {})}
+
+
+def position_guard(stored: str, *, topic_collation: str = "") -> str:
+    """SQL for an upsert's conflict clause: the incoming row (`excluded`) may replace the
+    `stored` row (`consumer.replaces`): a row without a position always; same partition, by
+    offset; else by (timestamp, topic, partition, offset). `topic_collation` (e.g. `COLLATE
+    "C"`) makes the database compare topics by code point, as Python does."""
+
+    def order(row: str) -> str:
+        topic = f"{row}.offsetkeeper_topic {topic_collation}".rstrip()
+        return (
+            f"{row}.offsetkeeper_timestamp, {topic},"
+            f" {row}.offsetkeeper_partition, {row}.offsetkeeper_offset"
+        )
+
+    return (
+        f"{stored}.offsetkeeper_offset IS NULL OR CASE"
+        f" WHEN {stored}.offsetkeeper_topic = excluded.offsetkeeper_topic"
+        f" AND {stored}.offsetkeeper_partition = excluded.offsetkeeper_partition"
+        f" THEN excluded.offsetkeeper_offset >= {stored}.offsetkeeper_offset"
+        f" ELSE ({order('excluded')}) >= ({order(stored)}) END"
+    )
+
+
 def stored_position(stored: Sequence[Any]) -> StoredPosition | None:
     """The position columns of a row (topic, partition, offset, timestamp), None if unset."""
     if len(stored) < len(POSITION_COLUMNS) or stored[2] is None:

@@ -36,6 +36,8 @@ from sinks._sql import (
     SqlSink,
     Written,
     own_table_names,
+    position_guard,
+    stored_columns,
     stored_position,
     unbindable_column,
 )
@@ -251,8 +253,7 @@ class SqliteSink(SqlStateMethods, SqlSink):
         existing = {row[1] for row in self._db.execute(f"PRAGMA table_info({name})")}
         # Upsert tables keep each row's source position; rows of an older table have none
         # (NULL), which counts as oldest.
-        wanted = {**table.columns, **(POSITION_COLUMNS if table.mode == "upsert" else {})}
-        for column, column_type in wanted.items():
+        for column, column_type in stored_columns(table).items():
             if column not in existing:
                 self._db.execute(
                     f"ALTER TABLE {name} ADD COLUMN {_quote(column)} {_SQLITE_TYPES[column_type]}"
@@ -365,7 +366,7 @@ class SqliteSink(SqlStateMethods, SqlSink):
         self, table: Table
     ) -> Iterator[tuple[dict[str, Any], StoredPosition | None]]:
         names = list(table.columns)
-        selected = [*names, *(POSITION_COLUMNS if table.mode == "upsert" else ())]
+        selected = list(stored_columns(table))
         decoders = [_json_loads if t == "json" else None for t in table.columns.values()]
         with self._mapped("cannot read rows", rollback=False, table=table.name):
             cursor = self._db.execute(
@@ -496,29 +497,7 @@ def _guarded_upserts(table: Table) -> tuple[str, str]:
         f"INSERT INTO {name} ({', '.join(_quote(c) for c in columns)}) "
         f"VALUES ({', '.join('?' for _ in columns)}) ON CONFLICT ({key}) DO UPDATE SET {updates}"
     )
-    return f"{insert} WHERE {_position_guard(name)}", insert
-
-
-def _position_guard(stored: str) -> str:
-    """SQL: the incoming row (`excluded`) may replace the `stored` row."""
-    new = [f"excluded.{c}" for c in _POSITION_ORDER]
-    old = [f"{stored}.{c}" for c in _POSITION_ORDER]
-    return (
-        f"{stored}.offsetkeeper_offset IS NULL OR CASE"
-        f" WHEN {stored}.offsetkeeper_topic = excluded.offsetkeeper_topic"
-        f" AND {stored}.offsetkeeper_partition = excluded.offsetkeeper_partition"
-        f" THEN excluded.offsetkeeper_offset >= {stored}.offsetkeeper_offset"
-        f" ELSE ({', '.join(new)}) >= ({', '.join(old)}) END"
-    )
-
-
-# The position columns in the order positions compare across partitions.
-_POSITION_ORDER = (
-    "offsetkeeper_timestamp",
-    "offsetkeeper_topic",
-    "offsetkeeper_partition",
-    "offsetkeeper_offset",
-)
+    return f"{insert} WHERE {position_guard(name)}", insert
 
 
 def _now_ms() -> int:

@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -130,18 +130,13 @@ class _TableAudit:
         self.max_examples = max_examples
         self.report = TableReport(table.name, table.mode)
         self.normalize = _normalizer(table)
+        self._key = key_normalizer(table)
         # Keys as the sink gives them back (a boolean key column reads back as 0/1 from SQLite).
         self.wanted: dict[Key, _Entry] = {}
         for key, entry in expected.rows.items():
             normalized = self._key(key)
             if sample.takes(normalized):
                 self.wanted[normalized] = entry
-
-    def _key(self, values: Iterable[Any]) -> Key:
-        return tuple(
-            self.normalize(column, value)
-            for column, value in zip(self.table.key, values, strict=True)
-        )
 
     def _add(self, verdict: Verdict, partition: str, example: dict[str, Any] | None) -> None:
         self.report.add(verdict, partition, example, self.max_examples)
@@ -233,6 +228,20 @@ def _partition_of(table: Table, key: Key, position: SourcePosition | None) -> st
     if position is not None:
         return str(position.partition)
     return str(key[1]) if table.mode == "append" else NO_POSITION
+
+
+def key_normalizer(table: Table) -> Callable[[Iterable[Any]], Key]:
+    """A key (its values in key column order) as comparable across drivers: the app's value
+    and the one the sink gives back compare equal (a boolean key column reads back as 0/1
+    from SQLite)."""
+    normalize = _normalizer(table)
+
+    def key(values: Iterable[Any]) -> Key:
+        return tuple(
+            normalize(column, value) for column, value in zip(table.key, values, strict=True)
+        )
+
+    return key
 
 
 def _normalizer(table: Table) -> Any:

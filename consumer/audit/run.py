@@ -4,13 +4,13 @@ fetched from (manual assignment, no group, no commits)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from consumer.audit.compare import Ranges, Sample, TableReport, compare_table
+from consumer.audit.compare import Ranges, Sample, TableReport, compare_table, key_normalizer
 from consumer.audit.memory import CountedDeadLetters, MemorySink
 from consumer.core.app import App
 from consumer.core.errors import ConfigError
@@ -219,14 +219,14 @@ def count_newer_rows(memory: MemorySink, sink: Sink) -> dict[str, int]:
         table = expected.table
         if table.mode != "upsert":
             continue
-        written: Mapping[Any, Any] = expected.rows
+        key_of = key_normalizer(table)
+        written = {key_of(key): at for key, (_row, at) in expected.rows.items()}
         counts[name] = sum(
             1
             for values, position in rows_reader.read_stored_rows(table)
             if position is not None
-            and (entry := written.get(tuple(values[c] for c in table.key))) is not None
-            and entry[1] is not None
-            and not replaces(entry[1], position)
+            and (written_at := written.get(key_of(values.get(c) for c in table.key))) is not None
+            and not replaces(written_at, position)
         )
     return counts
 

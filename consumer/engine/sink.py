@@ -218,7 +218,7 @@ class PositionGuardedSink(Protocol):
 
 @runtime_checkable
 class StoredRowsReader(Protocol):
-    """A sink whose tables can be read back row by row, for `offsetkeeper checkpoint audit`
+    """A sink whose tables can be read back row by row, for `offsetkeeper audit`
     and the overwrite count of `replay --overwrite-newer --dry-run`. Read-only and safe beside
     running members (one consistent snapshot, no locks that block their commits)."""
 
