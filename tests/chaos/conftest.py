@@ -6,6 +6,11 @@ from __future__ import annotations
 
 import os
 
+# Every consumer process a chaos test starts goes in the `consumers` list, so none outlives it.
+from tests.integration.conftest import consumers
+
+__all__ = ["consumers", "long_form", "scaled"]
+
 LONG_FORM_VARIABLE = "OFFSETKEEPER_CHAOS"
 
 

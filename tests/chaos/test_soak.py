@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import statistics
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -37,14 +36,6 @@ pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.chaos]
 
 PARTITIONS = 4
 RESULTS = REPO / "ops" / "bench" / "results"
-
-
-@pytest.fixture
-def members() -> Iterator[list[ConsumerProcess]]:
-    started: list[ConsumerProcess] = []
-    yield started
-    for process in started:
-        process.stop_if_running()
 
 
 def _member_args(kafka: Service, group: str, topic: str, dsn: str, dlq: str) -> list[str]:
@@ -72,7 +63,7 @@ def _assigned_count(process: ConsumerProcess) -> int:
 
 
 def test_soak_memory_descriptors_and_lag_hold_across_rebalances(
-    kafka: Service, postgres: Service, tmp_path: Path, members: list[ConsumerProcess]
+    kafka: Service, postgres: Service, tmp_path: Path, consumers: list[ConsumerProcess]
 ) -> None:
     duration, period = scaled(150, 1800), scaled(30, 120)
     warm_up, window = scaled(40, 300), scaled(30, 120)
@@ -82,14 +73,14 @@ def test_soak_memory_descriptors_and_lag_hold_across_rebalances(
     create_topic(kafka.address, topic, PARTITIONS)
     args = _member_args(kafka, group, topic, dsn, dlq)
 
-    steady = members_start(members, args, tmp_path / "steady.log")
+    steady = _start_member(consumers, args, tmp_path / "steady.log")
     wait_until(lambda: _assigned_count(steady) >= 1, timeout=60, what="the first assignment")
     stream = SteadyStream(kafka.address, topic, rate=200, bad_every=2_000).start()
     sampler = Sampler(
         kafka.address, topic, PARTITIONS, steady.pid, lambda: checkpoints(dsn, group)
     ).start()
 
-    rebalances = _churn(members, args, tmp_path, sampler, duration=duration, period=period)
+    rebalances = _churn(consumers, args, tmp_path, sampler, duration=duration, period=period)
     stream.stop()
     wait_until(
         lambda: (
@@ -122,14 +113,14 @@ def test_soak_memory_descriptors_and_lag_hold_across_rebalances(
     )
 
 
-def members_start(members: list[ConsumerProcess], args: list[str], log: Path) -> ConsumerProcess:
+def _start_member(consumers: list[ConsumerProcess], args: list[str], log: Path) -> ConsumerProcess:
     process = ConsumerProcess(args, log)
-    members.append(process)
+    consumers.append(process)
     return process
 
 
 def _churn(
-    members: list[ConsumerProcess],
+    consumers: list[ConsumerProcess],
     args: list[str],
     tmp_path: Path,
     sampler: Sampler,
@@ -146,7 +137,7 @@ def _churn(
     while turn * period < duration:
         time.sleep(max(0.0, turn * period - sampler.elapsed()))
         if visitor is None:
-            visitor = members_start(members, args, tmp_path / f"visitor-{turn}.log")
+            visitor = _start_member(consumers, args, tmp_path / f"visitor-{turn}.log")
             wait_until(
                 lambda v=visitor: _assigned_count(v) >= 1,
                 timeout=60,
