@@ -40,6 +40,7 @@ from consumer.core.errors import (
     RowsRefusedError,
     SchemaRegistryError,
     SinkError,
+    SinkFullError,
 )
 from consumer.core.records import (
     RawRecord,
@@ -117,6 +118,7 @@ __all__ = [
     "SchemaRegistryError",
     "Sink",
     "SinkError",
+    "SinkFullError",
     "SourcePosition",
     "StartPosition",
     "StateChange",

@@ -61,7 +61,7 @@ from sinks._file_documents import (
     read_epochs,
     read_group_document,
 )
-from sinks._file_io import fsync_directory, make_directory, write_durably
+from sinks._file_io import file_system_error, fsync_directory, make_directory, write_durably
 from sinks._file_jobs import create_job, load_job
 from sinks._file_layout import (
     OWN_DIR,
@@ -117,7 +117,8 @@ class FileSink:
 
     Values: rows are strict JSON (`sinks._json_rows`), so `value_limits` refuses NaN and
     infinities; a value `write_rows` still cannot write as JSON is a `consumer.RowsRefusedError`
-    naming the table and column. File system errors are `SinkError`s (retried).
+    naming the table and column. File system errors are `SinkError`s, no space left (ENOSPC,
+    EDQUOT) a `SinkFullError` (both retried); a failed batch leaves no temp file behind.
 
     Keyed state: each batch's changes of a partition are a delta file listed by the checkpoint
     document that commits it; `state_max_deltas` deltas (or more delta bytes than the live
@@ -187,9 +188,7 @@ class FileSink:
             finally:
                 self._lock.release()
         except OSError as exc:
-            raise SinkError(
-                "cannot open file sink", sink=self.description, reason=str(exc)
-            ) from exc
+            raise file_system_error("cannot open file sink", exc, sink=self.description) from exc
         self._state = "open"
 
     def open_existing(self) -> None:
@@ -232,8 +231,8 @@ class FileSink:
             finally:
                 self._lock.release()
         except OSError as exc:
-            raise SinkError(
-                "cannot acquire partition epochs", sink=self.description, reason=str(exc)
+            raise file_system_error(
+                "cannot acquire partition epochs", exc, sink=self.description
             ) from exc
         self._writers.update(dict.fromkeys(wanted, group))
         return {tp: epochs[tp] for tp in wanted}
@@ -245,9 +244,7 @@ class FileSink:
         try:
             stored = read_group_document(self._layout.checkpoint_path(group))
         except OSError as exc:
-            raise SinkError(
-                "cannot read checkpoints", sink=self.description, reason=str(exc)
-            ) from exc
+            raise file_system_error("cannot read checkpoints", exc, sink=self.description) from exc
         if stored is None:
             return {}
         if partitions is None:
@@ -300,14 +297,14 @@ class FileSink:
             pending.sha256.update(data)
             pending.size += len(data)
         except OSError as exc:
-            raise SinkError(
+            raise file_system_error(
                 "cannot write rows",
+                exc,
                 sink=self.description,
                 table=table.name,
                 topic=origin.partition.topic,
                 partition=origin.partition.partition,
                 offsets=(origin.first_offset, origin.next_offset - 1),
-                reason=str(exc),
             ) from exc
 
     def save_checkpoints(
@@ -348,9 +345,7 @@ class FileSink:
             document = checkpoint_document(group, merged.values(), manifests, chains)
             self._next_checkpoints = (group, document)
         except OSError as exc:
-            raise SinkError(
-                "cannot save checkpoints", sink=self.description, reason=str(exc)
-            ) from exc
+            raise file_system_error("cannot save checkpoints", exc, sink=self.description) from exc
 
     def commit(self) -> None:
         self._require(write=True)
@@ -384,12 +379,12 @@ class FileSink:
             else:
                 self._states.discard_uncertain()
             self._discard_batch()
-            raise SinkError(
+            raise file_system_error(
                 "commit's final fsync failed; the batch may or may not be durable"
                 if replaced
                 else "commit failed; batch rolled back",
+                exc,
                 sink=self.description,
-                reason=str(exc),
             ) from exc
         self._pending.clear()
         self._next_checkpoints = None
@@ -413,9 +408,7 @@ class FileSink:
         try:
             paths = sorted((self._own / "checkpoints").glob("*.json"))
         except OSError as exc:
-            raise SinkError(
-                "cannot list checkpoints", sink=self.description, reason=str(exc)
-            ) from exc
+            raise file_system_error("cannot list checkpoints", exc, sink=self.description) from exc
         documents = []
         for path in paths:
             stored = read_group_document(path)
@@ -449,8 +442,8 @@ class FileSink:
                     write_durably(path, document)
                 older.extend(stale)
         except OSError as exc:
-            raise SinkError(
-                "cannot migrate checkpoints", sink=self.description, reason=str(exc)
+            raise file_system_error(
+                "cannot migrate checkpoints", exc, sink=self.description
             ) from exc
         finally:
             if not dry_run:

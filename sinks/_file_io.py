@@ -3,14 +3,35 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from consumer import SinkError
+from consumer import SinkError, SinkFullError
 from sinks._file_layout import temp_path
+
+# No space left: on the device, or in the user's quota.
+_NO_SPACE = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def file_system_error(message: str, exc: OSError, *, sink: str, **context: Any) -> SinkError:
+    """The error the engine sees for `exc`, met by the file sink `sink` while it did what
+    `message` says: a `SinkFullError` ("disk full: ...", with the errno's name and the file
+    where the OS named one) when the file system has no space left, else a `SinkError`; both
+    are retried. The caller raises it `from exc`."""
+    if exc.errno in _NO_SPACE:
+        return SinkFullError(
+            f"disk full: {message}",
+            sink=sink,
+            **context,
+            errno=errno.errorcode[exc.errno],
+            path=exc.filename,
+            reason=str(exc),
+        )
+    return SinkError(message, sink=sink, **context, reason=str(exc))
 
 
 def fsync_directory(directory: Path) -> None:

@@ -6,7 +6,7 @@ import json
 from datetime import UTC, datetime
 
 from consumer import SinkError
-from sinks._file_io import read_json, write_durably
+from sinks._file_io import file_system_error, read_json, write_durably
 from sinks._file_layout import FileLayout
 from sinks._file_lock import DirectoryLock
 
@@ -27,7 +27,7 @@ def create_job(
         finally:
             lock.release()
     except OSError as exc:
-        raise SinkError("cannot store replay job", sink=sink, job=job_id, reason=str(exc)) from exc
+        raise file_system_error("cannot store replay job", exc, sink=sink, job=job_id) from exc
     return document
 
 

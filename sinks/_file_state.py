@@ -35,7 +35,7 @@ import structlog
 
 from consumer import ConfigError, FencedError, SinkError, StateChange, StateEntry, TopicPartition
 from sinks._file_documents import GroupDocument, read_group_document
-from sinks._file_io import fsync_directory, make_directory
+from sinks._file_io import file_system_error, fsync_directory, make_directory
 from sinks._file_layout import TEMP_NAME, FileLayout, temp_path
 from sinks._file_state_files import (
     BASE,
@@ -85,11 +85,12 @@ class _PendingState:
 
 @contextlib.contextmanager
 def state_errors(sink: str, message: str) -> Iterator[None]:
-    """File system errors of a state call as `SinkError`s (the engine retries them)."""
+    """File system errors of a state call as `SinkError`s, a full disk as `SinkFullError`
+    (the engine retries both)."""
     try:
         yield
     except OSError as exc:
-        raise SinkError(message, sink=sink, reason=str(exc)) from exc
+        raise file_system_error(message, exc, sink=sink) from exc
 
 
 def _changed_sizes(index: _Index, changes: Iterable[StateChange]) -> tuple[int, int]:

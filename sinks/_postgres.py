@@ -121,6 +121,9 @@ class PostgresSink(SqlStateMethods, SqlSink):
         sqlstate = exc.sqlstate if isinstance(exc, psycopg.Error) else None
         return {"sqlstate": sqlstate, "reason": str(exc).strip()}
 
+    def _is_storage_full(self, exc: Exception) -> bool:
+        return isinstance(exc, psycopg.errors.DiskFull)  # SQLSTATE 53100
+
     def _refusal(self, exc: Exception, written: Written) -> Refusal | None:
         return refusal(
             exc,

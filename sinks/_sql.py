@@ -19,6 +19,7 @@ from consumer import (
     ConfigError,
     RowsRefusedError,
     SinkError,
+    SinkFullError,
     StoredPosition,
     Table,
     decode_checkpoint,
@@ -230,7 +231,7 @@ class SqlSink(abc.ABC):
     (`written=`), a data refusal (`_refusal`: a value the database cannot store, a violated
     constraint, or a value the driver cannot even bind) is a `RowsRefusedError` instead, which
     the engine does not retry but isolates; everything else stays a `SinkError` (transient:
-    retried).
+    retried), a full disk (`_is_storage_full`) a `SinkFullError`.
     """
 
     writes_per_partition = False
@@ -277,6 +278,11 @@ class SqlSink(abc.ABC):
         """What of the driver's exception goes into the `SinkError`'s context."""
         return {"reason": str(exc)}
 
+    def _is_storage_full(self, exc: Exception) -> bool:
+        """Whether the driver's `exc` says the database has no space left on its disk: raised
+        as a `SinkFullError` (retried like every `SinkError`, named "disk full" in the log)."""
+        return False
+
     @contextlib.contextmanager
     def _mapped(
         self,
@@ -319,4 +325,8 @@ class SqlSink(abc.ABC):
             if missing_table_ok and self._is_missing_table(exc):
                 return
             details = self._error_context(exc) if show_reason else {}
+            if self._is_storage_full(exc):
+                raise SinkFullError(
+                    f"disk full: {message}", sink=self.description, **context, **details
+                ) from exc
             raise SinkError(message, sink=self.description, **context, **details) from exc

@@ -119,7 +119,9 @@ class SqliteSink(SqlStateMethods, SqlSink):
     where known, the column: `sqlite3.IntegrityError` (a violated constraint, from
     `write_rows` or `commit`), `sqlite3.DataError` (a value too big), and the errors Python's
     sqlite3 raises binding a value (an int beyond 64 bits, a lone surrogate, an unsupported
-    type). `sqlite3.OperationalError` (locked, disk I/O, disk full) stays a `SinkError`.
+    type). `sqlite3.OperationalError` (locked, disk I/O) stays a `SinkError`, a full disk
+    (SQLITE_FULL) a `SinkFullError`; both are retried. Each carries SQLite's error name as
+    `code` (e.g. SQLITE_BUSY).
     """
 
     driver_error = sqlite3.Error
@@ -160,6 +162,15 @@ class SqliteSink(SqlStateMethods, SqlSink):
 
     def _is_missing_table(self, exc: Exception) -> bool:
         return isinstance(exc, sqlite3.OperationalError) and "no such table" in str(exc)
+
+    def _is_storage_full(self, exc: Exception) -> bool:
+        # SQLITE_FULL: a write met ENOSPC (or the database reached max_page_count).
+        return isinstance(exc, sqlite3.Error) and exc.sqlite_errorcode == sqlite3.SQLITE_FULL
+
+    def _error_context(self, exc: Exception) -> dict[str, Any]:
+        # The code lets /readyz and the status page name the failure without the message.
+        code = exc.sqlite_errorname if isinstance(exc, sqlite3.Error) else None
+        return {"code": code, "reason": str(exc)}
 
     def _refusal(self, exc: Exception, written: Written) -> Refusal | None:
         if isinstance(exc, sqlite3.IntegrityError | sqlite3.DataError):

@@ -7,6 +7,7 @@
      +-- SinkError                   the sink failed to open, write or commit
      |    +-- FencedError            a newer owner took the partition; this consumer must drop it
      |    +-- RowsRefusedError       the sink refused values of the batch (not retried: split)
+     |    +-- SinkFullError          no space left on the sink's disk (retried until there is)
      +-- CheckpointError             a stored checkpoint cannot be read
      |    +-- CheckpointFormatError  its format is newer than this code knows
      +-- RecordError                 one record cannot be decoded or processed
@@ -68,6 +69,13 @@ class RowsRefusedError(SinkError):
     constraint), so retrying the same batch cannot help. The transaction was rolled back; the
     engine finds the records responsible by splitting the batch, and the bad-record policy
     handles them. `field` names the column, where the sink said which."""
+
+
+class SinkFullError(SinkError):
+    """The sink's storage has no space left: ENOSPC or EDQUOT from its file system, SQLite's
+    SQLITE_FULL. Transient, like any `SinkError`: the batch was rolled back, nothing of it is
+    visible, and the engine retries it until space returns or `sink_retry_deadline_s` passes.
+    Its message starts with "disk full"; `sink` names where the sink writes."""
 
 
 class FencedError(SinkError):

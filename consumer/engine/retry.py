@@ -60,8 +60,9 @@ class Retrier:
         retry_on: tuple[type[Exception], ...],
         sink_call: bool = False,
     ) -> T:
-        """Run `action`, retrying `retry_on` errors. Logs `<kind>_retry` and `<kind>_gave_up`,
-        where kind is "sink" for sink calls and `what` otherwise. Only a sink call reports
+        """Run `action`, retrying `retry_on` errors. Logs `<kind>_retry` and `<kind>_gave_up`
+        (with the error's class as `error_type`, e.g. SinkFullError for a full disk), where
+        kind is "sink" for sink calls and `what` otherwise. Only a sink call reports
         its success to the observer (sink health); a `SinkError` met anywhere (a state read
         while decoding) reports the failure."""
         kind = "sink" if sink_call else what
@@ -80,11 +81,20 @@ class Retrier:
                     self._observer.sink_failed(what, exc)
                 if self._cancelled or self._clock() + backoff > deadline:
                     log.error(  # noqa: TRY400 - the caller reports the error; no traceback twice
-                        f"{kind}_gave_up", action=what, attempts=attempt, error=str(exc)
+                        f"{kind}_gave_up",
+                        action=what,
+                        attempts=attempt,
+                        error_type=type(exc).__name__,
+                        error=str(exc),
                     )
                     raise
                 log.warning(
-                    f"{kind}_retry", action=what, attempt=attempt, backoff_s=backoff, error=str(exc)
+                    f"{kind}_retry",
+                    action=what,
+                    attempt=attempt,
+                    backoff_s=backoff,
+                    error_type=type(exc).__name__,
+                    error=str(exc),
                 )
                 self._sleep(backoff)
                 backoff = min(backoff * 2, self._policy.max_backoff_s)

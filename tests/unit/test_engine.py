@@ -27,6 +27,7 @@ from consumer import (
     RowsOrigin,
     RowsRefusedError,
     SinkError,
+    SinkFullError,
     SourcePosition,
     StateSchema,
     Table,
@@ -641,6 +642,43 @@ def test_a_sink_that_keeps_failing_ends_the_run_without_an_advisory_commit(
     assert flaky.commit_attempts >= 2
     assert _events(log_events, "sink_gave_up")[0]["attempts"] == flaky.commit_attempts
     assert h.backend.closed
+
+
+def test_a_full_disk_is_retried_until_space_returns_and_the_batch_commits_once(
+    make: Make, tmp_path: Path, log_events: list[dict[str, Any]]
+) -> None:
+    full = FlakySink(tmp_path / "engine.db", failures=3, disk_full=True)
+    h = make([Assign([P0])], sink=full)
+    h.backend.append(P0, event("a", 1), event("b", 2))
+
+    assert h.run() == EXIT_OK
+
+    retries = _events(log_events, "sink_retry")
+    assert [(e["attempt"], e["error_type"]) for e in retries] == [
+        (1, "SinkFullError"),
+        (2, "SinkFullError"),
+        (3, "SinkFullError"),
+    ]
+    assert all(e["error"].startswith("disk full: ") for e in retries)
+    assert all(f"sqlite:///{tmp_path / 'engine.db'}" in e["error"] for e in retries)
+    assert h.rows() == [_row("a", 1, 0, 0), _row("b", 2, 0, 1)]
+    assert h.checkpoints() == {0: 2}
+
+
+def test_a_disk_that_stays_full_past_the_deadline_ends_the_run_with_the_full_error(
+    make: Make, tmp_path: Path, log_events: list[dict[str, Any]]
+) -> None:
+    full = FlakySink(tmp_path / "engine.db", failures=1000, disk_full=True)
+    h = make([Assign([P0])], sink=full, sink_retry_deadline_s=3.0)
+    h.backend.append(P0, event("a", 1))
+
+    with pytest.raises(SinkFullError, match=r"^disk full: commit failed"):
+        h.run()
+
+    [gave_up] = _events(log_events, "sink_gave_up")
+    assert gave_up["error_type"] == "SinkFullError"
+    assert h.rows() == []
+    assert h.checkpoints() == {}
 
 
 def test_fenced_error_class_is_a_sink_error() -> None:
