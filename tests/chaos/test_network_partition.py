@@ -9,8 +9,9 @@ zombie that still reaches the database. The host member must take over its parti
 the session times out, and commit them; the zombie's late commit must be refused by the sink's
 epoch check (`partitions_fenced`, `offsetkeeper_fenced_partitions_total`); after the heal it
 must rejoin the group and commit again, as README "Guarantees" says (a fenced member drops
-those partitions and goes on). Then row by row: every record exactly once, checkpoints at the
-end offsets.
+those partitions and goes on). Then row by row: every record's output exactly once (the app
+also adds a random-id row per apply, so a double apply shows even within one process),
+checkpoints at the end offsets.
 
 Short form (CI): one episode, the late commit arriving while the zombie is still cut off.
 Long form (ops/chaos): several cut/heal cycles with more records, the late commit arriving
@@ -370,6 +371,25 @@ def _episode(
 # --- the test ----------------------------------------------------------------------------------
 
 
+def _verify_applied_once(lab: PartitionLab, run: Run) -> int:
+    """Every record of the topic was applied exactly once: one random-id row per (partition,
+    offset), whichever process applied it. Returns how many records that is."""
+    rows = query(
+        run.dsn,
+        "SELECT source_partition, source_offset, count(*) FROM held_chaos_applies"
+        " GROUP BY source_partition, source_offset",
+    )
+    applied = {(int(p), int(o)): int(n) for p, o, n in rows}
+    ends = end_offsets(lab.bootstrap, run.topic, PARTITIONS)
+    expected = {(p, o) for p, end in ends.items() for o in range(end)}
+    twice = {where: n for where, n in applied.items() if n > 1}
+    assert not twice, f"{len(twice)} records applied more than once, e.g. {list(twice)[:5]}"
+    missing = sorted(expected - applied.keys())
+    assert not missing, f"{len(missing)} records never applied, e.g. {missing[:5]}"
+    assert applied.keys() == expected, "applies of records that are not in the topic"
+    return len(expected)
+
+
 def _start_members(
     lab: PartitionLab, tmp_path: Path, members: list[ConsumerProcess], run: Run
 ) -> tuple[ConsumerProcess, NamespacedConsumer]:
@@ -438,6 +458,7 @@ def test_partitioned_member_is_taken_over_fenced_and_rejoins(
     stored = {p: o for p, (o, _) in _checkpoints(run.dsn, group).items()}
     assert stored == end_offsets(lab.bootstrap, topic, PARTITIONS), "checkpoints = end offsets"
     counts = verify_chaos_sink(lab.bootstrap, topic, PARTITIONS, lambda sql: query(run.dsn, sql))
+    assert _verify_applied_once(lab, run) == counts["records"]
     figures = {
         "form": "long" if long_form() else "short",
         "session_timeout_s": SESSION_TIMEOUT_S,
