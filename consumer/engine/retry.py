@@ -20,7 +20,7 @@ T = TypeVar("T")
 @dataclass(frozen=True, slots=True)
 class RetryPolicy:
     """Capped exponential backoff (0.1 s doubling to `max_backoff_s`) until `deadline_s` after
-    the first attempt; then the last error is raised."""
+    the first attempt, the last try at the deadline itself; then the last error is raised."""
 
     deadline_s: float = 120.0
     max_backoff_s: float = 5.0
@@ -79,7 +79,8 @@ class Retrier:
             except retry_on as exc:
                 if isinstance(exc, SinkError):
                     self._observer.sink_failed(what, exc)
-                if self._cancelled or self._clock() + backoff > deadline:
+                now = self._clock()
+                if self._cancelled or now >= deadline:
                     log.error(  # noqa: TRY400 - the caller reports the error; no traceback twice
                         f"{kind}_gave_up",
                         action=what,
@@ -88,15 +89,18 @@ class Retrier:
                         error=str(exc),
                     )
                     raise
+                # The last wait ends at the deadline, and one more try is made there: a sink
+                # that comes back (space freed) just before the deadline is not given up on.
+                wait = min(backoff, deadline - now)
                 log.warning(
                     f"{kind}_retry",
                     action=what,
                     attempt=attempt,
-                    backoff_s=backoff,
+                    backoff_s=wait,
                     error_type=type(exc).__name__,
                     error=str(exc),
                 )
-                self._sleep(backoff)
+                self._sleep(wait)
                 backoff = min(backoff * 2, self._policy.max_backoff_s)
             else:
                 if sink_call:

@@ -23,10 +23,13 @@ from consumer import (
     Table,
     TopicPartition,
 )
+from consumer.engine.observer import NullObserver
+from consumer.engine.retry import Retrier, RetryPolicy
 from consumer.runtime.health import SinkFailure
 from sinks import FileSink, SqliteSink, committed_files, read_committed_rows
 from sinks._file_io import file_system_error
 from sinks._postgres import PostgresSink
+from tests.fixtures.fake_backend import FakeClock
 from tests.fixtures.sqlite_db import checkpoints, query
 
 GROUP = "g"
@@ -282,3 +285,43 @@ def test_a_full_sqlite_database_rolls_back_and_the_same_batch_commits_once_space
         sink.close()
     assert query(db, "SELECT count(*), count(DISTINCT id) FROM rows") == [(2010, 2010)]
     assert checkpoints(db, GROUP) == {(TP.topic, TP.partition): 2010}
+
+
+# -- the retries: space that returns before the deadline is used --------------------------------
+
+
+def _full_until(clock: FakeClock, returns_at: float) -> Callable[[], str]:
+    def commit() -> str:
+        if clock.now() < returns_at:
+            raise SinkFullError("disk full: commit failed", sink="file:///data/out")
+        return "committed"
+
+    return commit
+
+
+def test_space_freed_just_before_the_deadline_is_used_by_a_last_try_at_the_deadline() -> None:
+    clock = FakeClock()
+    retrier = Retrier(
+        RetryPolicy(deadline_s=3.0), clock=clock.now, sleep=clock.sleep, observer=NullObserver()
+    )
+    started = clock.now()
+
+    assert retrier.sink("commit", _full_until(clock, started + 2.9)) == "committed"
+
+    # 0.1 s doubling: tries at 0, 0.1, 0.3, 0.7, 1.5; the next wait is cut to the deadline.
+    assert clock.sleeps == pytest.approx([0.1, 0.2, 0.4, 0.8, 1.5])
+    assert clock.now() - started == pytest.approx(3.0)
+
+
+def test_a_disk_still_full_at_the_deadline_is_given_up_on_there() -> None:
+    clock = FakeClock()
+    retrier = Retrier(
+        RetryPolicy(deadline_s=3.0), clock=clock.now, sleep=clock.sleep, observer=NullObserver()
+    )
+    started = clock.now()
+
+    with pytest.raises(SinkFullError):
+        retrier.sink("commit", _full_until(clock, started + 3.5))
+
+    assert clock.now() - started == pytest.approx(3.0)
+    assert len(clock.sleeps) == 5
