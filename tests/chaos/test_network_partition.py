@@ -99,6 +99,8 @@ class Held:
 
 @dataclass(frozen=True)
 class Episode:
+    """The figures of one cut, takeover, late commit and heal."""
+
     held_partition: int
     held_offset: int
     zombie_partitions: list[int]
@@ -119,6 +121,8 @@ def _stop_quietly(script: str, data_dir: Path) -> None:
 
 @pytest.fixture(scope="module")
 def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PartitionLab]:
+    """A namespace and its link, with a broker and a database of this module's own on the
+    host end; all stopped, and the namespace deleted, however the tests end."""
     link = create_private_link()
     kafka_dir = tmp_path_factory.mktemp("partition-kafka") / "kafka"
     # PostgreSQL runs as its own OS user when we are root: pytest's tmp dirs are private to us.
