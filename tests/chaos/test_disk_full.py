@@ -30,6 +30,7 @@ from typing import Any, Protocol
 
 import pytest
 
+from consumer.engine.crash import CRASH_POINT_ENV
 from sinks import FileSink, read_committed_rows
 from tests.apps.chaos import EVENTS, LATEST
 from tests.chaos.conftest import long_form, scaled
@@ -356,12 +357,12 @@ class DiskFullRun:
         events = (chaos_event(i, 20_000) for i in range(first, self.produced))
         produce(self.kafka.address, self.topic, events)
 
-    def start(self, *extra: str) -> ConsumerProcess:
+    def start(self, *extra: str, env: dict[str, str] | None = None) -> ConsumerProcess:
         args = run_args(
             APP, self.kafka.address, self.group, self.topic, self.side.url, *BATCH_ARGS, *extra
         )
         process = ConsumerProcess(
-            [*args, *OPS_ARGS], self.logs / f"consumer-{len(self.consumers) + 1}.log"
+            [*args, *OPS_ARGS], self.logs / f"consumer-{len(self.consumers) + 1}.log", env=env
         )
         self.consumers.append(process)
         return process
@@ -483,7 +484,7 @@ def test_a_full_disk_is_waited_out_and_the_run_continues_exactly_once(
         )
 
 
-def test_a_disk_full_past_the_retry_deadline_exits_1_and_a_restart_ends_exactly_once(
+def test_a_disk_full_past_the_retry_deadline_exits_1_and_restarts_end_exactly_once(
     kafka: Service,
     small_disk: SmallDisk,
     side: SinkSide,
@@ -519,16 +520,42 @@ def test_a_disk_full_past_the_retry_deadline_exits_1_and_a_restart_ends_exactly_
     assert side.temp_files() == []
 
     small_disk.release()
+    left_behind = crash_mid_batch(run)
     restarted_at = time.monotonic()
     restart = run.start()
     ends = run.wait_caught_up(restart)
     caught_up_s = time.monotonic() - restarted_at
     assert restart.terminate() == 0, restart.log_path.read_text()[-3000:]
+    removed = [
+        e
+        for e in restart.events()
+        if e.get("event") == "file_sink_removed_uncommitted" and e.get("temp")
+    ]
+    assert len(removed) == len(left_behind), (removed, left_behind)
     run.verify_exactly_once(ends)
     print(
         f"\ndisk full past --sink-retry-deadline {SHORT_DEADLINE_S:g} ({side.kind}, {form()}"
         f" form): full at {sum(at_full.values())} committed records, exit 1 after"
         f" {exited_after:.1f} s and {retries} disk-full retries; readers saw {rows_seen} rows,"
-        f" whole batches; after freeing space the restart caught up in {caught_up_s:.1f} s:"
-        f" {run.produced} records exactly once"
+        f" whole batches; space freed, a restart killed mid-batch left"
+        + (
+            f" {len(left_behind)} temp file(s), which the next start removed;"
+            if isinstance(side, FileSide)
+            else " an open transaction, which readers never saw;"
+        )
+        + f" it caught up in {caught_up_s:.1f} s: {run.produced} records exactly once"
     )
+
+
+def crash_mid_batch(run: DiskFullRun) -> list[Path]:
+    """A consumer killed (SIGKILL) in the middle of its first batch, its rows written and
+    nothing committed; returns the temp files it left (the file sink's rows, not renamed)."""
+    before = run.committed()
+    crashing = run.start(env={CRASH_POINT_ENV: "after-rows"})
+    assert crashing.wait(timeout=120) == -9, crashing.log_path.read_text()[-3000:]
+    left_behind = run.side.temp_files()
+    if isinstance(run.side, FileSide):
+        assert left_behind, "the killed batch left no temp file"
+    assert run.committed() == before
+    assert_only_whole_batches(run.side, run.group)
+    return left_behind
