@@ -160,15 +160,6 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PartitionLab]:
         remove_private_link(link)
 
 
-@pytest.fixture
-def members() -> Iterator[list[ConsumerProcess]]:
-    """Every member a test starts, killed at the end if still running."""
-    started: list[ConsumerProcess] = []
-    yield started
-    for process in started:
-        process.stop_if_running()
-
-
 # --- what the members and the sink say -------------------------------------------------------
 
 
@@ -453,13 +444,13 @@ def _final_wave(lab: PartitionLab, zombie: ConsumerProcess, run: Run) -> None:
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_partitioned_member_is_taken_over_fenced_and_rejoins(
-    backend: str, lab: PartitionLab, tmp_path: Path, members: list[ConsumerProcess]
+    backend: str, lab: PartitionLab, tmp_path: Path, consumers: list[ConsumerProcess]
 ) -> None:
     started = time.monotonic()
     topic, group = unique_name("partition"), unique_name("partition-group")
     create_topic(lab.bootstrap, topic, PARTITIONS)
     run = Run(topic, group, create_database(lab.server_dsn), tmp_path / "gate", backend)
-    host, zombie = _start_members(lab, tmp_path, members, run)
+    host, zombie = _start_members(lab, tmp_path, consumers, run)
     episodes = [
         _episode(lab, host, zombie, run, late_commit_while_cut=cycle % 2 == 0)
         for cycle in range(CYCLES)
