@@ -31,6 +31,7 @@ _RESERVED_CLIENT_KEYS = frozenset(
         "transaction.timeout.ms",
         "enable.idempotence",
         "acks",
+        "request.required.acks",  # librdkafka's other name for acks
         "group.id",
         "isolation.level",
     }

@@ -278,10 +278,16 @@ _CONSUMER_ONLY_PREFIXES = (
 )
 
 
+# Settings the writer sets itself, acks under both its librdkafka names. A user's value is
+# dropped, not merged: librdkafka applies settings in order, and a user's `acks` would keep its
+# early place in the merged dict, so a later `request.required.acks` would undo acks=all.
+_WRITER_OWNED = frozenset({"acks", "request.required.acks", "enable.idempotence"})
+
+
 def _producer_settings(client_config: Mapping[str, str]) -> dict[str, str]:
     """The `-X` settings that also concern a producer (security, client id, timeouts...)."""
     return {
         key: value
         for key, value in client_config.items()
-        if not key.startswith(_CONSUMER_ONLY_PREFIXES)
+        if not key.startswith(_CONSUMER_ONLY_PREFIXES) and key not in _WRITER_OWNED
     }
