@@ -62,14 +62,19 @@ class Variant:
     name: str
     backend: str
     sink: str  # "postgresql" or "kafka"
-    kill_leader_of: str  # whose partition leader dies: "input" or "output"
+    # Whose partition leader dies, kill after kill in turn: "input", "output" (the Kafka sink's
+    # topic) or "group" (the __consumer_offsets partition of the group: its coordinator, and
+    # where the Kafka sink keeps its checkpoints).
+    kill_leader_of: tuple[str, ...]
 
 
 VARIANTS = [
-    Variant("confluent-postgresql", "confluent", "postgresql", "input"),
-    Variant("aiokafka-postgresql", "aiokafka", "postgresql", "input"),
-    Variant("confluent-kafka-sink", "confluent", "kafka", "output"),
+    Variant("confluent-postgresql", "confluent", "postgresql", ("input", "group")),
+    Variant("aiokafka-postgresql", "aiokafka", "postgresql", ("input", "group")),
+    Variant("confluent-kafka-sink", "confluent", "kafka", ("group", "output")),
 ]
+OFFSETS_TOPIC = "__consumer_offsets"
+OFFSETS_TOPIC_PARTITIONS = 3  # offsets.topic.num.partitions in ops/kafka-local
 
 
 @dataclass
@@ -97,6 +102,8 @@ class KillFigures:
     two commits from the last commit before the kill until the node was back in sync."""
 
     node: int
+    killed_leader_of: str  # the partition whose leader was killed
+    coordinator: bool  # the node coordinated the group (and, for the Kafka sink, its offsets)
     led: list[str]  # the partitions the node led when it was killed
     killed_at: float  # wall clock (the consumer's log timestamps are wall clock too)
     records_produced_before: int
@@ -121,10 +128,23 @@ class LeaderKillRun:
     background: ThreadPoolExecutor
     poison: list[tuple[bytes, bytes]] = field(default_factory=list)
 
-    @property
-    def killed_topic(self) -> str:
-        output = self.topics.output
-        return output if self.variant.kill_leader_of == "output" and output else self.topics.source
+    def killed_partition(self, number: int) -> tuple[str, int]:
+        """The topic partition whose leader the kill `number` (from 0) kills."""
+        target = self.variant.kill_leader_of[number % len(self.variant.kill_leader_of)]
+        if target == "group":
+            return OFFSETS_TOPIC, _offsets_partition(self.topics.group)
+        topic = self.topics.output if target == "output" else self.topics.source
+        assert topic is not None
+        return topic, number % PARTITIONS
+
+
+def _offsets_partition(group: str) -> int:
+    """The __consumer_offsets partition of `group`, as Kafka picks it: the group id's Java
+    String.hashCode, its sign bit cleared, modulo the partition count."""
+    code = 0
+    for char in group:
+        code = (31 * code + ord(char)) & 0xFFFFFFFF
+    return (code & 0x7FFFFFFF) % OFFSETS_TOPIC_PARTITIONS
 
 
 @pytest.fixture(scope="module")
@@ -218,8 +238,9 @@ def _kill_leader_mid_run(run: LeaderKillRun, number: int) -> KillFigures:
     """Wait until the consumer commits steadily, kill -9 the leader of one partition (another
     partition each time), keep the node down a while, restart it, wait until it is in sync."""
     cluster, topics, consumer = run.cluster, run.topics, run.consumer
-    partition = number % PARTITIONS
-    run.poison += _produce_poison(cluster, topics, f"before-{number}", partition)
+    topic, partition = run.killed_partition(number)
+    poisoned = number % PARTITIONS
+    run.poison += _produce_poison(cluster, topics, f"before-{number}", poisoned)
     share = FIRST_KILL_AT + (LAST_KILL_AT - FIRST_KILL_AT) * number / max(1, LEADER_KILLS - 1)
     target = int(RECORDS * share)
     wait_until(
@@ -229,15 +250,19 @@ def _kill_leader_mid_run(run: LeaderKillRun, number: int) -> KillFigures:
         what=f"the consumer to commit {target} records, its last commit fresh",
     )
     assert consumer.alive(), consumer.log_path.read_text()[-3000:]
-    node = _leader(cluster, run.killed_topic, partition)
+    node = _leader(cluster, topic, partition)
+    coordinator = cluster.group_coordinator(topics.group) == node
+    assert coordinator or topic != OFFSETS_TOPIC, (
+        "the group's offsets partition is its coordinator's"
+    )
     led = _led_by(cluster, topics, node)
     produced, committed = run.producer.produced, _records_committed(consumer)
     assert produced < RECORDS, "the stream ended before the kill: it would not be mid-run"
     killed_at = cluster.kill(node)
     during: Future[list[tuple[bytes, bytes]]] = run.background.submit(
-        _produce_poison, cluster, topics, f"during-{number}", partition
+        _produce_poison, cluster, topics, f"during-{number}", poisoned
     )
-    cluster.wait_leader_other_than(run.killed_topic, partition, node, timeout=120)
+    cluster.wait_leader_other_than(topic, partition, node, timeout=120)
     leader_moved = time.time() - killed_at
     time.sleep(max(0.0, DOWN_FOR_S - leader_moved))
     restarting = time.time()
@@ -245,9 +270,11 @@ def _kill_leader_mid_run(run: LeaderKillRun, number: int) -> KillFigures:
     restart_took = time.time() - restarting
     cluster.wait_in_sync([*topics.replicated, *topics.internal], timeout=180)
     run.poison += during.result(timeout=120)
-    run.poison += _produce_poison(cluster, topics, f"after-{number}", partition)
+    run.poison += _produce_poison(cluster, topics, f"after-{number}", poisoned)
     return KillFigures(
         node=node,
+        killed_leader_of=f"{topic}[{partition}]",
+        coordinator=coordinator,
         led=led,
         killed_at=killed_at,
         records_produced_before=produced,
