@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from confluent_kafka import KafkaException
 
 from consumer.deadletters.writer import DeadLetterOrigin
 from tests.chaos.conftest import long_form, scaled
@@ -250,11 +251,7 @@ def _kill_leader_mid_run(run: LeaderKillRun, number: int) -> KillFigures:
         what=f"the consumer to commit {target} records, its last commit fresh",
     )
     assert consumer.alive(), consumer.log_path.read_text()[-3000:]
-    node = _leader(cluster, topic, partition)
-    coordinator = cluster.group_coordinator(topics.group) == node
-    assert coordinator or topic != OFFSETS_TOPIC, (
-        "the group's offsets partition is its coordinator's"
-    )
+    node, coordinator = _target_node(cluster, topics, topic, partition)
     led = _led_by(cluster, topics, node)
     produced, committed = run.producer.produced, _records_committed(consumer)
     assert produced < RECORDS, "the stream ended before the kill: it would not be mid-run"
@@ -285,10 +282,28 @@ def _kill_leader_mid_run(run: LeaderKillRun, number: int) -> KillFigures:
     )
 
 
-def _leader(cluster: KafkaCluster, topic: str, partition: int) -> int:
-    leader = cluster.leader(topic, partition)
-    assert leader is not None, f"{topic}[{partition}] has no leader before the kill"
-    return leader
+def _target_node(
+    cluster: KafkaCluster, topics: Topics, topic: str, partition: int
+) -> tuple[int, bool]:
+    """The node to kill (the partition's leader) and whether it coordinates the group. The
+    leader of the group's offsets partition is its coordinator, once the two answers agree:
+    just after leadership moved (a restarted node taking its preferred partitions back) they
+    may not yet."""
+    found: list[tuple[int, bool]] = []
+
+    def settled() -> bool:
+        leader = cluster.leader(topic, partition)
+        try:
+            coordinator = cluster.group_coordinator(topics.group)
+        except (KafkaException, TimeoutError):
+            return False
+        if leader is None or (topic == OFFSETS_TOPIC and leader != coordinator):
+            return False
+        found.append((leader, leader == coordinator))
+        return True
+
+    wait_until(settled, timeout=60, interval=0.5, what=f"the leader of {topic}[{partition}]")
+    return found[-1]
 
 
 def _led_by(cluster: KafkaCluster, topics: Topics, node: int) -> list[str]:
