@@ -308,9 +308,12 @@ class Engine:
     ) -> Mapping[TopicPartition, StartPosition | None]:
         self.settle()
         group = self._settings.group
-        self._observer.joined()
         if not partitions:
-            return {}  # joined with nothing (yet) to own: ready, but not "assigned" for idleness
+            # Joined with nothing (yet) to own: ready, but not "assigned" for idleness. A member
+            # given partitions is ready once it owns them (acquired, checkpoints read: the
+            # observer's partitions_assigned), not while the sink is still being asked.
+            self._observer.joined()
+            return {}
         self._ever_assigned = True
         retrier = self._loop.retrier
         epochs = retrier.sink("acquire", lambda: self._sink.acquire(group, partitions))

@@ -385,6 +385,29 @@ def test_an_empty_assignment_means_joined_and_ready_but_not_assigned_for_idlenes
     assert o.value("offsetkeeper_rebalances_total", kind="assigned") == 1
 
 
+def test_a_member_given_partitions_is_not_ready_until_it_owns_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ready means owning what was assigned: not while the sink is still acquiring the
+    partitions (a slow first acquire on a fresh database was a window of "ready, nothing
+    owned")."""
+    seen: list[bool] = []
+    o = _observed(tmp_path, [Assign([P0])])
+    acquire = SqliteSink.acquire
+
+    def watched_acquire(self: SqliteSink, *args: Any, **kwargs: Any) -> Any:
+        seen.append(o.telemetry.health.readiness().ok)
+        return acquire(self, *args, **kwargs)
+
+    monkeypatch.setattr(SqliteSink, "acquire", watched_acquire)
+    o.backend.then(Call(lambda: seen.append(o.telemetry.health.readiness().ok)))
+    o.backend.append(P0, event("a", 1))
+
+    assert o.engine.run() == EXIT_OK
+
+    assert seen == [False, True]
+
+
 def test_stopping_is_reported_at_once(tmp_path: Path) -> None:
     o = _observed(tmp_path, [Assign([P0])])
     o.backend.then(Call(o.engine.request_stop))
