@@ -53,7 +53,6 @@ from sinks._kafka_groups import (
     committed_checkpoints,
     groups_with_checkpoints,
     require_empty_group,
-    stable_checkpoints,
     topic_names,
 )
 from sinks._kafka_jobs import KafkaJobStore
@@ -270,14 +269,14 @@ class KafkaSink:
     ) -> dict[TopicPartition, Checkpoint]:
         """Committed offsets of `group`. For named partitions the read is stable: an offset in
         a transaction still open (a predecessor killed mid-commit) is waited for until that
-        transaction commits or the broker aborts it at its timeout. Named partitions are read
-        through a consumer handle, which survives a moving coordinator (`stable_checkpoints`)."""
+        transaction commits or the broker aborts it at its timeout."""
         wanted = None if partitions is None else list(partitions)
+        if wanted is not None and not wanted:
+            return {}
         # The broker aborts a timed-out transaction within its cleanup interval (10 s).
-        wait_s = self._timeout_s + 20.0
-        if wanted is None:  # all of the group's partitions: only the admin client lists them
-            return committed_checkpoints(self._admin_client, group, None, wait_s=wait_s)
-        return stable_checkpoints(self._memberless, group, wanted, wait_s=wait_s) if wanted else {}
+        return committed_checkpoints(
+            self._admin_client, group, wanted, wait_s=self._timeout_s + 20.0
+        )
 
     # -- the batch -------------------------------------------------------------------------
 

@@ -11,7 +11,6 @@ import confluent_kafka
 
 from consumer import Checkpoint, ConfigError, SinkError, TopicPartition
 from sinks._kafka_errors import error_context, kafka_error
-from sinks._kafka_membership import MemberlessGroups
 from sinks._kafka_offsets import decode_committed_offset, own_metadata
 from sinks._kafka_settings import OPERATION_TIMEOUT_S
 
@@ -92,29 +91,6 @@ def committed_checkpoints(
                 partitions=sorted((a.topic, a.partition) for a in unstable),
             )
         time.sleep(_UNSTABLE_POLL_S)
-    return _checkpoints(group, answers)
-
-
-def stable_checkpoints(
-    clients: MemberlessGroups, group: str, partitions: list[TopicPartition], *, wait_s: float
-) -> dict[TopicPartition, Checkpoint]:
-    """The committed offsets of `partitions` as checkpoints, read stable: an offset in a
-    transaction still open (a predecessor killed mid-commit) is waited for, up to `wait_s`.
-
-    Read through a consumer handle of the group that never joins it, not the admin client:
-    librdkafka 2.16's admin OffsetFetch crashes the process (SIGSEGV) on a NOT_COORDINATOR
-    answer (confluentinc/librdkafka#5040), which a group coordinator that just moved gives; a
-    consumer handle looks the coordinator up again. Seen when the partition leader of the
-    group's offsets was killed (tests/chaos/test_leader_kill.py)."""
-    wanted = [confluent_kafka.TopicPartition(tp.topic, tp.partition) for tp in partitions]
-    try:
-        answers = clients.committed(group, wanted, timeout_s=wait_s)
-    except confluent_kafka.KafkaException as exc:
-        raise SinkError(
-            "cannot read the group's committed offsets (a transaction may still hold them)",
-            group=group,
-            **error_context(exc),
-        ) from exc
     return _checkpoints(group, answers)
 
 

@@ -57,11 +57,9 @@ def parse_group_metadata(metadata: object) -> GroupMembership | None:
 
 
 class MemberlessGroups:
-    """One consumer client per group that never joins it (never subscribes). It gives the group
-    metadata of groups this process never joins (replay jobs, migrations): the coordinator takes
-    a transaction's offsets for such a group with no generation check. And it reads a group's
-    committed offsets stable (isolation.level=read_committed: librdkafka asks for stable
-    offsets and retries while a transaction still holds one), see `_kafka_groups`."""
+    """The group metadata of groups this process never joins (replay jobs, migrations): the
+    coordinator takes a transaction's offsets for such a group with no generation check. One
+    client per group, never subscribed."""
 
     def __init__(self, client_config: Mapping[str, Any], *, sink: str) -> None:
         self._config = dict(client_config)
@@ -69,27 +67,18 @@ class MemberlessGroups:
         self._clients: dict[str, Any] = {}
 
     def metadata(self, group: str) -> object:
-        return self._client(group).consumer_group_metadata()
-
-    def committed(self, group: str, partitions: list[Any], *, timeout_s: float) -> list[Any]:
-        """`group`'s committed offsets of `partitions` (confluent_kafka.TopicPartition), stable;
-        KafkaException when not read within `timeout_s`."""
-        return list(self._client(group).committed(partitions, timeout=timeout_s))
-
-    def _client(self, group: str) -> Any:
         client = self._clients.get(group)
         if client is None:
-            config = {"group.id": group, "enable.auto.commit": False}
             try:
                 client = confluent_kafka.Consumer(
-                    {**self._config, **config, "isolation.level": "read_committed"}
+                    {**self._config, "group.id": group, "enable.auto.commit": False}
                 )
             except confluent_kafka.KafkaException as exc:
                 raise ConfigError(
                     "invalid kafka sink client settings", sink=self._sink, **error_context(exc)
                 ) from exc
             self._clients[group] = client
-        return client
+        return client.consumer_group_metadata()
 
     def close(self) -> None:
         for client in self._clients.values():
