@@ -46,7 +46,7 @@ from tests.fixtures.netns import (
 )
 from tests.fixtures.pg import create_database, query
 from tests.fixtures.processes import FAST_GROUP_SETTINGS, ConsumerProcess, run_args, wait_until
-from tests.fixtures.services import _run_ops, free_port, warm_up_group_coordinator
+from tests.fixtures.services import free_port, run_ops, warm_up_group_coordinator
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.chaos]
 
@@ -114,7 +114,7 @@ class Episode:
 def _stop_quietly(script: str, data_dir: Path) -> None:
     if data_dir.exists():
         try:
-            _run_ops(script, "stop", "--data-dir", str(data_dir))
+            run_ops(script, "stop", "--data-dir", str(data_dir))
         except RuntimeError as exc:
             print(f"could not stop {script} of {data_dir}: {exc}")
 
@@ -131,7 +131,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PartitionLab]:
     host = ("--host", link.host_address)
     try:
         broker_port = free_port()
-        bootstrap = _run_ops(
+        bootstrap = run_ops(
             "kafka-local",
             "start",
             *host,
@@ -143,7 +143,7 @@ def lab(tmp_path_factory: pytest.TempPathFactory) -> Iterator[PartitionLab]:
             str(kafka_dir),
         )
         warm_up_group_coordinator(bootstrap)
-        server_dsn = _run_ops(
+        server_dsn = run_ops(
             "postgres-local",
             "start",
             *host,
