@@ -12,7 +12,8 @@ metadata of the job's group itself (a member-less group) and uses the stable tra
 
 The parts, one module each: the URL and settings (`_kafka_settings`), rows <-> messages
 (`_kafka_messages`), checkpoints <-> committed offsets (`_kafka_offsets`), reading groups and
-offsets through the admin client (`_kafka_groups`), group membership (`_kafka_membership`),
+offsets through the admin client (`_kafka_groups`, committed offsets in a child process:
+`_kafka_offset_reader`), group membership (`_kafka_membership`),
 what a transactional error means (`_kafka_errors`), replay job plans (`_kafka_jobs`), keyed
 state in compacted changelog topics (`_kafka_state`); this module is the transactional writer.
 """
@@ -64,6 +65,7 @@ from sinks._kafka_membership import (
     require_member,
 )
 from sinks._kafka_messages import TABLE_HEADER, encode_row
+from sinks._kafka_offset_reader import IsolatedOffsetReader
 from sinks._kafka_offsets import committed_offset
 from sinks._kafka_producer import produce, transactional_id_for, transactional_producer
 from sinks._kafka_settings import OPERATION_TIMEOUT_S, KafkaSinkSettings
@@ -149,6 +151,7 @@ class KafkaSink:
         self._transactional_id: str | None = None
         self._transaction: _Transaction | None = None
         self._memberless = MemberlessGroups(self._common, sink=settings.description)
+        self._offset_reader = IsolatedOffsetReader(self._common, sink=self.description)
         self._jobs = KafkaJobStore(self._common, settings.jobs_topic_name, sink=self.description)
         self._timeout_s = settings.transaction_timeout_ms / 1000
         # A restore waits for transactions left open, like load_checkpoints (see there).
@@ -220,6 +223,7 @@ class KafkaSink:
             self._producer = None
         self._jobs.close()
         self._memberless.close()
+        self._offset_reader.close()
         self._state.close()
         self._admin = None
 
@@ -267,16 +271,13 @@ class KafkaSink:
     def load_checkpoints(
         self, group: str, partitions: Iterable[TopicPartition] | None = None
     ) -> dict[TopicPartition, Checkpoint]:
-        """Committed offsets of `group`. For named partitions the read is stable: an offset in
-        a transaction still open (a predecessor killed mid-commit) is waited for until that
-        transaction commits or the broker aborts it at its timeout."""
+        """Committed offsets of `group`; stable for named partitions (`committed_checkpoints`)."""
         wanted = None if partitions is None else list(partitions)
         if wanted is not None and not wanted:
             return {}
         # The broker aborts a timed-out transaction within its cleanup interval (10 s).
-        return committed_checkpoints(
-            self._admin_client, group, wanted, wait_s=self._timeout_s + 20.0
-        )
+        wait_s = self._timeout_s + 20.0
+        return committed_checkpoints(self._offset_reader, group, wanted, wait_s=wait_s)
 
     # -- the batch -------------------------------------------------------------------------
 
@@ -454,9 +455,8 @@ class KafkaSink:
 
     def checkpoint_groups(self) -> list[str]:
         """Groups whose committed offsets carry this sink's checkpoints (scans every group)."""
-        return groups_with_checkpoints(
-            self._admin_client, sink_topic=self._settings.topic, sink=self.description
-        )
+        reader, topic = self._offset_reader, self._settings.topic
+        return groups_with_checkpoints(self._admin_client, reader, topic, sink=self.description)
 
     def migrate_checkpoints(self, *, dry_run: bool = False) -> list[Checkpoint]:
         """Offsets without offsetkeeper metadata in this sink's groups, rewritten with it. A

@@ -1,6 +1,8 @@
 """What the cluster says about topics and consumer groups, read through the Kafka sink's admin
 client: topic names, a group's committed offsets as checkpoints (waiting out a transaction
-still open), the groups holding this sink's checkpoints, and whether a group has members."""
+still open), the groups holding this sink's checkpoints, and whether a group has members.
+Committed offsets are read by an admin client in a child process (`_kafka_offset_reader`: a
+librdkafka crash)."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import confluent_kafka
 
 from consumer import Checkpoint, ConfigError, SinkError, TopicPartition
 from sinks._kafka_errors import error_context, kafka_error
+from sinks._kafka_offset_reader import IsolatedOffsetReader, OffsetAnswer, OffsetReaderCrashedError
 from sinks._kafka_offsets import decode_committed_offset, own_metadata
 from sinks._kafka_settings import OPERATION_TIMEOUT_S
 
@@ -34,41 +37,53 @@ def topic_names(admin: Any, *, sink: str) -> set[str]:
     return set(metadata.topics)
 
 
-def list_offsets(admin: Any, request: Any, *, require_stable: bool) -> list[Any]:
-    """The committed offsets `request` (a `ConsumerGroupTopicPartitions`) asks for."""
+def list_offsets(
+    reader: IsolatedOffsetReader,
+    group: str,
+    partitions: list[TopicPartition] | None,
+    *,
+    require_stable: bool,
+) -> list[OffsetAnswer]:
+    """The committed offsets of `group` (all of its partitions when `partitions` is None)."""
     try:
-        future = admin.list_consumer_group_offsets(
-            [request], require_stable=require_stable, request_timeout=OPERATION_TIMEOUT_S
-        )[request.group_id]
-        return list(future.result().topic_partitions or [])
+        return reader.list_offsets(
+            group,
+            None if partitions is None else [(tp.topic, tp.partition) for tp in partitions],
+            require_stable=require_stable,
+            timeout_s=OPERATION_TIMEOUT_S,
+        )
     except confluent_kafka.KafkaException as exc:
         raise SinkError(
-            "cannot read the group's committed offsets",
-            group=request.group_id,
-            **error_context(exc),
+            "cannot read the group's committed offsets", group=group, **error_context(exc)
+        ) from exc
+    except OffsetReaderCrashedError as exc:
+        raise SinkError(
+            "cannot read the group's committed offsets", group=group, reason=str(exc)
         ) from exc
 
 
 def committed_checkpoints(
-    admin: Any, group: str, partitions: list[TopicPartition] | None, *, wait_s: float
+    reader: IsolatedOffsetReader,
+    group: str,
+    partitions: list[TopicPartition] | None,
+    *,
+    wait_s: float,
 ) -> dict[TopicPartition, Checkpoint]:
     """Committed offsets of `group` as checkpoints (all of its partitions when `partitions` is
     None). For named partitions the read is stable: an offset in a transaction still open (a
     predecessor killed mid-commit) is waited for, up to `wait_s`, until that transaction
     commits or the broker aborts it at its timeout; so is a coordinator still loading."""
-    request = confluent_kafka.ConsumerGroupTopicPartitions(
-        group,
-        None
-        if partitions is None
-        else [confluent_kafka.TopicPartition(tp.topic, tp.partition) for tp in partitions],
-    )
     deadline = time.monotonic() + wait_s
     while True:
         try:
-            answers = list_offsets(admin, request, require_stable=partitions is not None)
+            answers = list_offsets(reader, group, partitions, require_stable=partitions is not None)
         except SinkError as exc:
-            error = kafka_error(exc.__cause__) if exc.__cause__ is not None else None
-            busy = error is not None and error.code() in _COORDINATOR_BUSY
+            cause = exc.__cause__
+            error = kafka_error(cause) if cause is not None else None
+            # The reader's child crashing is librdkafka meeting a moving coordinator: busy too.
+            busy = isinstance(cause, OffsetReaderCrashedError) or (
+                error is not None and error.code() in _COORDINATOR_BUSY
+            )
             if not busy or time.monotonic() > deadline:
                 raise
             time.sleep(_UNSTABLE_POLL_S)
@@ -94,7 +109,7 @@ def committed_checkpoints(
     return _checkpoints(group, answers)
 
 
-def _checkpoints(group: str, answers: list[Any]) -> dict[TopicPartition, Checkpoint]:
+def _checkpoints(group: str, answers: list[OffsetAnswer]) -> dict[TopicPartition, Checkpoint]:
     checkpoints: dict[TopicPartition, Checkpoint] = {}
     for answer in answers:
         if answer.error is not None:
@@ -114,7 +129,9 @@ def _checkpoints(group: str, answers: list[Any]) -> dict[TopicPartition, Checkpo
     return checkpoints
 
 
-def groups_with_checkpoints(admin: Any, *, sink_topic: str, sink: str) -> list[str]:
+def groups_with_checkpoints(
+    admin: Any, reader: IsolatedOffsetReader, sink_topic: str, *, sink: str
+) -> list[str]:
     """Groups whose committed offsets carry checkpoints of the sink writing to `sink_topic`
     (scans every group)."""
     try:
@@ -123,8 +140,7 @@ def groups_with_checkpoints(admin: Any, *, sink_topic: str, sink: str) -> list[s
         raise SinkError("cannot list consumer groups", sink=sink, **error_context(exc)) from exc
     groups = []
     for listing in listed.valid:
-        request = confluent_kafka.ConsumerGroupTopicPartitions(listing.group_id)
-        answers = list_offsets(admin, request, require_stable=False)
+        answers = list_offsets(reader, listing.group_id, None, require_stable=False)
         if any(
             (document := own_metadata(answer.metadata)) is not None
             and document.get("sink") == sink_topic

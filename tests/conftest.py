@@ -36,6 +36,35 @@ def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
         terminalreporter.write_line(line)
 
 
+# A failed test shows the end of each consumer log it started: the consumer's own account of a
+# stall or a crash is what a CI failure needs (the logs live in a temp dir CI does not keep).
+_CONSUMER_LOG_LINES = 40
+_CONSUMER_LOG_LINE_CHARS = 600
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when != "call" or not report.failed:
+        return
+    for process in getattr(item, "funcargs", {}).get("consumers", None) or []:
+        report.sections.append(
+            (f"consumer log {process.log_path} (last lines)", _log_tail(process.log_path))
+        )
+
+
+def _log_tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").splitlines()[-_CONSUMER_LOG_LINES:]
+    except OSError as exc:
+        return f"(unreadable: {exc})"
+    return "\n".join(
+        line if len(line) <= _CONSUMER_LOG_LINE_CHARS else line[:_CONSUMER_LOG_LINE_CHARS] + " …"
+        for line in lines
+    )
+
+
 def _obtain(request: pytest.FixtureRequest, what: str, starter, work_dir: Path) -> Service:  # type: ignore[no-untyped-def]
     try:
         service: Service = starter(work_dir)

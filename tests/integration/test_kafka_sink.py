@@ -230,3 +230,67 @@ def test_replay_job_outputs_its_range_once_and_keeps_its_checkpoint_in_kafka(
     assert {(c["partition"], c["next_offset"], c["format"]) for c in report["checkpoints"]} == {
         (p, 300, 3) for p in range(INPUT_PARTITIONS)
     }
+
+
+def test_the_offset_reader_child_reads_what_the_admin_client_reads_and_survives_sigsegv(
+    kafka: Service,
+) -> None:
+    """The Kafka sink reads committed offsets in a child process (librdkafka#5040 crashes the
+    admin client on a moving coordinator): against the real broker its answers are the admin
+    client's own, and a child dead of SIGSEGV between two reads is replaced on the next one."""
+    from confluent_kafka import (  # noqa: PLC0415
+        Consumer,
+        ConsumerGroupTopicPartitions,
+        TopicPartition,
+    )
+    from confluent_kafka.admin import AdminClient  # noqa: PLC0415
+
+    from consumer import TopicPartition as ConsumerTopicPartition  # noqa: PLC0415
+    from sinks._kafka_groups import committed_checkpoints  # noqa: PLC0415
+    from sinks._kafka_offset_reader import IsolatedOffsetReader  # noqa: PLC0415
+
+    topic, group = unique_name("offset-reader"), unique_name("offset-reader")
+    create_topic(kafka.address, topic, 3)
+    committer = Consumer({"bootstrap.servers": kafka.address, "group.id": group})
+    committer.commit(
+        offsets=[
+            TopicPartition(topic, 0, 17, metadata="plain metadata"),
+            TopicPartition(topic, 2, 5),
+        ],
+        asynchronous=False,
+    )
+    committer.close()
+    config = {"bootstrap.servers": kafka.address}
+    reader = IsolatedOffsetReader(config, sink="kafka://test")
+    try:
+        via_child = reader.list_offsets(
+            group, [(topic, 0), (topic, 1), (topic, 2)], require_stable=True, timeout_s=15
+        )
+        request = ConsumerGroupTopicPartitions(group, [TopicPartition(topic, p) for p in range(3)])
+        admin = AdminClient(config)  # held: a client collected meanwhile never answers
+        direct = (
+            admin.list_consumer_group_offsets([request], require_stable=True)[group]
+            .result(30)
+            .topic_partitions
+        )
+        assert [(a.topic, a.partition, a.offset, a.metadata, a.error) for a in via_child] == [
+            (d.topic, d.partition, d.offset, d.metadata, d.error) for d in direct
+        ]
+        assert [a.offset for a in via_child] == [17, -1001, 5]
+        assert via_child[0].metadata == "plain metadata"
+
+        first = reader.child_pid
+        assert first is not None
+        os.kill(first, signal.SIGSEGV)
+        whole_group = reader.list_offsets(group, None, require_stable=False, timeout_s=15)
+        assert sorted((a.partition, a.offset) for a in whole_group) == [(0, 17), (2, 5)]
+        assert reader.child_pid not in (None, first)
+        assert reader.crashes == 1
+        # The sink's checkpoint read on assignment goes through it: a plain consumer's
+        # offsets are adopted as format-1 checkpoints.
+        checkpoints = committed_checkpoints(
+            reader, group, [ConsumerTopicPartition(topic, p) for p in range(3)], wait_s=5
+        )
+        assert {tp.partition: c.next_offset for tp, c in checkpoints.items()} == {0: 17, 2: 5}
+    finally:
+        reader.close()
