@@ -67,11 +67,18 @@ def _wait_caught_up(
     kafka: Service, topic: str, partitions: int, dsn: str, group: str, timeout: float
 ) -> None:
     ends = end_offsets(kafka.address, topic, partitions)
-    wait_until(
-        lambda: checkpoints(dsn, group) == ends,
-        timeout=timeout,
-        what="checkpoints to reach the end offsets",
-    )
+    try:
+        wait_until(
+            lambda: checkpoints(dsn, group) == ends,
+            timeout=timeout,
+            what="checkpoints to reach the end offsets",
+        )
+    except TimeoutError as exc:
+        # Which partitions lag, and whether the end offsets read at the start still hold.
+        raise TimeoutError(
+            f"{exc}: end offsets {ends} (now {end_offsets(kafka.address, topic, partitions)}),"
+            f" checkpoints {checkpoints(dsn, group)}"
+        ) from exc
 
 
 @pytest.mark.parametrize(
