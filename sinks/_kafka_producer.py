@@ -19,7 +19,7 @@ log = structlog.get_logger("offsetkeeper.sink.kafka")
 
 # How much longer than its own timeout a transactional call is waited for before its producer
 # is given up as wedged (see WatchedProducer).
-WEDGE_MARGIN_S = 10.0
+WEDGE_MARGIN_S = 5.0
 # Producers given up on: never destroyed while a thread may still be blocked inside one.
 _ABANDONED: list[Any] = []
 
