@@ -38,7 +38,12 @@ from tests.fixtures.chaos import chaos_event, verify_chaos_sink
 from tests.fixtures.file_sink import CommittedFileWatcher, committed_as_sqlite, last_row_per_key
 from tests.fixtures.kafka_tools import create_topic, end_offsets, produce, unique_name
 from tests.fixtures.ops_http import OPS_ARGS, ops_endpoint
-from tests.fixtures.processes import OFFSETKEEPER, REPO, ConsumerProcess, run_args, wait_until
+from tests.fixtures.processes import (
+    ConsumerProcess,
+    run_args,
+    run_cli,
+    wait_until,
+)
 from tests.fixtures.services import Service
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault, pytest.mark.chaos]
@@ -303,25 +308,16 @@ def assert_health_reports_a_full_disk(process: ConsumerProcess, side: SinkSide) 
 def checkpoint_verify(
     kafka: Service, side: SinkSide, group: str
 ) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [
-            OFFSETKEEPER,
-            "checkpoint",
-            "verify",
-            "--bootstrap-servers",
-            kafka.address,
-            "--sink",
-            side.url,
-            "--group",
-            group,
-            "--log-format",
-            "json",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
+    return run_cli(
+        kafka.address,
+        "checkpoint",
+        "verify",
+        "--sink",
+        side.url,
+        "--group",
+        group,
+        "--log-format",
+        "json",
     )
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from tests.fixtures.kafka_tools import (
     produce,
     unique_name,
 )
-from tests.fixtures.processes import OFFSETKEEPER, ConsumerProcess, run_args
+from tests.fixtures.processes import ConsumerProcess, run_args, run_cli
 from tests.fixtures.services import Service
 
 pytestmark = [pytest.mark.integration]
@@ -56,23 +55,16 @@ def _consume(
 
 
 def _verify(kafka: Service, root: Path, group: str, *extra: str) -> tuple[int, str]:
-    done = subprocess.run(
-        [
-            OFFSETKEEPER,
-            "checkpoint",
-            "verify",
-            "--bootstrap-servers",
-            kafka.address,
-            "--sink",
-            f"file://{root}",
-            "--group",
-            group,
-            *extra,
-        ],
-        capture_output=True,
-        text=True,
+    done = run_cli(
+        kafka.address,
+        "checkpoint",
+        "verify",
+        "--sink",
+        f"file://{root}",
+        "--group",
+        group,
+        *extra,
         timeout=60,
-        check=False,
     )
     assert "Traceback" not in done.stderr, done.stderr[-3000:]
     return done.returncode, done.stdout

@@ -24,6 +24,7 @@ from tests.fixtures.processes import (
     REPO,
     ConsumerProcess,
     run_args,
+    run_cli,
 )
 from tests.fixtures.services import Service
 from tests.integration.conftest import SinkUnderTest
@@ -34,21 +35,14 @@ GOLDEN = REPO / "tests" / "fixtures" / "checkpoints"
 
 
 def cli(kafka: Service, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-    result = subprocess.run(
-        [
-            OFFSETKEEPER,
-            *args[:2],
-            "--bootstrap-servers",
-            kafka.address,
-            "--log-format",
-            "json",
-            *args[2:],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-        env={"PATH": str(Path(OFFSETKEEPER).parent), "PYTHONPATH": str(REPO)},
+    # A PATH-only environment: the CLI must not depend on anything else of ours.
+    result = run_cli(
+        kafka.address,
+        *args[:2],
+        "--log-format",
+        "json",
+        *args[2:],
+        env={"PATH": str(Path(OFFSETKEEPER).parent)},
     )
     if check and result.returncode != 0:
         raise AssertionError(
