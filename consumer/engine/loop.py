@@ -91,6 +91,23 @@ class _InFlight:
     taken: dict[TopicPartition, Sequence[RawRecord]]
 
 
+# How often a wait for the committer thread returns to the interpreter. The kernel may deliver a
+# SIGTERM to any thread; in another thread it only sets a flag, and the main thread, blocked
+# untimed on a lock, would run the Python handler only when the commit ends: with the batch
+# held on a database lock, the graceful stop did not even begin (no /readyz "shutting down").
+SIGNAL_CHECK_S = 0.1
+
+
+def wait_for_outcome(future: Future[Any]) -> BaseException | None:
+    """The future's exception (None once it succeeded), waited for in short steps so that
+    signal handlers run while it waits (see SIGNAL_CHECK_S)."""
+    while True:
+        try:
+            return future.exception(timeout=SIGNAL_CHECK_S)
+        except TimeoutError:
+            continue
+
+
 class BatchLoop:
     """Processes and commits polled batches for the partitions its driver tracks."""
 
@@ -293,7 +310,7 @@ class BatchLoop:
         if in_flight is None:
             return None
         # Waits. An abort raised here (a second signal) leaves it in flight for `abandon`.
-        error = in_flight.future.exception()
+        error = wait_for_outcome(in_flight.future)
         self._in_flight = None
         self._clear_ahead(in_flight.works)
         if error is None:
@@ -325,7 +342,7 @@ class BatchLoop:
                 self.retrier.cancel()
                 if isinstance(self.sink, InterruptibleSink):
                     self.sink.interrupt()
-            error = in_flight.future.exception()
+            error = wait_for_outcome(in_flight.future)
             if error is not None:
                 log.warning("in_flight_batch_failed", group=self.group, error=str(error))
         if self._committer is not None:
