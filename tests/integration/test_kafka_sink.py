@@ -17,7 +17,14 @@ import pytest
 from tests.fixtures.chaos import chaos_event
 from tests.fixtures.kafka_sink import committed_offsets, read_output, verify_chaos_output
 from tests.fixtures.kafka_tools import create_topic, end_offsets, produce, unique_name
-from tests.fixtures.processes import OFFSETKEEPER, REPO, ConsumerProcess, run_args, wait_until
+from tests.fixtures.processes import (
+    OFFSETKEEPER,
+    REPO,
+    ConsumerProcess,
+    process_state,
+    run_args,
+    wait_until,
+)
 from tests.fixtures.services import Service
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -113,10 +120,6 @@ def test_kill_9_at_the_kill_points_and_at_random_moments_outputs_each_record_onc
     assert counts["writers"] >= 3, "the crashed processes committed nothing; the test is weak"
 
 
-def _process_state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
 def test_zombie_member_is_fenced_and_its_stale_batch_is_never_visible(
     kafka: Service, tmp_path: Path, consumers: list[ConsumerProcess]
 ) -> None:
@@ -129,7 +132,7 @@ def test_zombie_member_is_fenced_and_its_stale_batch_is_never_visible(
     )
     consumers.append(zombie)
     wait_until(
-        lambda: _process_state(zombie.pid) == "T", timeout=60, what="the zombie to stop itself"
+        lambda: process_state(zombie.pid) == "T", timeout=60, what="the zombie to stop itself"
     )
     frozen = _committed(kafka, group, topic)
     assert frozen.get(0, 0) <= 700, "offset 700 of partition 0 must not be committed yet"

@@ -45,7 +45,7 @@ from tests.fixtures.kafka_tools import (
     produce,
     unique_name,
 )
-from tests.fixtures.processes import ConsumerProcess, run_args, wait_until
+from tests.fixtures.processes import ConsumerProcess, process_state, run_args, wait_until
 from tests.fixtures.services import Service
 
 pytestmark = [pytest.mark.integration]
@@ -786,10 +786,6 @@ def test_three_members_through_kill_9_join_and_leave_keep_every_count_exact(
     assert counts["writers"] >= 3, "the members did not share the stream; the test is weak"
 
 
-def _process_state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
 @fault
 @pytest.mark.parametrize(
     "stop",
@@ -817,7 +813,7 @@ def test_a_zombie_member_is_fenced_and_none_of_its_counts_land(
     consumers.append(zombie)
     writers[zombie.pid] = "zombie"
     wait_until(
-        lambda: _process_state(zombie.pid) == "T", timeout=60, what="the zombie to stop itself"
+        lambda: process_state(zombie.pid) == "T", timeout=60, what="the zombie to stop itself"
     )
     frozen = committed_offsets(kafka.address, group, topic, partitions)
     assert sum(frozen.values()) > 0, "the zombie committed nothing before it stopped"

@@ -14,7 +14,7 @@ from tests.fixtures.chaos import PacedProducer, verify_chaos_sink
 from tests.fixtures.control import require_control
 from tests.fixtures.kafka_tools import create_topic, end_offsets, produce, unique_name
 from tests.fixtures.pg import checkpoints, create_database, query
-from tests.fixtures.processes import ConsumerProcess, run_args, wait_until
+from tests.fixtures.processes import ConsumerProcess, process_state, run_args, wait_until
 from tests.fixtures.services import Service
 
 pytestmark = [pytest.mark.integration, pytest.mark.fault]
@@ -168,10 +168,6 @@ def test_group_chaos_kill_join_and_leave(
     )
 
 
-def _process_state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_zombie_member_is_fenced_and_its_stale_batch_never_lands(
     backend: str, kafka: Service, pg_dsn: str, tmp_path: Path, consumers: list[ConsumerProcess]
@@ -190,7 +186,7 @@ def test_zombie_member_is_fenced_and_its_stale_batch_never_lands(
     )
     consumers.append(zombie)
     wait_until(
-        lambda: _process_state(zombie.pid) == "T", timeout=60, what="the zombie to stop itself"
+        lambda: process_state(zombie.pid) == "T", timeout=60, what="the zombie to stop itself"
     )
     frozen = checkpoints(pg_dsn, group)
     assert frozen.get(0, 0) <= 700, "offset 700 of partition 0 must not be committed yet"

@@ -16,7 +16,7 @@ import pytest
 
 from tests.fixtures.chaos import PacedProducer, chaos_event
 from tests.fixtures.kafka_tools import create_topic, end_offsets, produce, unique_name
-from tests.fixtures.processes import ConsumerProcess, run_args, wait_until
+from tests.fixtures.processes import ConsumerProcess, process_state, run_args, wait_until
 from tests.fixtures.services import Service
 from tests.fixtures.state_chaos import verify_state_sink
 from tests.integration.conftest import SinkUnderTest
@@ -99,10 +99,6 @@ def test_kill_9_at_each_crash_point_keeps_every_count_exact(
     print(f"state kill -9 at {point} ({backend}): {counts}; {reads[-1] if reads else ''}")
 
 
-def _process_state(pid: int) -> str:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-
-
 def test_a_zombie_is_fenced_and_none_of_its_counts_land(
     kafka: Service, sink: SinkUnderTest, tmp_path: Path, consumers: list[ConsumerProcess]
 ) -> None:
@@ -117,7 +113,7 @@ def test_a_zombie_is_fenced_and_none_of_its_counts_land(
     )
     consumers.append(zombie)
     wait_until(
-        lambda: _process_state(zombie.pid) == "T", timeout=60, what="the zombie to stop itself"
+        lambda: process_state(zombie.pid) == "T", timeout=60, what="the zombie to stop itself"
     )
     assert sink.checkpoints(group).get(0, 0) <= 700
 

@@ -25,6 +25,7 @@ from sinks._kafka_offset_reader import (
     IsolatedOffsetReader,
     OffsetReaderCrashedError,
 )
+from tests.fixtures.processes import process_state
 
 # A stand-in for the child: the same protocol, canned answers. Before each answer it dies of
 # SIGSEGV while the number in a file is above zero, counting it down; while that file's name
@@ -198,7 +199,7 @@ def _wait_gone(pid: int, timeout: float = 10) -> None:
         with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, os.WNOHANG)  # ours (close, a timeout): reap it
         try:
-            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            state = process_state(pid)
         except (FileNotFoundError, ProcessLookupError):
             return
         if state == "Z":
