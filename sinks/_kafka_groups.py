@@ -52,13 +52,9 @@ def list_offsets(
             require_stable=require_stable,
             timeout_s=OPERATION_TIMEOUT_S,
         )
-    except confluent_kafka.KafkaException as exc:
+    except (confluent_kafka.KafkaException, OffsetReaderCrashedError) as exc:
         raise SinkError(
             "cannot read the group's committed offsets", group=group, **error_context(exc)
-        ) from exc
-    except OffsetReaderCrashedError as exc:
-        raise SinkError(
-            "cannot read the group's committed offsets", group=group, reason=str(exc)
         ) from exc
 
 

@@ -8,7 +8,8 @@ this way on every assignment. In a child process the crash costs a new child and
 not the consumer.
 
 The parent (`IsolatedOffsetReader`) and the child (this file run as a script: it imports only
-the standard library and confluent_kafka, so it starts in a tenth of a second) speak JSON lines
+the standard library, confluent_kafka and structlog, so it starts in a tenth of a second,
+without the `sinks` package) speak JSON lines
 over the child's stdin and stdout. The first line is the client configuration (on a pipe, not
 the command line, where secrets would show). The child exits when its stdin closes, so it never
 outlives the consumer, even one killed with SIGKILL.
